@@ -1,0 +1,227 @@
+//! Seeded mini-batches of normalized NCHW f32 images, gathered from byte images on demand.
+
+use ndarray::{Array1, Array4, Axis};
+
+use crate::error::DataError;
+use crate::images::LabeledImages;
+use crate::normalize::Normalization;
+use crate::shuffle::{seeded_rng, shuffle};
+
+/// The order in which an epoch visits the examples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchOrder {
+    /// File order, for evaluation.
+    Sequential,
+    /// A permutation determined by `seed` and `epoch` alone, so any epoch can be replayed.
+    Shuffled {
+        /// The run's seed.
+        seed: u64,
+        /// The epoch number; each epoch gets its own permutation.
+        epoch: u64,
+    },
+}
+
+/// One mini-batch: images `[N, 1, H, W]`, normalized, and their labels `[N]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// Normalized images, `[N, 1, H, W]`.
+    pub images: Array4<f32>,
+    /// Class labels, `[N]`.
+    pub labels: Array1<u8>,
+}
+
+impl Batch {
+    /// An empty batch, to be filled by [`Batches::next_into`].
+    pub fn empty() -> Batch {
+        Batch {
+            images: Array4::zeros((0, 1, 0, 0)),
+            labels: Array1::zeros(0),
+        }
+    }
+
+    /// Number of examples in the batch.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the batch holds no examples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// One epoch of mini-batches over a [`LabeledImages`]; the last batch may be smaller.
+///
+/// Only the visiting order (one `usize` per example) is made per epoch: pixels are copied and
+/// normalized one batch at a time.
+#[derive(Clone, Debug)]
+pub struct Batches<'a> {
+    data: &'a LabeledImages,
+    order: Vec<usize>,
+    batch_size: usize,
+    table: [f32; 256],
+    position: usize,
+}
+
+impl<'a> Batches<'a> {
+    /// Batches of `batch_size` examples in `order`, normalized with `normalization`.
+    pub fn new(
+        data: &'a LabeledImages,
+        batch_size: usize,
+        order: BatchOrder,
+        normalization: &Normalization,
+    ) -> Result<Self, DataError> {
+        if batch_size == 0 {
+            return Err(DataError::InvalidArgument(
+                "batch size must be at least 1".into(),
+            ));
+        }
+        let mut visit: Vec<usize> = (0..data.len()).collect();
+        if let BatchOrder::Shuffled { seed, epoch } = order {
+            shuffle(&mut visit, &mut seeded_rng(seed, epoch));
+        }
+        Ok(Batches {
+            data,
+            order: visit,
+            batch_size,
+            table: normalization.lookup_table(),
+            position: 0,
+        })
+    }
+
+    /// Number of batches in the epoch, the last one possibly partial.
+    pub fn batch_count(&self) -> usize {
+        self.order.len().div_ceil(self.batch_size)
+    }
+
+    /// Fills `batch` with the next mini-batch, reusing its buffers when the size allows;
+    /// returns false at the end of the epoch.
+    pub fn next_into(&mut self, batch: &mut Batch) -> bool {
+        let end = (self.position + self.batch_size).min(self.order.len());
+        if self.position >= end {
+            return false;
+        }
+        let indices = &self.order[self.position..end];
+        self.position = end;
+
+        let (rows, cols) = (self.data.rows(), self.data.cols());
+        let shape = (indices.len(), 1, rows, cols);
+        if batch.images.dim() != shape {
+            batch.images = Array4::zeros(shape);
+            batch.labels = Array1::zeros(indices.len());
+        }
+        let images = self.data.images();
+        for ((&index, mut out), label) in indices
+            .iter()
+            .zip(batch.images.outer_iter_mut())
+            .zip(batch.labels.iter_mut())
+        {
+            let source = images.index_axis(Axis(0), index);
+            for (o, &p) in out.iter_mut().zip(source.iter()) {
+                *o = self.table[usize::from(p)];
+            }
+            *label = self.data.labels()[index];
+        }
+        true
+    }
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Batch;
+
+    fn next(&mut self) -> Option<Batch> {
+        let mut batch = Batch::empty();
+        self.next_into(&mut batch).then_some(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array3;
+
+    fn numbered(n: usize) -> LabeledImages {
+        // Every pixel of example i is i, so a batch tells which examples it holds.
+        let images = Array3::from_shape_fn((n, 2, 2), |(i, _, _)| i as u8);
+        let labels = Array1::from_shape_fn(n, |i| (i % 10) as u8);
+        LabeledImages::new(images, labels).unwrap()
+    }
+
+    fn visited(batches: Batches<'_>) -> Vec<Vec<u8>> {
+        batches
+            .map(|b| {
+                assert!(
+                    b.images
+                        .outer_iter()
+                        .zip(b.labels.iter())
+                        .all(|(im, &label)| { im.iter().all(|&p| p.round() as u8 % 10 == label) })
+                );
+                b.images
+                    .outer_iter()
+                    .map(|im| im[(0, 0, 0)].round() as u8)
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sequential_batches_cover_every_example_once_with_a_partial_tail() {
+        let data = numbered(10);
+        let batches = Batches::new(
+            &data,
+            4,
+            BatchOrder::Sequential,
+            &Normalization {
+                mean: 0.0,
+                std: 1.0 / 255.0,
+            },
+        )
+        .unwrap();
+        assert_eq!(batches.batch_count(), 3);
+        assert_eq!(
+            visited(batches),
+            vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]
+        );
+    }
+
+    #[test]
+    fn shuffled_batches_are_a_seeded_permutation_per_epoch() {
+        let data = numbered(50);
+        let norm = Normalization {
+            mean: 0.0,
+            std: 1.0 / 255.0,
+        };
+        let epoch = |seed, epoch| {
+            visited(Batches::new(&data, 7, BatchOrder::Shuffled { seed, epoch }, &norm).unwrap())
+        };
+        let first = epoch(1, 0);
+        assert_eq!(first, epoch(1, 0));
+        assert_ne!(first, epoch(1, 1));
+        assert_ne!(first, epoch(2, 0));
+        let mut all: Vec<u8> = first.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..50).collect::<Vec<u8>>());
+    }
+
+    #[test]
+    fn next_into_reuses_and_resizes_the_buffer() {
+        let data = numbered(5);
+        let mut batches =
+            Batches::new(&data, 3, BatchOrder::Sequential, &Normalization::UNIT_SCALE).unwrap();
+        let mut batch = Batch::empty();
+        assert!(batches.next_into(&mut batch));
+        assert_eq!(batch.images.dim(), (3, 1, 2, 2));
+        assert!(batches.next_into(&mut batch));
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.images[(1, 0, 1, 1)], 4.0 / 255.0);
+        assert!(!batches.next_into(&mut batch));
+    }
+
+    #[test]
+    fn zero_batch_size_is_an_error() {
+        let data = numbered(3);
+        let err =
+            Batches::new(&data, 0, BatchOrder::Sequential, &Normalization::UNIT_SCALE).unwrap_err();
+        assert!(err.to_string().contains("batch size"));
+    }
+}
