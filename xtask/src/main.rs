@@ -1,0 +1,36 @@
+//! Project automation as a plain Rust binary, run as `cargo xtask <command>` (see
+//! `.cargo/config.toml`): no shell scripts to port, the same code on every platform.
+
+mod fetch;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Project automation for the MNIST CNN workspace.
+#[derive(Parser)]
+#[command(name = "cargo xtask", about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download MNIST into data/mnist and verify every file's SHA-256.
+    FetchData(fetch::FetchArgs),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::FetchData(args) => fetch::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // The cause chain on one line, never a backtrace: this is a message for a person.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
