@@ -1,0 +1,496 @@
+//! 2-D convolution over NCHW f32: forward as im2col + GEMM; backward for the input (GEMM +
+//! col2im), the weights and the bias. Forward and backward stand side by side.
+//!
+//! Shapes: input `x [N, C, H, W]`, weight `[O, C, KH, KW]`, bias `[O]`, output `y [N, O, OH, OW]`.
+//! The unfolded input of image n is `cols[n] [C*KH*KW, OH*OW]`, kept from forward for backward.
+//!
+//! Parallel over the batch. The weight and bias gradients sum over images in a fixed partition
+//! (chunks of the batch that depend on N only) and add the chunks' partial sums in chunk order, so
+//! the bits are the same whatever the number of threads.
+
+use ndarray::{
+    Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2,
+    ArrayViewMut3, ArrayViewMut4, Axis, Zip,
+};
+
+use ndarray::parallel::prelude::*;
+
+use crate::error::{TensorError, expect_shape};
+use crate::gemm::sgemm_unchecked;
+
+/// How much zero padding surrounds the input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Padding {
+    /// None: the output shrinks by the kernel size minus one (Keras' `valid`).
+    Valid,
+    /// Enough that the output is `ceil(input / stride)`, split with the extra row or column at
+    /// the bottom or right (Keras' and TensorFlow's `same`).
+    Same,
+    /// Explicit zero rows and columns on each side.
+    Explicit {
+        /// Rows above.
+        top: usize,
+        /// Rows below.
+        bottom: usize,
+        /// Columns to the left.
+        left: usize,
+        /// Columns to the right.
+        right: usize,
+    },
+}
+
+/// Every size of one convolution: the one source of truth for output-size arithmetic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dDims {
+    /// N.
+    pub batch: usize,
+    /// C.
+    pub in_channels: usize,
+    /// H.
+    pub in_h: usize,
+    /// W.
+    pub in_w: usize,
+    /// O.
+    pub out_channels: usize,
+    /// KH.
+    pub kernel_h: usize,
+    /// KW.
+    pub kernel_w: usize,
+    /// Vertical stride.
+    pub stride_h: usize,
+    /// Horizontal stride.
+    pub stride_w: usize,
+    /// Zero rows above the input.
+    pub pad_top: usize,
+    /// Zero rows below the input.
+    pub pad_bottom: usize,
+    /// Zero columns left of the input.
+    pub pad_left: usize,
+    /// Zero columns right of the input.
+    pub pad_right: usize,
+}
+
+impl Conv2dDims {
+    /// Dimensions for an input `[N, C, H, W]`, `out_channels` filters of `kernel` `[KH, KW]`,
+    /// `stride` `[vertical, horizontal]` and `padding`.
+    pub fn new(
+        input: [usize; 4],
+        out_channels: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: Padding,
+    ) -> Result<Self, TensorError> {
+        let [batch, in_channels, in_h, in_w] = input;
+        let [kernel_h, kernel_w] = kernel;
+        let [stride_h, stride_w] = stride;
+        let config = |detail: String| TensorError::Config {
+            op: "conv2d",
+            detail,
+        };
+        if kernel_h == 0 || kernel_w == 0 || stride_h == 0 || stride_w == 0 {
+            return Err(config(format!(
+                "kernel {kernel:?} and stride {stride:?} must be at least 1"
+            )));
+        }
+        if in_channels == 0 || out_channels == 0 {
+            return Err(config(format!(
+                "{in_channels} input and {out_channels} output channels: both must be at least 1"
+            )));
+        }
+        let same = |size: usize, k: usize, s: usize| {
+            let out = size.div_ceil(s);
+            let total = ((out.max(1) - 1) * s + k).saturating_sub(size);
+            (total / 2, total - total / 2)
+        };
+        let (pad_top, pad_bottom, pad_left, pad_right) = match padding {
+            Padding::Valid => (0, 0, 0, 0),
+            Padding::Same => {
+                let (top, bottom) = same(in_h, kernel_h, stride_h);
+                let (left, right) = same(in_w, kernel_w, stride_w);
+                (top, bottom, left, right)
+            }
+            Padding::Explicit {
+                top,
+                bottom,
+                left,
+                right,
+            } => (top, bottom, left, right),
+        };
+        if in_h + pad_top + pad_bottom < kernel_h || in_w + pad_left + pad_right < kernel_w {
+            return Err(config(format!(
+                "kernel {kernel_h}x{kernel_w} is larger than the padded input {}x{}",
+                in_h + pad_top + pad_bottom,
+                in_w + pad_left + pad_right
+            )));
+        }
+        Ok(Conv2dDims {
+            batch,
+            in_channels,
+            in_h,
+            in_w,
+            out_channels,
+            kernel_h,
+            kernel_w,
+            stride_h,
+            stride_w,
+            pad_top,
+            pad_bottom,
+            pad_left,
+            pad_right,
+        })
+    }
+
+    /// OH = (H + pad_top + pad_bottom - KH) / stride_h + 1.
+    pub fn out_h(&self) -> usize {
+        (self.in_h + self.pad_top + self.pad_bottom - self.kernel_h) / self.stride_h + 1
+    }
+
+    /// OW = (W + pad_left + pad_right - KW) / stride_w + 1.
+    pub fn out_w(&self) -> usize {
+        (self.in_w + self.pad_left + self.pad_right - self.kernel_w) / self.stride_w + 1
+    }
+
+    /// `[N, C, H, W]`.
+    pub fn input_shape(&self) -> [usize; 4] {
+        [self.batch, self.in_channels, self.in_h, self.in_w]
+    }
+
+    /// `[O, C, KH, KW]`.
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [
+            self.out_channels,
+            self.in_channels,
+            self.kernel_h,
+            self.kernel_w,
+        ]
+    }
+
+    /// `[N, O, OH, OW]`.
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.batch, self.out_channels, self.out_h(), self.out_w()]
+    }
+
+    /// C*KH*KW: the length of one receptive field, the rows of an unfolded image.
+    pub fn patch_len(&self) -> usize {
+        self.in_channels * self.kernel_h * self.kernel_w
+    }
+
+    /// OH*OW: the output pixels per channel, the columns of an unfolded image.
+    pub fn out_pixels(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+
+    /// Floating-point operations of the forward pass, 2*N*O*OH*OW*C*KH*KW (multiply and add).
+    pub fn forward_flops(&self) -> u64 {
+        2 * (self.batch * self.out_channels * self.out_pixels() * self.patch_len()) as u64
+    }
+}
+
+/// The buffers one convolution reuses from batch to batch: the unfolded input that forward keeps
+/// for backward, and backward's per-chunk scratch. They are resized only when shapes change.
+#[derive(Clone, Debug, Default)]
+pub struct Conv2dBuffers {
+    /// `[N, C*KH*KW, OH*OW]`: the forward pass's unfolded input.
+    cols: Array3<f32>,
+    /// `[chunks, O, C*KH*KW]`: each chunk's weight-gradient sum.
+    partial_dw: Array3<f32>,
+    /// `[chunks, O]`: each chunk's bias-gradient sum.
+    partial_db: Array2<f32>,
+    /// `[chunks, C*KH*KW, OH*OW]`: the unfolded input gradient of the image being processed.
+    dcols: Array3<f32>,
+}
+
+/// Where the backward pass writes: weight and bias gradients are accumulated (`+=`, zeroing is
+/// the optimizer's separate step); the input gradient is overwritten (`=`).
+#[derive(Debug)]
+pub struct Conv2dGrads<'a> {
+    /// `dW [O, C, KH, KW] += ...`.
+    pub weight: ArrayViewMut4<'a, f32>,
+    /// `db [O] += ...`, when the convolution has a bias.
+    pub bias: Option<ArrayViewMut1<'a, f32>>,
+    /// `dx [N, C, H, W] = ...`, unless nothing upstream needs it (the first layer).
+    pub input: Option<ArrayViewMut4<'a, f32>>,
+}
+
+/// At most this many partial weight gradients per batch: enough to keep two to eight threads
+/// busy, few enough that adding them up costs little.
+const MAX_REDUCTION_CHUNKS: usize = 8;
+
+/// Images per chunk for the gradient reductions: a function of N alone, never of the thread
+/// count, so the summation order (and the bits) never depend on scheduling.
+fn images_per_chunk(batch: usize) -> usize {
+    batch.div_ceil(MAX_REDUCTION_CHUNKS).max(1)
+}
+
+/// `y = conv(x, weight) + bias`, keeping the unfolded input in `buffers` for the backward pass.
+pub fn conv2d_forward(
+    dims: &Conv2dDims,
+    x: ArrayView4<'_, f32>,
+    weight: ArrayView4<'_, f32>,
+    bias: Option<ArrayView1<'_, f32>>,
+    buffers: &mut Conv2dBuffers,
+    mut y: ArrayViewMut4<'_, f32>,
+) -> Result<(), TensorError> {
+    const OP: &str = "conv2d_forward";
+    expect_shape(OP, "input", x.shape(), &dims.input_shape())?;
+    expect_shape(OP, "output", y.shape(), &dims.output_shape())?;
+    let weight = weight_matrix(OP, dims, weight)?;
+    if let Some(bias) = &bias {
+        expect_shape(OP, "bias", bias.shape(), &[dims.out_channels])?;
+    }
+    if !y.is_standard_layout() {
+        return Err(TensorError::Layout {
+            op: OP,
+            operand: "output",
+        });
+    }
+    let cols_shape = (dims.batch, dims.patch_len(), dims.out_pixels());
+    resize(&mut buffers.cols, cols_shape);
+    let (o, pixels) = (dims.out_channels, dims.out_pixels());
+
+    // y[n] [O, OH*OW] = W [O, C*KH*KW] * cols[n] [C*KH*KW, OH*OW] (+ bias[o] on row o)
+    Zip::from(buffers.cols.outer_iter_mut())
+        .and(x.outer_iter())
+        .and(y.outer_iter_mut())
+        .par_for_each(|mut cols, x, y| {
+            im2col(dims, x, cols.view_mut());
+            let mut y = into_matrix(y, o, pixels);
+            let beta = match &bias {
+                Some(bias) => {
+                    // Start from the bias and let GEMM add onto it: one pass over y, not two.
+                    Zip::from(y.rows_mut())
+                        .and(bias)
+                        .for_each(|mut row, &b| row.fill(b));
+                    1.0
+                }
+                None => 0.0,
+            };
+            sgemm_unchecked(1.0, &weight, &cols.view(), beta, y);
+        });
+    Ok(())
+}
+
+/// The gradients of [`conv2d_forward`] given `dy [N, O, OH, OW]`, using the unfolded input
+/// that the forward pass left in `buffers`.
+pub fn conv2d_backward(
+    dims: &Conv2dDims,
+    weight: ArrayView4<'_, f32>,
+    dy: ArrayView4<'_, f32>,
+    buffers: &mut Conv2dBuffers,
+    grads: Conv2dGrads<'_>,
+) -> Result<(), TensorError> {
+    const OP: &str = "conv2d_backward";
+    let weight = weight_matrix(OP, dims, weight)?;
+    expect_shape(OP, "output gradient", dy.shape(), &dims.output_shape())?;
+    expect_shape(
+        OP,
+        "unfolded input (is the forward pass missing?)",
+        buffers.cols.shape(),
+        &[dims.batch, dims.patch_len(), dims.out_pixels()],
+    )?;
+    let Conv2dGrads {
+        weight: dw,
+        bias: db,
+        input: dx,
+    } = grads;
+    expect_shape(OP, "weight gradient", dw.shape(), &dims.weight_shape())?;
+    if let Some(db) = &db {
+        expect_shape(OP, "bias gradient", db.shape(), &[dims.out_channels])?;
+    }
+    if let Some(dx) = &dx {
+        expect_shape(OP, "input gradient", dx.shape(), &dims.input_shape())?;
+    }
+    let dy = dy.as_standard_layout();
+    let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
+    let per_chunk = images_per_chunk(dims.batch);
+    let chunks = dims.batch.div_ceil(per_chunk);
+    resize(&mut buffers.partial_dw, (chunks, o, patch));
+    resize(&mut buffers.partial_db, (chunks, o));
+    resize(&mut buffers.dcols, (chunks, patch, pixels));
+    let Conv2dBuffers {
+        cols,
+        partial_dw,
+        partial_db,
+        dcols,
+    } = buffers;
+
+    // Per chunk: dW_k [O, C*KH*KW] = sum over its images of dy[n] [O, OH*OW] * cols[n]^T,
+    // and db_k [O] = sum over its images and pixels of dy[n].
+    partial_dw
+        .outer_iter_mut()
+        .into_par_iter()
+        .zip(partial_db.outer_iter_mut())
+        .zip(cols.axis_chunks_iter(Axis(0), per_chunk))
+        .zip(dy.axis_chunks_iter(Axis(0), per_chunk))
+        .for_each(|(((mut pdw, mut pdb), cols), dy)| {
+            pdb.fill(0.0);
+            for (i, (cols, dy)) in cols.outer_iter().zip(dy.outer_iter()).enumerate() {
+                let dy = matrix_view(dy, o, pixels);
+                let beta = if i == 0 { 0.0 } else { 1.0 };
+                sgemm_unchecked(1.0, &dy, &cols.t(), beta, pdw.view_mut());
+                Zip::from(&mut pdb)
+                    .and(dy.rows())
+                    .for_each(|b, row| *b += row.sum());
+            }
+        });
+    let mut dw = into_matrix_checked(OP, "weight gradient", dw, o, patch)?;
+    for pdw in partial_dw.outer_iter() {
+        dw += &pdw;
+    }
+    if let Some(mut db) = db {
+        for pdb in partial_db.outer_iter() {
+            db += &pdb;
+        }
+    }
+
+    // Per image: dcols [C*KH*KW, OH*OW] = W^T * dy[n], folded back onto dx[n] by col2im.
+    if let Some(mut dx) = dx {
+        dcols
+            .outer_iter_mut()
+            .into_par_iter()
+            .zip(dy.axis_chunks_iter(Axis(0), per_chunk))
+            .zip(dx.axis_chunks_iter_mut(Axis(0), per_chunk))
+            .for_each(|((mut dcols, dy), mut dx)| {
+                for (dy, dx) in dy.outer_iter().zip(dx.outer_iter_mut()) {
+                    let dy = matrix_view(dy, o, pixels);
+                    sgemm_unchecked(1.0, &weight.t(), &dy, 0.0, dcols.view_mut());
+                    col2im(dims, dcols.view(), dx);
+                }
+            });
+    }
+    Ok(())
+}
+
+/// Unfolds one image `x [C, H, W]` into `cols [C*KH*KW, OH*OW]`: row `(c, kh, kw)` holds, for
+/// every output pixel, the input value under kernel tap (kh, kw), or 0 in the padding.
+pub fn im2col(dims: &Conv2dDims, x: ArrayView3<'_, f32>, mut cols: ArrayViewMut2<'_, f32>) {
+    let (oh_count, ow_count) = (dims.out_h(), dims.out_w());
+    for c in 0..dims.in_channels {
+        let plane = x.index_axis(Axis(0), c);
+        for kh in 0..dims.kernel_h {
+            for kw in 0..dims.kernel_w {
+                let row_index = (c * dims.kernel_h + kh) * dims.kernel_w + kw;
+                let mut row = cols.row_mut(row_index);
+                let (ow_lo, ow_hi) =
+                    valid_outputs(kw, dims.pad_left, dims.stride_w, dims.in_w, ow_count);
+                for oh in 0..oh_count {
+                    let mut out = row.slice_mut(ndarray::s![oh * ow_count..(oh + 1) * ow_count]);
+                    let Some(ih) = (oh * dims.stride_h + kh).checked_sub(dims.pad_top) else {
+                        out.fill(0.0);
+                        continue;
+                    };
+                    if ih >= dims.in_h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let input_row = plane.row(ih);
+                    for (ow, o) in out.iter_mut().enumerate() {
+                        *o = if (ow_lo..ow_hi).contains(&ow) {
+                            input_row[ow * dims.stride_w + kw - dims.pad_left]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Folds `dcols [C*KH*KW, OH*OW]` back onto `dx [C, H, W]` (overwriting it): each input pixel
+/// receives the sum of the gradients of every output pixel whose receptive field covers it.
+pub fn col2im(dims: &Conv2dDims, dcols: ArrayView2<'_, f32>, mut dx: ArrayViewMut3<'_, f32>) {
+    dx.fill(0.0);
+    let (oh_count, ow_count) = (dims.out_h(), dims.out_w());
+    for c in 0..dims.in_channels {
+        let mut plane = dx.index_axis_mut(Axis(0), c);
+        for kh in 0..dims.kernel_h {
+            for kw in 0..dims.kernel_w {
+                let row = dcols.row((c * dims.kernel_h + kh) * dims.kernel_w + kw);
+                let (ow_lo, ow_hi) =
+                    valid_outputs(kw, dims.pad_left, dims.stride_w, dims.in_w, ow_count);
+                for oh in 0..oh_count {
+                    let Some(ih) = (oh * dims.stride_h + kh).checked_sub(dims.pad_top) else {
+                        continue;
+                    };
+                    if ih >= dims.in_h {
+                        continue;
+                    }
+                    let mut input_row = plane.row_mut(ih);
+                    for ow in ow_lo..ow_hi {
+                        input_row[ow * dims.stride_w + kw - dims.pad_left] +=
+                            row[oh * ow_count + ow];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The output columns `ow_lo..ow_hi` whose kernel tap `kw` lands inside the input (not in the
+/// left or right padding): `0 <= ow * stride + kw - pad < W`.
+fn valid_outputs(
+    kw: usize,
+    pad: usize,
+    stride: usize,
+    width: usize,
+    count: usize,
+) -> (usize, usize) {
+    let lo = pad.saturating_sub(kw).div_ceil(stride).min(count);
+    // ow * stride < width + pad - kw
+    let hi = match (width + pad).checked_sub(kw) {
+        Some(limit) => limit.div_ceil(stride).min(count),
+        None => 0,
+    };
+    (lo, hi.max(lo))
+}
+
+/// The weight `[O, C, KH, KW]` as the GEMM operand `[O, C*KH*KW]`.
+fn weight_matrix<'a>(
+    op: &'static str,
+    dims: &Conv2dDims,
+    weight: ArrayView4<'a, f32>,
+) -> Result<ArrayView2<'a, f32>, TensorError> {
+    expect_shape(op, "weight", weight.shape(), &dims.weight_shape())?;
+    weight
+        .into_shape_with_order((dims.out_channels, dims.patch_len()))
+        .map_err(|_| TensorError::Layout {
+            op,
+            operand: "weight",
+        })
+}
+
+/// A standard-layout `[O, OH, OW]` view as `[O, OH*OW]`.
+fn matrix_view(a: ArrayView3<'_, f32>, rows: usize, cols: usize) -> ArrayView2<'_, f32> {
+    a.into_shape_with_order((rows, cols))
+        .unwrap_or_else(|e| unreachable!("standard layout was ensured: {e}"))
+}
+
+/// A standard-layout `[O, OH, OW]` mutable view as `[O, OH*OW]`.
+fn into_matrix(a: ArrayViewMut3<'_, f32>, rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
+    a.into_shape_with_order((rows, cols))
+        .unwrap_or_else(|e| unreachable!("standard layout was ensured: {e}"))
+}
+
+/// A 4-D gradient as `[rows, cols]`, or a layout error naming it.
+fn into_matrix_checked<'a>(
+    op: &'static str,
+    operand: &'static str,
+    a: ArrayViewMut4<'a, f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<ArrayViewMut2<'a, f32>, TensorError> {
+    a.into_shape_with_order((rows, cols))
+        .map_err(|_| TensorError::Layout { op, operand })
+}
+
+/// Gives `buffer` this shape, reallocating only when the shape changed.
+fn resize<D: ndarray::Dimension>(buffer: &mut ndarray::Array<f32, D>, shape: D::Pattern)
+where
+    D::Pattern: ndarray::IntoDimension<Dim = D>,
+{
+    let dim = ndarray::IntoDimension::into_dimension(shape);
+    if buffer.raw_dim() != dim {
+        *buffer = ndarray::Array::zeros(dim);
+    }
+}

@@ -1,0 +1,135 @@
+//! General matrix multiply, `C <- alpha * A * B + beta * C`, over ndarray views of any strides.
+//!
+//! `A` is `[M, K]`, `B` is `[K, N]`, `C` is `[M, N]`. Transposed operands are views with
+//! swapped strides (`a.t()`), so the backward passes' `A^T * B` and `A * B^T` copy nothing.
+//! When `beta == 0`, `C` is only written, never read: it may hold NaN or garbage.
+
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+
+use crate::error::TensorError;
+
+/// Below this many multiply-adds a GEMM runs on one thread: splitting costs more than it saves.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// `C <- alpha * A * B + beta * C` on the calling thread.
+pub fn gemm(
+    alpha: f32,
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    beta: f32,
+    c: ArrayViewMut2<'_, f32>,
+) -> Result<(), TensorError> {
+    check_gemm_shapes(&a, &b, &c)?;
+    sgemm_unchecked(alpha, &a, &b, beta, c);
+    Ok(())
+}
+
+/// `C <- alpha * A * B + beta * C`, split in two halves over rayon when it is large enough.
+///
+/// The split is over the output (rows or columns of `C`), never over `K`, so every element is
+/// the same sum in the same order: results are bit-identical whatever the number of threads.
+/// matrixmultiply's own threading splits only large `M` (see docs/benchmarks.md).
+pub fn gemm_parallel(
+    alpha: f32,
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    beta: f32,
+    c: ArrayViewMut2<'_, f32>,
+) -> Result<(), TensorError> {
+    check_gemm_shapes(&a, &b, &c)?;
+    split_gemm(alpha, a, b, beta, c);
+    Ok(())
+}
+
+fn split_gemm(
+    alpha: f32,
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    beta: f32,
+    mut c: ArrayViewMut2<'_, f32>,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    if m * n * k < PARALLEL_MIN_MACS || (m < 16 && n < 16) {
+        sgemm_unchecked(alpha, &a, &b, beta, c);
+        return;
+    }
+    if n >= m {
+        // Halves of N, on a multiple of 16 so each half keeps whole micro-kernel panels.
+        let mid = (n / 2).next_multiple_of(16).min(n);
+        let (b_left, b_right) = b.split_at(Axis(1), mid);
+        let (c_left, c_right) = c.view_mut().split_at(Axis(1), mid);
+        rayon::join(
+            || sgemm_unchecked(alpha, &a, &b_left, beta, c_left),
+            || sgemm_unchecked(alpha, &a, &b_right, beta, c_right),
+        );
+    } else {
+        let mid = (m / 2).next_multiple_of(16).min(m);
+        let (a_top, a_bottom) = a.split_at(Axis(0), mid);
+        let (c_top, c_bottom) = c.view_mut().split_at(Axis(0), mid);
+        rayon::join(
+            || sgemm_unchecked(alpha, &a_top, &b, beta, c_top),
+            || sgemm_unchecked(alpha, &a_bottom, &b, beta, c_bottom),
+        );
+    }
+}
+
+fn check_gemm_shapes(
+    a: &ArrayView2<'_, f32>,
+    b: &ArrayView2<'_, f32>,
+    c: &ArrayViewMut2<'_, f32>,
+) -> Result<(), TensorError> {
+    let ((m, k), (k2, n)) = (a.dim(), b.dim());
+    if k != k2 || c.dim() != (m, n) {
+        return Err(TensorError::Shape {
+            op: "gemm",
+            detail: format!(
+                "A is {:?}, B is {:?}, C is {:?}; need A [M, K], B [K, N], C [M, N]",
+                a.shape(),
+                b.shape(),
+                c.shape()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The matrixmultiply call, for operands whose shapes were checked.
+#[allow(unsafe_code)]
+pub(crate) fn sgemm_unchecked(
+    alpha: f32,
+    a: &ArrayView2<'_, f32>,
+    b: &ArrayView2<'_, f32>,
+    beta: f32,
+    mut c: ArrayViewMut2<'_, f32>,
+) {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    if m == 0 || n == 0 {
+        return;
+    }
+    let [rsa, csa] = [a.strides()[0], a.strides()[1]];
+    let [rsb, csb] = [b.strides()[0], b.strides()[1]];
+    let [rsc, csc] = [c.strides()[0], c.strides()[1]];
+    // SAFETY: the shapes were checked (A [m, k], B [k, n], C [m, n]); each pointer is the
+    // view's first element and the strides are the views' own, so every address sgemm forms
+    // lies inside its view. C is a unique mutable view, so it cannot alias A or B.
+    // matrixmultiply documents that C is not read when beta == 0 and that k == 0 scales C.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            rsc,
+            csc,
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! Convolution forward and backward against the direct-loop reference.
+
+use ndarray::{Array1, Array4, s};
+use proptest::prelude::*;
+use tensor::{
+    Conv2dBuffers, Conv2dDims, Conv2dGrads, Padding, TensorError, conv2d_backward, conv2d_forward,
+};
+
+use crate::reference::{self, Values, assert_close};
+
+fn any_padding() -> impl Strategy<Value = Padding> {
+    prop_oneof![
+        Just(Padding::Valid),
+        Just(Padding::Same),
+        (0usize..3, 0usize..3, 0usize..3, 0usize..3).prop_map(|(top, bottom, left, right)| {
+            Padding::Explicit {
+                top,
+                bottom,
+                left,
+                right,
+            }
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn conv_forward_and_backward_match_the_direct_reference(
+        input in (1usize..4, 1usize..4, 1usize..10, 1usize..10),
+        out_channels in 1usize..5,
+        kernel in (1usize..5, 1usize..5),
+        stride in (1usize..4, 1usize..4),
+        padding in any_padding(),
+        with_bias in any::<bool>(),
+        strided_input in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let (n, c, h, w) = input;
+        let dims = Conv2dDims::new([n, c, h, w], out_channels, [kernel.0, kernel.1], [stride.0, stride.1], padding);
+        let dims = match dims {
+            Ok(dims) => dims,
+            Err(TensorError::Config { .. }) => {
+                // Only a kernel larger than the padded input may be refused.
+                let (pt, pb, pl, pr) = match padding {
+                    Padding::Explicit { top, bottom, left, right } => (top, bottom, left, right),
+                    _ => (0, 0, 0, 0),
+                };
+                prop_assert!(kernel.0 > h + pt + pb || kernel.1 > w + pl + pr);
+                return Ok(());
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let mut values = Values::new(seed);
+        // A non-contiguous input: every other column of a wider array.
+        let wide = values.array4([n, c, h, 2 * w]);
+        let contiguous = values.array4([n, c, h, w]);
+        let x = if strided_input { wide.slice(s![.., .., .., ..;2]) } else { contiguous.view() };
+        let weight = values.array4(dims.weight_shape());
+        let bias = values.array1(out_channels);
+        let bias = with_bias.then(|| bias.view());
+
+        let mut buffers = Conv2dBuffers::default();
+        let mut y = Array4::from_elem(dims.output_shape(), f32::NAN);
+        conv2d_forward(&dims, x, weight.view(), bias, &mut buffers, y.view_mut()).unwrap();
+        let (expected, bound) = reference::conv_forward(&dims, x, weight.view(), bias);
+        assert_close("y", y.view(), expected.view(), bound.view());
+
+        // Parameter gradients accumulate onto what is there; the input gradient is overwritten.
+        let dy = values.array4(dims.output_shape());
+        let dw_before = values.array4(dims.weight_shape());
+        let db_before = values.array1(out_channels);
+        let mut dw = dw_before.clone();
+        let mut db = db_before.clone();
+        let mut dx = Array4::from_elem(dims.input_shape(), f32::NAN);
+        conv2d_backward(&dims, weight.view(), dy.view(), &mut buffers, Conv2dGrads {
+            weight: dw.view_mut(),
+            bias: Some(db.view_mut()),
+            input: Some(dx.view_mut()),
+        }).unwrap();
+        let ((dx_ref, dx_bound), (dw_ref, dw_bound), (db_ref, db_bound)) =
+            reference::conv_backward(&dims, x, weight.view(), dy.view());
+        assert_close("dx", dx.view(), dx_ref.view(), dx_bound.view());
+        let dw_ref = dw_ref + dw_before.mapv(f64::from);
+        assert_close("dw", dw.view(), dw_ref.view(), dw_bound.view());
+        let db_ref = db_ref + db_before.mapv(f64::from);
+        assert_close("db", db.view(), db_ref.view(), db_bound.view());
+    }
+}
+
+#[test]
+fn a_hand_computed_convolution() {
+    // x = [[1,2,3],[4,5,6],[7,8,9]], kernel [[1,0],[0,-1]], bias 0.5, valid, stride 1:
+    // y[i][j] = x[i][j] - x[i+1][j+1] + 0.5 = 1-5+0.5, 2-6+0.5, 4-8+0.5, 5-9+0.5 = -3.5 each.
+    let dims = Conv2dDims::new([1, 1, 3, 3], 1, [2, 2], [1, 1], Padding::Valid).unwrap();
+    let x = Array4::from_shape_vec((1, 1, 3, 3), (1..=9).map(|v| v as f32).collect()).unwrap();
+    let w = Array4::from_shape_vec((1, 1, 2, 2), vec![1.0, 0.0, 0.0, -1.0]).unwrap();
+    let b = Array1::from_elem(1, 0.5f32);
+    let mut y = Array4::zeros((1, 1, 2, 2));
+    let mut buffers = Conv2dBuffers::default();
+    conv2d_forward(
+        &dims,
+        x.view(),
+        w.view(),
+        Some(b.view()),
+        &mut buffers,
+        y.view_mut(),
+    )
+    .unwrap();
+    assert_eq!(y.iter().copied().collect::<Vec<_>>(), vec![-3.5; 4]);
+
+    // With dy = ones: dw[kh][kw] = sum of the 2x2 window of x at offset (kh, kw):
+    // (1+2+4+5, 2+3+5+6, 4+5+7+8, 5+6+8+9) = (12, 16, 24, 28); db = 4;
+    // dx = w placed at each output position: +1 at the top-left 2x2, -1 at the bottom-right 2x2.
+    let dy = Array4::ones((1, 1, 2, 2));
+    let mut dw = Array4::zeros((1, 1, 2, 2));
+    let mut db = Array1::zeros(1);
+    let mut dx = Array4::zeros((1, 1, 3, 3));
+    conv2d_backward(
+        &dims,
+        w.view(),
+        dy.view(),
+        &mut buffers,
+        Conv2dGrads {
+            weight: dw.view_mut(),
+            bias: Some(db.view_mut()),
+            input: Some(dx.view_mut()),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        dw.iter().copied().collect::<Vec<_>>(),
+        vec![12.0, 16.0, 24.0, 28.0]
+    );
+    assert_eq!(db[0], 4.0);
+    assert_eq!(
+        dx.iter().copied().collect::<Vec<_>>(),
+        vec![1.0, 1.0, 0.0, 1.0, 0.0, -1.0, 0.0, -1.0, -1.0]
+    );
+}
+
+#[test]
+fn same_padding_follows_tensorflow() {
+    // TensorFlow: out = ceil(in / stride); pad_total = max((out - 1) * stride + k - in, 0),
+    // the odd unit at the bottom/right.
+    let cases = [
+        // (in, k, stride) -> (out, top, bottom)
+        ((28, 5, 1), (28, 2, 2)),
+        ((13, 3, 2), (7, 1, 1)),
+        ((14, 3, 2), (7, 0, 1)),
+        ((5, 4, 1), (5, 1, 2)),
+    ];
+    for ((size, k, stride), (out, top, bottom)) in cases {
+        let d = Conv2dDims::new(
+            [1, 1, size, size],
+            1,
+            [k, k],
+            [stride, stride],
+            Padding::Same,
+        )
+        .unwrap();
+        assert_eq!(
+            (d.out_h(), d.pad_top, d.pad_bottom),
+            (out, top, bottom),
+            "in {size} k {k} s {stride}"
+        );
+        assert_eq!((d.out_w(), d.pad_left, d.pad_right), (out, top, bottom));
+    }
+}
+
+#[test]
+fn impossible_configurations_and_shapes_are_errors() {
+    assert!(Conv2dDims::new([1, 1, 3, 3], 1, [4, 4], [1, 1], Padding::Valid).is_err());
+    assert!(Conv2dDims::new([1, 1, 3, 3], 1, [3, 3], [0, 1], Padding::Valid).is_err());
+    assert!(Conv2dDims::new([1, 0, 3, 3], 1, [3, 3], [1, 1], Padding::Valid).is_err());
+
+    let dims = Conv2dDims::new([2, 1, 5, 5], 3, [3, 3], [1, 1], Padding::Valid).unwrap();
+    let w = Array4::zeros(dims.weight_shape());
+    let mut buffers = Conv2dBuffers::default();
+    let mut y = Array4::zeros(dims.output_shape());
+    let wrong_x = Array4::zeros((2, 1, 6, 5));
+    let err = conv2d_forward(
+        &dims,
+        wrong_x.view(),
+        w.view(),
+        None,
+        &mut buffers,
+        y.view_mut(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("input has shape [2, 1, 6, 5], expected [2, 1, 5, 5]"),
+        "{err}"
+    );
+
+    // Backward before any forward has no unfolded input to use.
+    let dy = Array4::zeros(dims.output_shape());
+    let mut dw = Array4::zeros(dims.weight_shape());
+    let err = conv2d_backward(
+        &dims,
+        w.view(),
+        dy.view(),
+        &mut Conv2dBuffers::default(),
+        Conv2dGrads {
+            weight: dw.view_mut(),
+            bias: None,
+            input: None,
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("forward pass missing"), "{err}");
+}

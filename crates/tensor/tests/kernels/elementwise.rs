@@ -1,0 +1,159 @@
+//! Activations, softmax and bias kernels against their formulas in f64.
+
+use ndarray::{Array1, Array2, Array4, Axis, array};
+use proptest::prelude::*;
+use tensor::{
+    add_channel_bias, add_row_bias, channel_bias_grad, leaky_relu, leaky_relu_backward,
+    log_softmax, log_softmax_backward, relu, relu_backward, row_bias_grad, sigmoid,
+    sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward,
+};
+
+use crate::reference::Values;
+
+fn close(a: f32, b: f64, tol: f64) -> bool {
+    (a as f64 - b).abs() <= tol * (1.0 + b.abs())
+}
+
+proptest! {
+    #[test]
+    fn activations_and_their_derivatives_match_the_formulas(rows in 1usize..6, cols in 1usize..6, seed in any::<u64>()) {
+        let mut values = Values::new(seed);
+        let x = values.array2((rows, cols)).mapv(|v| v * 8.0);
+        let dy = values.array2((rows, cols));
+        let mut dx = Array2::from_elem((rows, cols), f32::NAN);
+
+        let mut y = x.clone();
+        relu(y.view_mut());
+        relu_backward(y.view(), dy.view(), dx.view_mut()).unwrap();
+        for ((&x, &y), (&g, &d)) in x.iter().zip(&y).zip(dy.iter().zip(&dx)) {
+            prop_assert_eq!(y, x.max(0.0));
+            prop_assert_eq!(d, if x > 0.0 { g } else { 0.0 });
+        }
+
+        let mut y = x.clone();
+        leaky_relu(y.view_mut(), 0.1);
+        leaky_relu_backward(y.view(), dy.view(), dx.view_mut(), 0.1).unwrap();
+        for ((&x, &y), (&g, &d)) in x.iter().zip(&y).zip(dy.iter().zip(&dx)) {
+            prop_assert_eq!(y, if x > 0.0 { x } else { 0.1 * x });
+            prop_assert_eq!(d, if x > 0.0 { g } else { 0.1 * g });
+        }
+
+        let mut y = x.clone();
+        sigmoid(y.view_mut());
+        sigmoid_backward(y.view(), dy.view(), dx.view_mut()).unwrap();
+        for ((&x, &y), (&g, &d)) in x.iter().zip(&y).zip(dy.iter().zip(&dx)) {
+            let s = 1.0 / (1.0 + (-(x as f64)).exp());
+            prop_assert!(close(y, s, 1e-6));
+            prop_assert!(close(d, g as f64 * s * (1.0 - s), 1e-5));
+        }
+
+        let mut y = x.clone();
+        tanh(y.view_mut());
+        tanh_backward(y.view(), dy.view(), dx.view_mut()).unwrap();
+        for ((&x, &y), (&g, &d)) in x.iter().zip(&y).zip(dy.iter().zip(&dx)) {
+            let t = (x as f64).tanh();
+            prop_assert!(close(y, t, 1e-6));
+            prop_assert!(close(d, g as f64 * (1.0 - t * t), 1e-5));
+        }
+    }
+
+    #[test]
+    fn softmax_and_log_softmax_match_the_formulas_along_any_axis(
+        shape in (1usize..5, 1usize..5, 1usize..5), axis in 0usize..3, seed in any::<u64>(),
+    ) {
+        let mut values = Values::new(seed);
+        let x = ndarray::Array3::from_shape_simple_fn(shape, || values.next() * 20.0);
+        let dy = ndarray::Array3::from_shape_simple_fn(shape, || values.next());
+        let axis = Axis(axis);
+        let mut p = x.clone();
+        let mut logp = x.clone();
+        softmax(x.view(), axis, p.view_mut()).unwrap();
+        log_softmax(x.view(), axis, logp.view_mut()).unwrap();
+        let mut dx_soft = x.clone();
+        let mut dx_log = x.clone();
+        softmax_backward(p.view(), dy.view(), axis, dx_soft.view_mut()).unwrap();
+        log_softmax_backward(logp.view(), dy.view(), axis, dx_log.view_mut()).unwrap();
+        for (((x, p), (logp, dy)), (dxs, dxl)) in x.lanes(axis).into_iter()
+            .zip(p.lanes(axis)).zip(logp.lanes(axis).into_iter().zip(dy.lanes(axis)))
+            .zip(dx_soft.lanes(axis).into_iter().zip(dx_log.lanes(axis)))
+        {
+            let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let max = x.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = x.iter().map(|v| (v - max).exp()).sum();
+            let p_ref: Vec<f64> = x.iter().map(|v| (v - max).exp() / z).collect();
+            let dot: f64 = p_ref.iter().zip(dy.iter()).map(|(p, &g)| p * g as f64).sum();
+            let total: f64 = dy.iter().map(|&g| g as f64).sum();
+            for i in 0..x.len() {
+                prop_assert!((p[i] as f64 - p_ref[i]).abs() < 1e-6);
+                prop_assert!(close(logp[i], x[i] - max - z.ln(), 1e-5));
+                prop_assert!((dxs[i] as f64 - p_ref[i] * (dy[i] as f64 - dot)).abs() < 1e-5);
+                prop_assert!((dxl[i] as f64 - (dy[i] as f64 - p_ref[i] * total)).abs() < 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_stays_finite_for_huge_logits() {
+    // By hand: shifted by the max 1001, the exponents are e^-1, e^0, e^-2001 ~ 0, so
+    // p = [1/(1+e), e/(1+e), 0] = [0.26894142, 0.73105858, 0] and log p = [-1.3132617, -0.3132617, -2001.3132].
+    let x = array![[1000.0f32, 1001.0, -1000.0]];
+    let mut p = Array2::zeros((1, 3));
+    let mut logp = Array2::zeros((1, 3));
+    softmax(x.view(), Axis(1), p.view_mut()).unwrap();
+    log_softmax(x.view(), Axis(1), logp.view_mut()).unwrap();
+    assert!(
+        p.iter().chain(logp.iter()).all(|v| v.is_finite()),
+        "{p} {logp}"
+    );
+    assert!((p[(0, 0)] - 0.268_941_42).abs() < 1e-6 && (p[(0, 1)] - 0.731_058_6).abs() < 1e-6);
+    assert_eq!(p[(0, 2)], 0.0);
+    assert!((logp[(0, 0)] + 1.313_261_7).abs() < 1e-5);
+    assert!((logp[(0, 2)] + 2001.3132).abs() < 1e-2);
+}
+
+#[test]
+fn sigmoid_does_not_overflow() {
+    let mut x = array![-1000.0f32, 1000.0, 0.0];
+    sigmoid(x.view_mut());
+    assert_eq!(x, array![0.0, 1.0, 0.5]);
+}
+
+#[test]
+fn bias_add_and_its_gradient_sum_over_the_other_axes() {
+    let mut values = Values::new(3);
+    let x = values.array4([2, 3, 4, 5]);
+    let bias = values.array1(3);
+    let mut y = x.clone();
+    add_channel_bias(y.view_mut(), bias.view()).unwrap();
+    assert!(
+        (&y - &x)
+            .indexed_iter()
+            .all(|((_, c, _, _), &d)| (d - bias[c]).abs() < 1e-6)
+    );
+    let mut db = Array1::ones(3);
+    channel_bias_grad(x.view(), db.view_mut()).unwrap();
+    for c in 0..3 {
+        let expected = 1.0
+            + x.index_axis(Axis(1), c)
+                .iter()
+                .map(|&v| v as f64)
+                .sum::<f64>();
+        assert!((db[c] as f64 - expected).abs() < 1e-4);
+    }
+
+    let m = values.array2((4, 3));
+    let mut m2 = m.clone();
+    add_row_bias(m2.view_mut(), bias.view()).unwrap();
+    assert!(
+        (&m2 - &m)
+            .indexed_iter()
+            .all(|((_, f), &d)| (d - bias[f]).abs() < 1e-6)
+    );
+    let mut db = Array1::zeros(3);
+    row_bias_grad(m.view(), db.view_mut()).unwrap();
+    assert!((0..3).all(|f| (db[f] - m.column(f).sum()).abs() < 1e-5));
+
+    let wrong = Array1::zeros(4);
+    assert!(add_channel_bias(Array4::zeros((1, 3, 1, 1)).view_mut(), wrong.view()).is_err());
+}

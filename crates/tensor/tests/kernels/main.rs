@@ -1,0 +1,11 @@
+//! The fast kernels against slow, obviously correct references, on random shapes and layouts.
+
+// Everything in this crate is test code: an unwrap that fails is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod conv;
+mod determinism;
+mod elementwise;
+mod gemm;
+mod pool;
+mod reference;
