@@ -90,6 +90,16 @@ fn conv(c: &mut Criterion) {
         // Backward computes dW and dx, each as many FLOPs as the forward pass; the first layer
         // of a model (C = 1) needs no dx, so it is measured without.
         let first_layer = input[1] == 1;
+        // Backward reads the unfolded input forward leaves behind, even when only it is run.
+        conv2d_forward(
+            &dims,
+            x.view(),
+            w.view(),
+            Some(b.view()),
+            &mut buffers,
+            y.view_mut(),
+        )
+        .unwrap();
         group.throughput(Throughput::Elements(if first_layer {
             flops
         } else {
