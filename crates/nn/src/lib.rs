@@ -1,2 +1,51 @@
-//! Neural-network layers with hand-written forward and backward passes, losses, optimizers and
-//! model files, built on `tensor`.
+//! Neural networks with hand-written backpropagation: layers, losses, optimizers, schedules,
+//! architectures as data, summaries and model files, on the `tensor` crate's kernels.
+//!
+//! ```
+//! use nn::{Mode, Optimizer, Rule, Sequential, Targets, preset, softmax_cross_entropy};
+//! use ndarray::{Array1, Array4};
+//!
+//! let mut model = Sequential::new(preset("lenet5").unwrap(), 42)?;
+//! let mut optimizer = Optimizer::new(Rule::adam(), 1e-3)?;
+//! let images = Array4::<f32>::zeros((8, 1, 28, 28));
+//! let labels = Array1::<u8>::from_elem(8, 3);
+//! model.zero_grad();
+//! let logits = model.forward(images, Mode::Train)?;
+//! let loss = softmax_cross_entropy(logits.view(), Targets::Classes(labels.view()), 0.0)?;
+//! model.backward(loss.grad)?;
+//! optimizer.step(&mut model)?;
+//! # Ok::<(), nn::NnError>(())
+//! ```
+//!
+//! Architecture invariant: `nn` knows nothing about files of images or the command line; it
+//! takes arrays and gives arrays.
+
+mod error;
+mod init;
+mod layer;
+pub mod layers;
+mod loss;
+mod model;
+mod model_file;
+mod optim;
+mod param;
+mod schedule;
+mod spec;
+mod summary;
+
+pub use error::NnError;
+pub use init::{Init, fans, initialize, layer_rng};
+pub use layer::{Layer, Mode};
+pub use loss::{
+    EPSILON, LossOutput, Targets, accuracy, categorical_cross_entropy, correct, predictions,
+    softmax_cross_entropy,
+};
+pub use model::{ParamCounts, Sequential};
+pub use model_file::{
+    FORMAT, FORMAT_VERSION, InputNormalization, ModelInfo, load_model, load_weights, save_model,
+};
+pub use optim::{Optimizer, OptimizerState, Rule};
+pub use param::Param;
+pub use schedule::{ReduceOnPlateau, Schedule};
+pub use spec::{LayerSpec, ModelSpec, PRESETS, PaddingSpec, preset};
+pub use summary::{group_digits, human_bytes, summary};

@@ -10,7 +10,7 @@
 
 use ndarray::{
     Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2,
-    ArrayViewMut3, ArrayViewMut4, Axis, Zip,
+    ArrayViewMut3, ArrayViewMut4, Axis, Zip, s,
 };
 
 use ndarray::parallel::prelude::*;
@@ -187,17 +187,27 @@ impl Conv2dDims {
 }
 
 /// The buffers one convolution reuses from batch to batch: the unfolded input that forward keeps
-/// for backward, and backward's per-chunk scratch. They are resized only when shapes change.
+/// for backward, and per-chunk scratch. They are resized only when shapes change.
+///
+/// The batch is processed in chunks of B images (B fixed by N, see [`images_per_chunk`]); a
+/// chunk's images are unfolded side by side, so the backward pass makes one wide GEMM per chunk
+/// instead of B narrow ones, e.g. `dW += dy [O, B*OH*OW] x cols^T [B*OH*OW, C*KH*KW]`, whose
+/// long inner dimension is what GEMM runs fastest on.
 #[derive(Clone, Debug, Default)]
 pub struct Conv2dBuffers {
-    /// `[N, C*KH*KW, OH*OW]`: the forward pass's unfolded input.
+    /// `[chunks, C*KH*KW, B*OH*OW]`: the forward pass's unfolded input, image j of a chunk in
+    /// columns `j*OH*OW..(j+1)*OH*OW`.
     cols: Array3<f32>,
+    /// `[chunks, O, B*OH*OW]`: a chunk's output gradient, in the same column order as `cols`.
+    wide: Array3<f32>,
     /// `[chunks, O, C*KH*KW]`: each chunk's weight-gradient sum.
     partial_dw: Array3<f32>,
     /// `[chunks, O]`: each chunk's bias-gradient sum.
     partial_db: Array2<f32>,
-    /// `[chunks, C*KH*KW, OH*OW]`: the unfolded input gradient of the image being processed.
+    /// `[chunks, C*KH*KW, B*OH*OW]`: a chunk's unfolded input gradient.
     dcols: Array3<f32>,
+    /// The dimensions `cols` was made for, so backward can tell it matches.
+    dims: Option<Conv2dDims>,
 }
 
 /// Where the backward pass writes: weight and bias gradients are accumulated (`+=`, zeroing is
@@ -212,14 +222,20 @@ pub struct Conv2dGrads<'a> {
     pub input: Option<ArrayViewMut4<'a, f32>>,
 }
 
-/// At most this many partial weight gradients per batch: enough to keep two to eight threads
-/// busy, few enough that adding them up costs little.
-const MAX_REDUCTION_CHUNKS: usize = 8;
+/// At most this many chunks per batch: enough to keep two to eight threads busy, few enough
+/// that each chunk's GEMM is wide and adding up the partial gradients costs little.
+const MAX_CHUNKS: usize = 8;
 
-/// Images per chunk for the gradient reductions: a function of N alone, never of the thread
-/// count, so the summation order (and the bits) never depend on scheduling.
-fn images_per_chunk(batch: usize) -> usize {
-    batch.div_ceil(MAX_REDUCTION_CHUNKS).max(1)
+/// Below this many output pixels per image, the backward pass gathers a chunk's output
+/// gradients side by side for one long-K weight-gradient GEMM (measured: conv 32->64 on 13x13,
+/// 121 pixels, 142 -> 161 GFLOP/s); above it, the gather's extra pass over memory costs more
+/// than it gains (conv 1->32 on 28x28, 676 pixels, 47 -> 25 GFLOP/s).
+const WIDE_GEMM_MAX_PIXELS: usize = 256;
+
+/// Images per chunk: a function of N alone, never of the thread count, so the summation order
+/// of the gradients (and so their bits) never depends on scheduling.
+pub fn images_per_chunk(batch: usize) -> usize {
+    batch.div_ceil(MAX_CHUNKS).max(1)
 }
 
 /// `y = conv(x, weight) + bias`, keeping the unfolded input in `buffers` for the backward pass.
@@ -244,28 +260,40 @@ pub fn conv2d_forward(
             operand: "output",
         });
     }
-    let cols_shape = (dims.batch, dims.patch_len(), dims.out_pixels());
-    resize(&mut buffers.cols, cols_shape);
-    let (o, pixels) = (dims.out_channels, dims.out_pixels());
+    let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
+    let per_chunk = images_per_chunk(dims.batch);
+    let chunks = dims.batch.div_ceil(per_chunk);
+    resize(&mut buffers.cols, (chunks, patch, per_chunk * pixels));
+    buffers.dims = Some(*dims);
 
-    // y[n] [O, OH*OW] = W [O, C*KH*KW] * cols[n] [C*KH*KW, OH*OW] (+ bias[o] on row o)
-    Zip::from(buffers.cols.outer_iter_mut())
-        .and(x.outer_iter())
-        .and(y.outer_iter_mut())
-        .par_for_each(|mut cols, x, y| {
-            im2col(dims, x, cols.view_mut());
-            let mut y = into_matrix(y, o, pixels);
-            let beta = match &bias {
-                Some(bias) => {
-                    // Start from the bias and let GEMM add onto it: one pass over y, not two.
-                    Zip::from(y.rows_mut())
-                        .and(bias)
-                        .for_each(|mut row, &b| row.fill(b));
-                    1.0
-                }
-                None => 0.0,
-            };
-            sgemm_unchecked(1.0, &weight, &cols.view(), beta, y);
+    // Per image: y[n] [O, OH*OW] = W [O, C*KH*KW] * cols block [C*KH*KW, OH*OW] (+ bias).
+    // One narrow GEMM per image keeps its operands in cache; the chunked layout of `cols` is
+    // for the backward pass, whose GEMMs run over whole chunks.
+    buffers
+        .cols
+        .outer_iter_mut()
+        .into_par_iter()
+        .zip(x.axis_chunks_iter(Axis(0), per_chunk))
+        .zip(y.axis_chunks_iter_mut(Axis(0), per_chunk))
+        .for_each(|((mut cols, x), mut y)| {
+            for (j, (x, y)) in x.outer_iter().zip(y.outer_iter_mut()).enumerate() {
+                let mut block = cols.slice_mut(s![.., j * pixels..(j + 1) * pixels]);
+                im2col(dims, x, block.view_mut());
+                let mut y = y
+                    .into_shape_with_order((o, pixels))
+                    .unwrap_or_else(|e| unreachable!("standard layout was checked: {e}"));
+                let beta = match &bias {
+                    Some(bias) => {
+                        // Start from the bias and let GEMM add onto it: one pass over y.
+                        Zip::from(y.rows_mut())
+                            .and(bias)
+                            .for_each(|mut row, &b| row.fill(b));
+                        1.0
+                    }
+                    None => 0.0,
+                };
+                sgemm_unchecked(1.0, &weight, &block.view(), beta, y.view_mut());
+            }
         });
     Ok(())
 }
@@ -282,12 +310,16 @@ pub fn conv2d_backward(
     const OP: &str = "conv2d_backward";
     let weight = weight_matrix(OP, dims, weight)?;
     expect_shape(OP, "output gradient", dy.shape(), &dims.output_shape())?;
-    expect_shape(
-        OP,
-        "unfolded input (is the forward pass missing?)",
-        buffers.cols.shape(),
-        &[dims.batch, dims.patch_len(), dims.out_pixels()],
-    )?;
+    if buffers.dims != Some(*dims) {
+        return Err(TensorError::Shape {
+            op: OP,
+            detail: format!(
+                "the buffers hold no forward pass at these dimensions (forward pass missing?): \
+                 they were last used for {:?}",
+                buffers.dims
+            ),
+        });
+    }
     let Conv2dGrads {
         weight: dw,
         bias: db,
@@ -300,39 +332,106 @@ pub fn conv2d_backward(
     if let Some(dx) = &dx {
         expect_shape(OP, "input gradient", dx.shape(), &dims.input_shape())?;
     }
-    let dy = dy.as_standard_layout();
     let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
     resize(&mut buffers.partial_dw, (chunks, o, patch));
     resize(&mut buffers.partial_db, (chunks, o));
-    resize(&mut buffers.dcols, (chunks, patch, pixels));
+    if dx.is_some() {
+        resize(&mut buffers.dcols, (chunks, patch, per_chunk * pixels));
+    }
+    resize(&mut buffers.wide, (chunks, o, per_chunk * pixels));
     let Conv2dBuffers {
         cols,
+        wide,
         partial_dw,
         partial_db,
         dcols,
+        ..
     } = buffers;
+    let want_dx = dx.is_some();
+    let mut dx = dx;
+    let mut dx_chunks: Vec<Option<ArrayViewMut4<'_, f32>>> = match dx.as_mut() {
+        Some(dx) => dx
+            .axis_chunks_iter_mut(Axis(0), per_chunk)
+            .map(Some)
+            .collect(),
+        None => (0..chunks).map(|_| None).collect(),
+    };
+    let mut dcols_chunks: Vec<Option<ArrayViewMut2<'_, f32>>> = if want_dx {
+        dcols.outer_iter_mut().map(Some).collect()
+    } else {
+        (0..chunks).map(|_| None).collect()
+    };
 
-    // Per chunk: dW_k [O, C*KH*KW] = sum over its images of dy[n] [O, OH*OW] * cols[n]^T,
-    // and db_k [O] = sum over its images and pixels of dy[n].
+    // Per chunk: dW_k [O, C*KH*KW] = dy * cols^T and db_k [O] = row sums of dy over the chunk's
+    // images; dcols [C*KH*KW, OH*OW] = W^T * dy[n], folded back onto dx[n] by col2im.
+    // Images with few output pixels are first gathered side by side into `wide`, so dW_k is one
+    // GEMM with a long inner dimension (B*OH*OW); images with many are used in place, one GEMM
+    // each, which saves the gather's pass over memory. The choice depends on the shape alone.
+    let gather = pixels < WIDE_GEMM_MAX_PIXELS;
+    let dy = dy.as_standard_layout();
     partial_dw
         .outer_iter_mut()
         .into_par_iter()
         .zip(partial_db.outer_iter_mut())
-        .zip(cols.axis_chunks_iter(Axis(0), per_chunk))
+        .zip(cols.outer_iter())
+        .zip(wide.outer_iter_mut())
         .zip(dy.axis_chunks_iter(Axis(0), per_chunk))
-        .for_each(|(((mut pdw, mut pdb), cols), dy)| {
-            pdb.fill(0.0);
-            for (i, (cols, dy)) in cols.outer_iter().zip(dy.outer_iter()).enumerate() {
-                let dy = matrix_view(dy, o, pixels);
-                let beta = if i == 0 { 0.0 } else { 1.0 };
-                sgemm_unchecked(1.0, &dy, &cols.t(), beta, pdw.view_mut());
-                Zip::from(&mut pdb)
-                    .and(dy.rows())
-                    .for_each(|b, row| *b += row.sum());
-            }
-        });
+        .zip(dx_chunks.par_iter_mut())
+        .zip(dcols_chunks.par_iter_mut())
+        .for_each(
+            |((((((mut pdw, mut pdb), cols), mut wide), dy), dx), dcols)| {
+                let images = dy.len_of(Axis(0));
+                // dy[j] as [O, OH*OW]: dy is in standard layout.
+                let image_grad = |j: usize| {
+                    dy.index_axis(Axis(0), j)
+                        .into_shape_with_order((o, pixels))
+                        .unwrap_or_else(|e| unreachable!("standard layout: {e}"))
+                };
+                if gather {
+                    for j in 0..images {
+                        wide.slice_mut(s![.., j * pixels..(j + 1) * pixels])
+                            .assign(&image_grad(j));
+                    }
+                    let used = images * pixels;
+                    let wide = wide.slice(s![.., ..used]);
+                    sgemm_unchecked(
+                        1.0,
+                        &wide,
+                        &cols.slice(s![.., ..used]).t(),
+                        0.0,
+                        pdw.view_mut(),
+                    );
+                    Zip::from(&mut pdb)
+                        .and(wide.rows())
+                        .for_each(|b, row| *b = row.sum());
+                    if let (Some(dx), Some(dcols)) = (dx.as_mut(), dcols.as_mut()) {
+                        let mut dcols = dcols.slice_mut(s![.., ..used]);
+                        sgemm_unchecked(1.0, &weight.t(), &wide, 0.0, dcols.view_mut());
+                        for (j, dx) in dx.outer_iter_mut().enumerate() {
+                            col2im(dims, dcols.slice(s![.., j * pixels..(j + 1) * pixels]), dx);
+                        }
+                    }
+                } else {
+                    pdb.fill(0.0);
+                    for j in 0..images {
+                        let grad = image_grad(j);
+                        let block = cols.slice(s![.., j * pixels..(j + 1) * pixels]);
+                        let beta = if j == 0 { 0.0 } else { 1.0 };
+                        sgemm_unchecked(1.0, &grad, &block.t(), beta, pdw.view_mut());
+                        Zip::from(&mut pdb)
+                            .and(grad.rows())
+                            .for_each(|b, row| *b += row.sum());
+                        if let (Some(dx), Some(dcols)) = (dx.as_mut(), dcols.as_mut()) {
+                            let mut dcols = dcols.slice_mut(s![.., ..pixels]);
+                            sgemm_unchecked(1.0, &weight.t(), &grad, 0.0, dcols.view_mut());
+                            col2im(dims, dcols.view(), dx.index_axis_mut(Axis(0), j));
+                        }
+                    }
+                }
+            },
+        );
     let mut dw = into_matrix_checked(OP, "weight gradient", dw, o, patch)?;
     for pdw in partial_dw.outer_iter() {
         dw += &pdw;
@@ -341,22 +440,6 @@ pub fn conv2d_backward(
         for pdb in partial_db.outer_iter() {
             db += &pdb;
         }
-    }
-
-    // Per image: dcols [C*KH*KW, OH*OW] = W^T * dy[n], folded back onto dx[n] by col2im.
-    if let Some(mut dx) = dx {
-        dcols
-            .outer_iter_mut()
-            .into_par_iter()
-            .zip(dy.axis_chunks_iter(Axis(0), per_chunk))
-            .zip(dx.axis_chunks_iter_mut(Axis(0), per_chunk))
-            .for_each(|((mut dcols, dy), mut dx)| {
-                for (dy, dx) in dy.outer_iter().zip(dx.outer_iter_mut()) {
-                    let dy = matrix_view(dy, o, pixels);
-                    sgemm_unchecked(1.0, &weight.t(), &dy, 0.0, dcols.view_mut());
-                    col2im(dims, dcols.view(), dx);
-                }
-            });
     }
     Ok(())
 }
@@ -374,7 +457,7 @@ pub fn im2col(dims: &Conv2dDims, x: ArrayView3<'_, f32>, mut cols: ArrayViewMut2
                 let (ow_lo, ow_hi) =
                     valid_outputs(kw, dims.pad_left, dims.stride_w, dims.in_w, ow_count);
                 for oh in 0..oh_count {
-                    let mut out = row.slice_mut(ndarray::s![oh * ow_count..(oh + 1) * ow_count]);
+                    let mut out = row.slice_mut(s![oh * ow_count..(oh + 1) * ow_count]);
                     let Some(ih) = (oh * dims.stride_h + kh).checked_sub(dims.pad_top) else {
                         out.fill(0.0);
                         continue;
@@ -458,18 +541,6 @@ fn weight_matrix<'a>(
             op,
             operand: "weight",
         })
-}
-
-/// A standard-layout `[O, OH, OW]` view as `[O, OH*OW]`.
-fn matrix_view(a: ArrayView3<'_, f32>, rows: usize, cols: usize) -> ArrayView2<'_, f32> {
-    a.into_shape_with_order((rows, cols))
-        .unwrap_or_else(|e| unreachable!("standard layout was ensured: {e}"))
-}
-
-/// A standard-layout `[O, OH, OW]` mutable view as `[O, OH*OW]`.
-fn into_matrix(a: ArrayViewMut3<'_, f32>, rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
-    a.into_shape_with_order((rows, cols))
-        .unwrap_or_else(|e| unreachable!("standard layout was ensured: {e}"))
 }
 
 /// A 4-D gradient as `[rows, cols]`, or a layout error naming it.

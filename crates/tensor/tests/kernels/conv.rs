@@ -23,12 +23,101 @@ fn any_padding() -> impl Strategy<Value = Padding> {
     ]
 }
 
+/// Runs forward and backward on one random case and compares all four results with the
+/// reference; returns without checking when the configuration is (rightly) refused.
+#[allow(clippy::too_many_arguments)]
+fn check_against_reference(
+    input: (usize, usize, usize, usize),
+    out_channels: usize,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: Padding,
+    with_bias: bool,
+    strided_input: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let (n, c, h, w) = input;
+    let dims = Conv2dDims::new(
+        [n, c, h, w],
+        out_channels,
+        [kernel.0, kernel.1],
+        [stride.0, stride.1],
+        padding,
+    );
+    let dims = match dims {
+        Ok(dims) => dims,
+        Err(TensorError::Config { .. }) => {
+            // Only a kernel larger than the padded input may be refused.
+            let (pt, pb, pl, pr) = match padding {
+                Padding::Explicit {
+                    top,
+                    bottom,
+                    left,
+                    right,
+                } => (top, bottom, left, right),
+                _ => (0, 0, 0, 0),
+            };
+            prop_assert!(kernel.0 > h + pt + pb || kernel.1 > w + pl + pr);
+            return Ok(());
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let mut values = Values::new(seed);
+    // A non-contiguous input: every other column of a wider array.
+    let wide = values.array4([n, c, h, 2 * w]);
+    let contiguous = values.array4([n, c, h, w]);
+    let x = if strided_input {
+        wide.slice(s![.., .., .., ..;2])
+    } else {
+        contiguous.view()
+    };
+    let weight = values.array4(dims.weight_shape());
+    let bias = values.array1(out_channels);
+    let bias = with_bias.then(|| bias.view());
+
+    let mut buffers = Conv2dBuffers::default();
+    let mut y = Array4::from_elem(dims.output_shape(), f32::NAN);
+    conv2d_forward(&dims, x, weight.view(), bias, &mut buffers, y.view_mut()).unwrap();
+    let (expected, bound) = reference::conv_forward(&dims, x, weight.view(), bias);
+    assert_close("y", y.view(), expected.view(), bound.view());
+
+    // Parameter gradients accumulate onto what is there; the input gradient is overwritten.
+    let dy = values.array4(dims.output_shape());
+    let dw_before = values.array4(dims.weight_shape());
+    let db_before = values.array1(out_channels);
+    let mut dw = dw_before.clone();
+    let mut db = db_before.clone();
+    let mut dx = Array4::from_elem(dims.input_shape(), f32::NAN);
+    conv2d_backward(
+        &dims,
+        weight.view(),
+        dy.view(),
+        &mut buffers,
+        Conv2dGrads {
+            weight: dw.view_mut(),
+            bias: Some(db.view_mut()),
+            input: Some(dx.view_mut()),
+        },
+    )
+    .unwrap();
+    let ((dx_ref, dx_bound), (dw_ref, dw_bound), (db_ref, db_bound)) =
+        reference::conv_backward(&dims, x, weight.view(), dy.view());
+    assert_close("dx", dx.view(), dx_ref.view(), dx_bound.view());
+    let dw_ref = dw_ref + dw_before.mapv(f64::from);
+    assert_close("dw", dw.view(), dw_ref.view(), dw_bound.view());
+    let db_ref = db_ref + db_before.mapv(f64::from);
+    assert_close("db", db.view(), db_ref.view(), db_bound.view());
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     #[test]
     fn conv_forward_and_backward_match_the_direct_reference(
-        input in (1usize..4, 1usize..4, 1usize..10, 1usize..10),
+        // Up to 19 images: chunks of 1 to 3 images, the last one partial. Small images take the
+        // backward pass's gathered (wide GEMM) path.
+        input in (1usize..20, 1usize..4, 1usize..10, 1usize..10),
         out_channels in 1usize..5,
         kernel in (1usize..5, 1usize..5),
         stride in (1usize..4, 1usize..4),
@@ -37,55 +126,24 @@ proptest! {
         strided_input in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let (n, c, h, w) = input;
-        let dims = Conv2dDims::new([n, c, h, w], out_channels, [kernel.0, kernel.1], [stride.0, stride.1], padding);
-        let dims = match dims {
-            Ok(dims) => dims,
-            Err(TensorError::Config { .. }) => {
-                // Only a kernel larger than the padded input may be refused.
-                let (pt, pb, pl, pr) = match padding {
-                    Padding::Explicit { top, bottom, left, right } => (top, bottom, left, right),
-                    _ => (0, 0, 0, 0),
-                };
-                prop_assert!(kernel.0 > h + pt + pb || kernel.1 > w + pl + pr);
-                return Ok(());
-            }
-            Err(e) => panic!("{e}"),
-        };
-        let mut values = Values::new(seed);
-        // A non-contiguous input: every other column of a wider array.
-        let wide = values.array4([n, c, h, 2 * w]);
-        let contiguous = values.array4([n, c, h, w]);
-        let x = if strided_input { wide.slice(s![.., .., .., ..;2]) } else { contiguous.view() };
-        let weight = values.array4(dims.weight_shape());
-        let bias = values.array1(out_channels);
-        let bias = with_bias.then(|| bias.view());
+        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, strided_input, seed)?;
+    }
+}
 
-        let mut buffers = Conv2dBuffers::default();
-        let mut y = Array4::from_elem(dims.output_shape(), f32::NAN);
-        conv2d_forward(&dims, x, weight.view(), bias, &mut buffers, y.view_mut()).unwrap();
-        let (expected, bound) = reference::conv_forward(&dims, x, weight.view(), bias);
-        assert_close("y", y.view(), expected.view(), bound.view());
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
 
-        // Parameter gradients accumulate onto what is there; the input gradient is overwritten.
-        let dy = values.array4(dims.output_shape());
-        let dw_before = values.array4(dims.weight_shape());
-        let db_before = values.array1(out_channels);
-        let mut dw = dw_before.clone();
-        let mut db = db_before.clone();
-        let mut dx = Array4::from_elem(dims.input_shape(), f32::NAN);
-        conv2d_backward(&dims, weight.view(), dy.view(), &mut buffers, Conv2dGrads {
-            weight: dw.view_mut(),
-            bias: Some(db.view_mut()),
-            input: Some(dx.view_mut()),
-        }).unwrap();
-        let ((dx_ref, dx_bound), (dw_ref, dw_bound), (db_ref, db_bound)) =
-            reference::conv_backward(&dims, x, weight.view(), dy.view());
-        assert_close("dx", dx.view(), dx_ref.view(), dx_bound.view());
-        let dw_ref = dw_ref + dw_before.mapv(f64::from);
-        assert_close("dw", dw.view(), dw_ref.view(), dw_bound.view());
-        let db_ref = db_ref + db_before.mapv(f64::from);
-        assert_close("db", db.view(), db_ref.view(), db_bound.view());
+    #[test]
+    fn conv_on_large_images_matches_the_direct_reference(
+        // 256 output pixels or more per image: the backward pass's per-image path.
+        input in (1usize..12, 1usize..3, 17usize..24, 17usize..24),
+        out_channels in 1usize..4,
+        kernel in (1usize..3, 1usize..3),
+        padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],
+        with_bias in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, false, seed)?;
     }
 }
 

@@ -1,0 +1,65 @@
+//! What every layer provides: forward and backward passes, its output shape, its parameters and
+//! state, and the spec that rebuilds it.
+
+use ndarray::ArrayD;
+
+use crate::error::NnError;
+use crate::param::Param;
+use crate::spec::LayerSpec;
+
+/// Training or evaluation: decides Dropout's masking and BatchNorm's statistics, and whether a
+/// layer keeps what its backward pass needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics, dropout on, backward caches kept.
+    Train,
+    /// Running statistics, dropout off, no caches.
+    Eval,
+}
+
+/// One layer with hand-written forward and backward passes.
+///
+/// Shapes include the batch: `[N, C, H, W]` for images, `[N, F]` for features.
+pub trait Layer: Send + std::fmt::Debug {
+    /// The layer type as PyTorch names it, e.g. "Conv2d".
+    fn kind(&self) -> &'static str;
+
+    /// The output shape for an input of `input` shape, or why the input does not fit.
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>, String>;
+
+    /// Computes the output; in [`Mode::Train`] keeps what [`Layer::backward`] needs.
+    fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>, NnError>;
+
+    /// Given the gradient of the loss with respect to the output, adds the parameter gradients
+    /// to the parameters' `grad` and returns the gradient with respect to the input, when
+    /// `input_grad` asks for it (the first layer's is never needed).
+    fn backward(
+        &mut self,
+        dy: ArrayD<f32>,
+        input_grad: bool,
+    ) -> Result<Option<ArrayD<f32>>, NnError>;
+
+    /// Trainable parameters with their names within the layer ("weight", "bias"), in a fixed
+    /// order.
+    fn params(&self) -> Vec<(&'static str, &Param)> {
+        Vec::new()
+    }
+
+    /// Trainable parameters, mutable, in the same order as [`Layer::params`].
+    fn params_mut(&mut self) -> Vec<(&'static str, &mut Param)> {
+        Vec::new()
+    }
+
+    /// Non-trainable state saved with the model ("running_mean", ...), in a fixed order.
+    fn buffers(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        Vec::new()
+    }
+
+    /// Non-trainable state, mutable, in the same order as [`Layer::buffers`].
+    fn buffers_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        Vec::new()
+    }
+
+    /// The spec that builds this layer (without its weights).
+    fn spec(&self) -> LayerSpec;
+}

@@ -1,0 +1,188 @@
+//! 2-D convolution layer: weight `[O, C, KH, KW]`, bias `[O]`, on `tensor`'s im2col + GEMM.
+
+use ndarray::{Array4, ArrayD, Ix1, Ix4};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::NnError;
+use crate::init::{Init, fans, initialize};
+use crate::layer::{Layer, Mode};
+use crate::layers::expect_dim;
+use crate::param::{Param, fixed, fixed_mut};
+use crate::spec::{LayerSpec, PaddingSpec};
+use tensor::{Conv2dBuffers, Conv2dDims, Conv2dGrads, conv2d_backward, conv2d_forward};
+
+/// The hyper-parameters of a [`Conv2d`], apart from its weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Conv2dConfig {
+    /// C.
+    pub in_channels: usize,
+    /// O.
+    pub out_channels: usize,
+    /// `[KH, KW]`.
+    pub kernel: [usize; 2],
+    /// `[vertical, horizontal]`.
+    pub stride: [usize; 2],
+    /// Zero padding.
+    pub padding: PaddingSpec,
+    /// Whether there is a bias.
+    pub bias: bool,
+    /// Weight initialization; the bias always follows PyTorch: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    pub init: Init,
+}
+
+impl Conv2dConfig {
+    /// A layer with freshly initialized weights.
+    pub fn init(self, rng: &mut ChaCha8Rng) -> Result<Conv2d, String> {
+        let shape = [
+            self.out_channels,
+            self.in_channels,
+            self.kernel[0],
+            self.kernel[1],
+        ];
+        if shape.contains(&0) || self.stride.contains(&0) {
+            return Err(format!(
+                "channels, kernel and stride must be at least 1: weight {shape:?}, stride {:?}",
+                self.stride
+            ));
+        }
+        let fan = fans(&shape);
+        let weight = Param::new(initialize(self.init, &shape, fan, rng));
+        let bias = self.bias.then(|| {
+            let bias_init = if self.init == Init::Zeros {
+                Init::Zeros
+            } else {
+                Init::TorchDefault
+            };
+            Param::new(initialize(bias_init, &[self.out_channels], fan, rng))
+        });
+        Ok(Conv2d {
+            config: self,
+            weight,
+            bias,
+            buffers: Conv2dBuffers::default(),
+            forward_dims: None,
+        })
+    }
+}
+
+/// A 2-D convolution over `[N, C, H, W]`.
+#[derive(Debug)]
+pub struct Conv2d {
+    config: Conv2dConfig,
+    weight: Param,
+    bias: Option<Param>,
+    /// The unfolded input of the last training forward pass, and scratch.
+    buffers: Conv2dBuffers,
+    /// The dimensions of the last training forward pass; `None` when there is nothing to
+    /// differentiate.
+    forward_dims: Option<Conv2dDims>,
+}
+
+impl Conv2d {
+    fn dims(&self, input: &[usize]) -> Result<Conv2dDims, String> {
+        let &[n, c, h, w] = input else {
+            return Err(format!("expected [N, C, H, W] input, got {input:?}"));
+        };
+        if c != self.config.in_channels {
+            return Err(format!(
+                "expected {} input channels, got {c}",
+                self.config.in_channels
+            ));
+        }
+        Conv2dDims::new(
+            [n, c, h, w],
+            self.config.out_channels,
+            self.config.kernel,
+            self.config.stride,
+            self.config.padding.into(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn shape_error(&self, detail: String) -> NnError {
+        NnError::Shape {
+            layer: usize::MAX,
+            kind: "Conv2d",
+            detail,
+        }
+    }
+}
+
+impl Layer for Conv2d {
+    fn kind(&self) -> &'static str {
+        "Conv2d"
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>, String> {
+        Ok(self.dims(input)?.output_shape().to_vec())
+    }
+
+    fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>, NnError> {
+        let dims = self.dims(x.shape()).map_err(|e| self.shape_error(e))?;
+        let x = expect_dim::<Ix4>(x, "Conv2d", "[N, C, H, W]")?;
+        let weight = fixed::<Ix4>(&self.weight.value, "Conv2d weight")?;
+        let bias = match &self.bias {
+            Some(b) => Some(fixed::<Ix1>(&b.value, "Conv2d bias")?),
+            None => None,
+        };
+        let mut y = Array4::zeros(dims.output_shape());
+        conv2d_forward(
+            &dims,
+            x.view(),
+            weight,
+            bias,
+            &mut self.buffers,
+            y.view_mut(),
+        )?;
+        self.forward_dims = (mode == Mode::Train).then_some(dims);
+        Ok(y.into_dyn())
+    }
+
+    fn backward(
+        &mut self,
+        dy: ArrayD<f32>,
+        input_grad: bool,
+    ) -> Result<Option<ArrayD<f32>>, NnError> {
+        let dims = self.forward_dims.ok_or(NnError::NoForwardCache("Conv2d"))?;
+        let dy = expect_dim::<Ix4>(dy, "Conv2d", "[N, O, OH, OW] gradient")?;
+        let mut dx = input_grad.then(|| Array4::zeros(dims.input_shape()));
+        let grads = Conv2dGrads {
+            weight: fixed_mut::<Ix4>(&mut self.weight.grad, "Conv2d weight")?,
+            bias: match &mut self.bias {
+                Some(b) => Some(fixed_mut::<Ix1>(&mut b.grad, "Conv2d bias")?),
+                None => None,
+            },
+            input: dx.as_mut().map(|dx| dx.view_mut()),
+        };
+        let weight = fixed::<Ix4>(&self.weight.value, "Conv2d weight")?;
+        conv2d_backward(&dims, weight, dy.view(), &mut self.buffers, grads)?;
+        self.weight.has_grad = true;
+        if let Some(b) = &mut self.bias {
+            b.has_grad = true;
+        }
+        Ok(dx.map(Array4::into_dyn))
+    }
+
+    fn params(&self) -> Vec<(&'static str, &Param)> {
+        let mut params = vec![("weight", &self.weight)];
+        params.extend(self.bias.as_ref().map(|b| ("bias", b)));
+        params
+    }
+
+    fn params_mut(&mut self) -> Vec<(&'static str, &mut Param)> {
+        let mut params = vec![("weight", &mut self.weight)];
+        params.extend(self.bias.as_mut().map(|b| ("bias", b)));
+        params
+    }
+
+    fn spec(&self) -> LayerSpec {
+        LayerSpec::Conv2d {
+            filters: self.config.out_channels,
+            kernel: self.config.kernel,
+            stride: self.config.stride,
+            padding: self.config.padding,
+            bias: self.config.bias,
+            init: self.config.init,
+        }
+    }
+}

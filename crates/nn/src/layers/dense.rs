@@ -1,0 +1,163 @@
+//! Fully connected layer (PyTorch's Linear): `y [N, out] = x [N, in] * W^T + b`, with W
+//! `[out, in]` as PyTorch stores it.
+
+use ndarray::{Array2, ArrayD, Ix1, Ix2, Zip};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::NnError;
+use crate::init::{Init, fans, initialize};
+use crate::layer::{Layer, Mode};
+use crate::layers::expect_dim;
+use crate::param::{Param, fixed, fixed_mut};
+use crate::spec::LayerSpec;
+use tensor::gemm_parallel;
+
+/// A dense layer; keeps its input from a training forward pass for the weight gradient.
+#[derive(Debug)]
+pub struct Dense {
+    in_features: usize,
+    out_features: usize,
+    init: Init,
+    weight: Param,
+    bias: Option<Param>,
+    input: Option<Array2<f32>>,
+}
+
+impl Dense {
+    /// A layer `in_features -> out_features` with freshly initialized weights.
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        init: Init,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Dense, String> {
+        if in_features == 0 || out_features == 0 {
+            return Err(format!(
+                "{in_features} -> {out_features} features: both must be at least 1"
+            ));
+        }
+        let shape = [out_features, in_features];
+        let fan = fans(&shape);
+        let weight = Param::new(initialize(init, &shape, fan, rng));
+        let bias = bias.then(|| {
+            let bias_init = if init == Init::Zeros {
+                Init::Zeros
+            } else {
+                Init::TorchDefault
+            };
+            Param::new(initialize(bias_init, &[out_features], fan, rng))
+        });
+        Ok(Dense {
+            in_features,
+            out_features,
+            init,
+            weight,
+            bias,
+            input: None,
+        })
+    }
+}
+
+impl Layer for Dense {
+    fn kind(&self) -> &'static str {
+        "Linear"
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>, String> {
+        match *input {
+            [n, f] if f == self.in_features => Ok(vec![n, self.out_features]),
+            _ => Err(format!(
+                "expected [N, {}] input, got {input:?}",
+                self.in_features
+            )),
+        }
+    }
+
+    fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>, NnError> {
+        self.output_shape(x.shape())
+            .map_err(|detail| NnError::Shape {
+                layer: usize::MAX,
+                kind: "Linear",
+                detail,
+            })?;
+        let x = expect_dim::<Ix2>(x, "Linear", "[N, F]")?;
+        let w = fixed::<Ix2>(&self.weight.value, "Linear weight")?;
+        let mut y = Array2::zeros((x.nrows(), self.out_features));
+        let beta = match &self.bias {
+            Some(b) => {
+                // Start from the bias; GEMM adds x W^T onto it.
+                let b = fixed::<Ix1>(&b.value, "Linear bias")?;
+                y.rows_mut().into_iter().for_each(|mut row| row.assign(&b));
+                1.0
+            }
+            None => 0.0,
+        };
+        // y [N, out] = x [N, in] * W^T [in, out]
+        gemm_parallel(1.0, x.view(), w.t(), beta, y.view_mut())?;
+        self.input = (mode == Mode::Train).then_some(x);
+        Ok(y.into_dyn())
+    }
+
+    fn backward(
+        &mut self,
+        dy: ArrayD<f32>,
+        input_grad: bool,
+    ) -> Result<Option<ArrayD<f32>>, NnError> {
+        let x = self
+            .input
+            .as_ref()
+            .ok_or(NnError::NoForwardCache("Linear"))?;
+        let dy = expect_dim::<Ix2>(dy, "Linear", "[N, out] gradient")?;
+        // dW [out, in] += dy^T [out, N] * x [N, in]
+        gemm_parallel(
+            1.0,
+            dy.t(),
+            x.view(),
+            1.0,
+            fixed_mut::<Ix2>(&mut self.weight.grad, "Linear weight")?,
+        )?;
+        self.weight.has_grad = true;
+        if let Some(b) = &mut self.bias {
+            // db [out] += sum over the batch of dy
+            let mut db = fixed_mut::<Ix1>(&mut b.grad, "Linear bias")?;
+            for row in dy.rows() {
+                Zip::from(&mut db).and(&row).for_each(|d, &g| *d += g);
+            }
+            b.has_grad = true;
+        }
+        if !input_grad {
+            return Ok(None);
+        }
+        // dx [N, in] = dy [N, out] * W [out, in]
+        let mut dx = Array2::zeros((dy.nrows(), self.in_features));
+        gemm_parallel(
+            1.0,
+            dy.view(),
+            fixed::<Ix2>(&self.weight.value, "Linear weight")?,
+            0.0,
+            dx.view_mut(),
+        )?;
+        Ok(Some(dx.into_dyn()))
+    }
+
+    fn params(&self) -> Vec<(&'static str, &Param)> {
+        let mut params = vec![("weight", &self.weight)];
+        params.extend(self.bias.as_ref().map(|b| ("bias", b)));
+        params
+    }
+
+    fn params_mut(&mut self) -> Vec<(&'static str, &mut Param)> {
+        let mut params = vec![("weight", &mut self.weight)];
+        params.extend(self.bias.as_mut().map(|b| ("bias", b)));
+        params
+    }
+
+    fn spec(&self) -> LayerSpec {
+        LayerSpec::Dense {
+            units: self.out_features,
+            bias: self.bias.is_some(),
+            init: self.init,
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The layers, one per file, each with its forward and backward pass side by side.
+
+mod activation;
+mod batchnorm;
+mod conv2d;
+mod dense;
+mod dropout;
+mod flatten;
+mod pool2d;
+mod softmax;
+
+pub use activation::{Activation, ActivationKind};
+pub use batchnorm::BatchNorm;
+pub use conv2d::{Conv2d, Conv2dConfig};
+pub use dense::Dense;
+pub use dropout::Dropout;
+pub use flatten::Flatten;
+pub use pool2d::{Pool2d, PoolKind};
+pub use softmax::Softmax;
+
+use ndarray::{ArrayD, Dimension};
+
+use crate::error::NnError;
+
+/// `x` as a fixed-dimension array, or a shape error naming the layer.
+pub(crate) fn expect_dim<D: Dimension>(
+    x: ArrayD<f32>,
+    kind: &'static str,
+    expected: &str,
+) -> Result<ndarray::Array<f32, D>, NnError> {
+    let shape = x.shape().to_vec();
+    x.into_dimensionality::<D>().map_err(|_| NnError::Shape {
+        layer: usize::MAX,
+        kind,
+        detail: format!("expected a {expected} input, got shape {shape:?}"),
+    })
+}

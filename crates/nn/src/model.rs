@@ -1,0 +1,185 @@
+//! A sequential model: layers applied in order, one parameter-visiting API that the optimizer,
+//! the saver and the parameter count all use.
+
+use ndarray::{Array2, Array4, ArrayD, Ix2};
+
+use crate::error::NnError;
+use crate::layer::{Layer, Mode};
+use crate::param::Param;
+use crate::spec::ModelSpec;
+
+/// Layers applied in order to `[N, C, H, W]` images, ending in `[N, classes]` scores.
+#[derive(Debug)]
+pub struct Sequential {
+    spec: ModelSpec,
+    layers: Vec<Box<dyn Layer>>,
+}
+
+/// Parameter counts, as Keras' summary reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamCounts {
+    /// Scalars the optimizer updates.
+    pub trainable: usize,
+    /// Scalars of saved state the optimizer does not touch (BatchNorm's running statistics).
+    pub non_trainable: usize,
+}
+
+impl Sequential {
+    /// Builds the model `spec` describes, with weights initialized from `seed`.
+    pub fn new(spec: ModelSpec, seed: u64) -> Result<Sequential, NnError> {
+        let layers = spec.build_layers(seed)?;
+        Ok(Sequential { spec, layers })
+    }
+
+    /// The architecture.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The layers, in order.
+    pub fn layers(&self) -> &[Box<dyn Layer>] {
+        &self.layers
+    }
+
+    /// Output shape of each layer for a batch of `batch` images.
+    pub fn output_shapes(&self, batch: usize) -> Vec<Vec<usize>> {
+        let [c, h, w] = self.spec.input;
+        let mut shape = vec![batch, c, h, w];
+        self.layers
+            .iter()
+            .map(|layer| {
+                // The spec was checked when the model was built, so every shape fits.
+                shape = layer.output_shape(&shape).unwrap_or_default();
+                shape.clone()
+            })
+            .collect()
+    }
+
+    /// Scores `[N, classes]` for images `[N, C, H, W]`.
+    pub fn forward(&mut self, images: Array4<f32>, mode: Mode) -> Result<Array2<f32>, NnError> {
+        let [c, h, w] = self.spec.input;
+        if images.shape()[1..] != [c, h, w] {
+            return Err(NnError::Shape {
+                layer: 0,
+                kind: "input",
+                detail: format!(
+                    "model {} takes [N, {c}, {h}, {w}] images, got {:?}",
+                    self.spec.name,
+                    images.shape()
+                ),
+            });
+        }
+        let mut x: ArrayD<f32> = images.into_dyn();
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            x = layer.forward(x, mode).map_err(|e| at_layer(e, index))?;
+        }
+        let shape = x.shape().to_vec();
+        x.into_dimensionality::<Ix2>().map_err(|_| NnError::Shape {
+            layer: self.layers.len() - 1,
+            kind: "output",
+            detail: format!("the model must end in [N, classes], ends in {shape:?}"),
+        })
+    }
+
+    /// Backpropagates the gradient of the loss with respect to the scores, adding every
+    /// parameter's gradient to its `grad`.
+    pub fn backward(&mut self, grad: Array2<f32>) -> Result<(), NnError> {
+        let mut g: ArrayD<f32> = grad.into_dyn();
+        for (index, layer) in self.layers.iter_mut().enumerate().rev() {
+            // Nothing needs the gradient with respect to the images.
+            match layer
+                .backward(g, index > 0)
+                .map_err(|e| at_layer(e, index))?
+            {
+                Some(next) => g = next,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes every gradient: its own step before each batch.
+    pub fn zero_grad(&mut self) {
+        self.visit_params_mut(|_, p| {
+            p.zero_grad();
+            Ok(())
+        })
+        .unwrap_or_else(|e| unreachable!("zeroing cannot fail: {e}"));
+    }
+
+    /// Calls `f` with every trainable parameter's name (`<layer index>.<name>`, as in a
+    /// `torch.nn.Sequential` state dict) in a fixed order.
+    pub fn visit_params(&self, mut f: impl FnMut(&str, &Param)) {
+        for (index, layer) in self.layers.iter().enumerate() {
+            for (name, param) in layer.params() {
+                f(&format!("{index}.{name}"), param);
+            }
+        }
+    }
+
+    /// Like [`Sequential::visit_params`], mutably; stops at the first error.
+    pub fn visit_params_mut(
+        &mut self,
+        mut f: impl FnMut(&str, &mut Param) -> Result<(), NnError>,
+    ) -> Result<(), NnError> {
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            for (name, param) in layer.params_mut() {
+                f(&format!("{index}.{name}"), param)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every non-trainable state tensor's name and value, in a fixed order.
+    pub fn visit_buffers(&self, mut f: impl FnMut(&str, &ArrayD<f32>)) {
+        for (index, layer) in self.layers.iter().enumerate() {
+            for (name, buffer) in layer.buffers() {
+                f(&format!("{index}.{name}"), buffer);
+            }
+        }
+    }
+
+    /// Like [`Sequential::visit_buffers`], mutably; stops at the first error.
+    pub fn visit_buffers_mut(
+        &mut self,
+        mut f: impl FnMut(&str, &mut ArrayD<f32>) -> Result<(), NnError>,
+    ) -> Result<(), NnError> {
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            for (name, buffer) in layer.buffers_mut() {
+                f(&format!("{index}.{name}"), buffer)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Trainable and non-trainable scalars (BatchNorm's batch counter is not a parameter).
+    pub fn param_counts(&self) -> ParamCounts {
+        let mut counts = ParamCounts {
+            trainable: 0,
+            non_trainable: 0,
+        };
+        self.visit_params(|_, p| counts.trainable += p.len());
+        self.visit_buffers(|name, b| {
+            if !name.ends_with("num_batches_tracked") {
+                counts.non_trainable += b.len();
+            }
+        });
+        counts
+    }
+}
+
+/// Fills in the layer index of a shape error raised inside a layer.
+fn at_layer(error: NnError, index: usize) -> NnError {
+    match error {
+        NnError::Shape {
+            layer: usize::MAX,
+            kind,
+            detail,
+        } => NnError::Shape {
+            layer: index,
+            kind,
+            detail,
+        },
+        other => other,
+    }
+}

@@ -1,0 +1,81 @@
+//! A trainable tensor and its gradient, in one layout so the optimizer is one loop.
+
+use ndarray::{ArrayD, IxDyn};
+
+/// A trainable parameter: its value, the gradient accumulated since the last zeroing, and
+/// whether any backward pass has written that gradient.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param {
+    /// The value.
+    pub value: ArrayD<f32>,
+    /// The gradient, same shape; backward passes add to it.
+    pub grad: ArrayD<f32>,
+    /// Set by a backward pass, cleared by [`Param::zero_grad`]: a step without it is an error.
+    pub has_grad: bool,
+}
+
+impl Param {
+    /// A parameter with this value and a zero gradient.
+    pub fn new(value: ArrayD<f32>) -> Param {
+        let grad = ArrayD::zeros(value.raw_dim());
+        Param {
+            value,
+            grad,
+            has_grad: false,
+        }
+    }
+
+    /// A parameter of zeros.
+    pub fn zeros(shape: &[usize]) -> Param {
+        Param::new(ArrayD::zeros(IxDyn(shape)))
+    }
+
+    /// Zeroes the gradient: its own step, before each batch's backward pass.
+    pub fn zero_grad(&mut self) {
+        self.grad.fill(0.0);
+        self.has_grad = false;
+    }
+
+    /// Number of scalars.
+    pub fn len(&self) -> usize {
+        self.value.len()
+    }
+
+    /// Whether the parameter holds no scalars.
+    pub fn is_empty(&self) -> bool {
+        self.value.is_empty()
+    }
+}
+
+/// A parameter tensor viewed with its fixed number of dimensions. Parameters keep the shape
+/// they were built with (loading checks every shape), so a mismatch is a bug, reported as such.
+pub(crate) fn fixed<'a, D: ndarray::Dimension>(
+    a: &'a ArrayD<f32>,
+    what: &'static str,
+) -> Result<ndarray::ArrayView<'a, f32, D>, crate::NnError> {
+    let shape = a.shape().to_vec();
+    a.view()
+        .into_dimensionality::<D>()
+        .map_err(|_| bad_param_shape(what, shape))
+}
+
+/// The mutable counterpart of [`fixed`].
+pub(crate) fn fixed_mut<'a, D: ndarray::Dimension>(
+    a: &'a mut ArrayD<f32>,
+    what: &'static str,
+) -> Result<ndarray::ArrayViewMut<'a, f32, D>, crate::NnError> {
+    let shape = a.shape().to_vec();
+    a.view_mut()
+        .into_dimensionality::<D>()
+        .map_err(|_| bad_param_shape(what, shape))
+}
+
+fn bad_param_shape(what: &'static str, shape: Vec<usize>) -> crate::NnError {
+    crate::NnError::Shape {
+        layer: usize::MAX,
+        kind: what,
+        detail: format!(
+            "parameter has shape {shape:?}, not the number of dimensions the layer needs"
+        ),
+    }
+}

@@ -1,0 +1,115 @@
+//! A Keras-style model summary: layer, output shape, parameters; totals and memory.
+
+use std::fmt::Write;
+
+use crate::model::Sequential;
+
+/// The summary table, as Keras' `model.summary()` prints it.
+pub fn summary(model: &Sequential) -> String {
+    let shapes = model.output_shapes(1);
+    let mut rows = Vec::new();
+    for (index, (layer, shape)) in model.layers().iter().zip(&shapes).enumerate() {
+        let params: usize = layer.params().iter().map(|(_, p)| p.len()).sum::<usize>()
+            + layer
+                .buffers()
+                .iter()
+                .filter(|(name, _)| *name != "num_batches_tracked")
+                .map(|(_, b)| b.len())
+                .sum::<usize>();
+        let shape: Vec<String> = std::iter::once("None".to_string())
+            .chain(shape[1..].iter().map(usize::to_string))
+            .collect();
+        rows.push((
+            format!("{index} ({})", layer.kind()),
+            format!("({})", shape.join(", ")),
+            group_digits(params),
+        ));
+    }
+    let widths = [
+        rows.iter()
+            .map(|r| r.0.len())
+            .max()
+            .unwrap_or(0)
+            .max("Layer (type)".len()),
+        rows.iter()
+            .map(|r| r.1.len())
+            .max()
+            .unwrap_or(0)
+            .max("Output Shape".len()),
+        rows.iter()
+            .map(|r| r.2.len())
+            .max()
+            .unwrap_or(0)
+            .max("Param #".len()),
+    ];
+    let rule = |c: char| {
+        format!(
+            "{}\n",
+            c.to_string().repeat(widths.iter().sum::<usize>() + 6)
+        )
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "Model: \"{}\"", model.spec().name);
+    out += &rule('=');
+    let _ = writeln!(
+        out,
+        "{:<w0$}   {:<w1$}   {:>w2$}",
+        "Layer (type)",
+        "Output Shape",
+        "Param #",
+        w0 = widths[0],
+        w1 = widths[1],
+        w2 = widths[2]
+    );
+    out += &rule('=');
+    for (name, shape, params) in &rows {
+        let _ = writeln!(
+            out,
+            "{name:<w0$}   {shape:<w1$}   {params:>w2$}",
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
+    }
+    out += &rule('=');
+    let counts = model.param_counts();
+    let total = counts.trainable + counts.non_trainable;
+    for (label, n) in [
+        ("Total", total),
+        ("Trainable", counts.trainable),
+        ("Non-trainable", counts.non_trainable),
+    ] {
+        let _ = writeln!(
+            out,
+            "{label} params: {} ({})",
+            group_digits(n),
+            human_bytes(n * 4)
+        );
+    }
+    out
+}
+
+/// 225034 -> "225,034".
+pub fn group_digits(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Bytes in Keras' units (powers of 1024, two decimals): 900136 -> "879.04 KB".
+pub fn human_bytes(bytes: usize) -> String {
+    let units = ["B", "KB", "MB", "GB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", units[unit])
+}

@@ -1,0 +1,130 @@
+//! Presets, JSON specs, summaries and Dropout's two modes.
+
+#![allow(clippy::unwrap_used)]
+
+use ndarray::{ArrayD, IxDyn};
+use nn::layers::Dropout;
+use nn::{Layer, Mode, ModelSpec, PRESETS, Sequential, layer_rng, preset, summary};
+
+#[test]
+fn presets_have_the_tutorials_parameter_counts() {
+    // Counts as Keras reports them for the same architectures (see the issue's list).
+    let expected = [
+        ("two-conv", 225_034),
+        ("one-conv", 542_230),
+        ("one-conv-dropout", 693_962),
+        ("lenet5", 61_706),
+    ];
+    for (name, count) in expected {
+        let model = Sequential::new(preset(name).unwrap(), 0).unwrap();
+        let counts = model.param_counts();
+        assert_eq!(
+            (counts.trainable, counts.non_trainable),
+            (count, 0),
+            "{name}"
+        );
+    }
+    assert_eq!(PRESETS.len(), expected.len());
+    assert!(preset("three-conv").is_none());
+}
+
+#[test]
+fn specs_round_trip_through_json_and_print_themselves() {
+    for name in PRESETS {
+        let spec = preset(name).unwrap();
+        let json = spec.to_json();
+        assert_eq!(ModelSpec::from_json(&json).unwrap(), spec, "{name}");
+        // The built model reports the spec it was built from.
+        let model = Sequential::new(spec.clone(), 0).unwrap();
+        let rebuilt: Vec<_> = model.layers().iter().map(|l| l.spec()).collect();
+        assert_eq!(rebuilt, spec.layers, "{name}");
+    }
+    assert_eq!(
+        preset("lenet5").unwrap().to_string(),
+        "lenet5: input 1x28x28 -> Conv2d(6, 5x5, same) -> ReLU -> MaxPool2d(2x2) -> Conv2d(16, 5x5) \
+         -> ReLU -> MaxPool2d(2x2) -> Flatten -> Dense(120) -> ReLU -> Dense(84) -> ReLU -> Dense(10)"
+    );
+}
+
+#[test]
+fn bad_specs_say_what_is_wrong() {
+    let cases = [
+        (
+            r#"{"name": "x", "input": [1, 28, 28], "layers": [{"type": "Dense", "units": 10}]}"#,
+            "Flatten",
+        ),
+        (
+            r#"{"name": "x", "input": [1, 4, 4], "layers": [{"type": "Conv2d", "filters": 2, "kernel": [5, 5]}]}"#,
+            "larger than the padded input",
+        ),
+        (
+            r#"{"name": "x", "input": [1, 28, 28], "layers": [{"type": "Conv3d"}]}"#,
+            "unknown variant",
+        ),
+        (
+            r#"{"name": "x", "input": [1, 28, 28], "layers": [{"type": "Dropout", "rate": 1.0}]}"#,
+            "rate",
+        ),
+        (
+            r#"{"name": "x", "input": [1, 28, 28], "layers": []}"#,
+            "no layers",
+        ),
+    ];
+    for (json, needle) in cases {
+        let err = ModelSpec::from_json(json)
+            .and_then(|s| Sequential::new(s, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{json}: {err}");
+    }
+}
+
+#[test]
+fn summary_is_keras_style() {
+    let model = Sequential::new(preset("two-conv").unwrap(), 0).unwrap();
+    let text = summary(&model);
+    for needle in [
+        "Model: \"two-conv\"",
+        "0 (Conv2d)",
+        "(None, 32, 26, 26)",
+        "320",
+        "(None, 1600)",
+        "204,928",
+        "Total params: 225,034 (879.04 KB)",
+        "Trainable params: 225,034 (879.04 KB)",
+        "Non-trainable params: 0 (0.00 B)",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}
+
+#[test]
+fn batch_norm_counts_its_running_statistics_as_non_trainable() {
+    let spec = ModelSpec::from_json(
+        r#"{"name": "bn", "input": [1, 6, 6], "layers": [
+            {"type": "Conv2d", "filters": 4, "kernel": [3, 3]}, {"type": "BatchNorm2d"},
+            {"type": "Flatten"}, {"type": "Dense", "units": 2}]}"#,
+    )
+    .unwrap();
+    let counts = Sequential::new(spec, 0).unwrap().param_counts();
+    // conv 4*9+4, bn gamma+beta 8, dense 64*2+2; running mean and var 8.
+    assert_eq!((counts.trainable, counts.non_trainable), (40 + 8 + 130, 8));
+}
+
+#[test]
+fn dropout_is_the_identity_in_evaluation_and_keeps_the_scale_in_training() {
+    let mut dropout = Dropout::new(0.2, layer_rng(7, 0)).unwrap();
+    let x = ArrayD::from_elem(IxDyn(&[100, 1000]), 1.0f32);
+    assert_eq!(dropout.forward(x.clone(), Mode::Eval).unwrap(), x);
+    let y = dropout.forward(x.clone(), Mode::Train).unwrap();
+    let kept = y.iter().filter(|&&v| v != 0.0).count();
+    // Each element kept with probability 0.8 (100,000 draws: sd 126), scaled by 1 / 0.8.
+    assert!((79_000..=81_000).contains(&kept), "kept {kept}");
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 1.25).abs() < 1e-6));
+    let mean = y.sum() / y.len() as f32;
+    assert!((mean - 1.0).abs() < 0.01, "mean {mean}");
+    // Backward passes the gradient through the same mask.
+    let dy = ArrayD::from_elem(IxDyn(&[100, 1000]), 2.0f32);
+    let dx = dropout.backward(dy, true).unwrap().unwrap();
+    assert!(dx.iter().zip(&y).all(|(&g, &v)| g == 2.0 * v));
+}
