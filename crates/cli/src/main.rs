@@ -1,45 +1,31 @@
 //! `mnist`: train, evaluate and run CNNs on MNIST-style digits from the command line.
 
-use std::path::PathBuf;
+mod args;
+mod progress;
+
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Instant;
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use mnist_data::{DataError, LoadOptions, Normalization, ValidationSplit, load_dir};
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use cli::{FitData, FitOptions, RunDir, TrainConfig, evaluate, fit};
+use mnist_data::{
+    DataError, Dataset, LabeledImages, LoadOptions, Normalization, ValidationSplit, load_dir,
+};
+use nn::{
+    InputNormalization, Mode, ModelInfo, ModelSpec, Optimizer, ReduceOnPlateau, Sequential,
+    load_model, summary,
+};
 
-/// Train and run convolutional networks on MNIST-style digit images.
-#[derive(Parser)]
-#[command(name = "mnist", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Train a model on the dataset.
-    Train(TrainArgs),
-}
-
-#[derive(clap::Args)]
-struct TrainArgs {
-    /// Directory holding the dataset in MNIST's layout (train-images-idx3-ubyte[.gz], ...).
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "MNIST_DATA_DIR",
-        default_value = "data/mnist"
-    )]
-    data_dir: PathBuf,
-    /// Share of the training set held out for validation (Keras' validation_split).
-    #[arg(long, value_name = "FRACTION", default_value_t = 0.1, value_parser = fraction_below_one)]
-    val_split: f64,
-}
+use crate::args::{Cli, Command, EvaluateArgs, ModelChoice, PredictArgs, SummaryArgs, TrainArgs};
+use crate::progress::ProgressObserver;
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Train(args) => train(&args),
+        Command::Evaluate(args) => evaluate_command(&args),
+        Command::Predict(args) => predict(&args),
+        Command::Summary(args) => summary_command(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,55 +37,280 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parses a share in `[0, 1)`, such as a validation fraction.
-fn fraction_below_one(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(f) if (0.0..1.0).contains(&f) => Ok(f),
-        Ok(_) => Err("must be at least 0 and below 1 (0 for no validation set)".into()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn train(args: &TrainArgs) -> Result<()> {
-    let start = Instant::now();
-    let data = load_dir(&args.data_dir, &LoadOptions::default()).map_err(|e| match e {
+/// Loads the dataset, turning a missing one into instructions.
+fn load_dataset(dir: &Path) -> Result<Dataset> {
+    load_dir(dir, &LoadOptions::default()).map_err(|e| match e {
         DataError::MissingFile { .. } => anyhow::Error::new(e).context(format!(
             "no dataset in {}: download MNIST into data/mnist with `cargo xtask fetch-data`, or \
              point --data-dir (or MNIST_DATA_DIR) at a directory in MNIST's layout",
-            args.data_dir.display()
+            dir.display()
         )),
         other => anyhow::Error::new(other).context("cannot load the dataset"),
-    })?;
-    let (train, validation) = data
+    })
+}
+
+/// The architecture named by `--model` or read from `--arch`.
+fn resolve_spec(choice: &ModelChoice) -> Result<ModelSpec> {
+    if let Some(path) = &choice.arch {
+        let json = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return ModelSpec::from_json(&json).with_context(|| format!("{}", path.display()));
+    }
+    let name = choice.model.as_deref().unwrap_or("two-conv");
+    nn::preset(name).with_context(|| {
+        format!(
+            "unknown model {name:?}: choose one of {}, or pass --arch <spec.json>",
+            nn::PRESETS.join(", ")
+        )
+    })
+}
+
+fn train(args: &TrainArgs) -> Result<()> {
+    if args.nesterov && (args.optimizer != args::OptimizerName::Sgd || args.momentum == 0.0) {
+        bail!("--nesterov needs --optimizer sgd and a --momentum above 0");
+    }
+    let spec = resolve_spec(&args.model)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("cannot start the worker threads")?;
+    let config = TrainConfig {
+        model: spec.clone(),
+        data_dir: args.data_dir.clone(),
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        optimizer: args.rule(),
+        learning_rate: args.learning_rate(),
+        schedule: args.schedule,
+        label_smoothing: args.label_smoothing,
+        val_split: args.val_split,
+        seed: args.seed,
+        threads,
+        early_stopping: args.early_stopping,
+        reduce_lr: args.reduce_lr(),
+    };
+
+    let data = load_dataset(&args.data_dir)?;
+    let (train_set, validation) = data
         .train
         .split(ValidationSplit::Last {
             fraction: args.val_split,
         })
         .context("cannot split off the validation set")?;
-    let norm = Normalization::fit(&train);
-    println!(
-        "Loaded {} in {:.2} s",
-        args.data_dir.display(),
-        start.elapsed().as_secs_f64()
+    let normalization = Normalization::fit(&train_set);
+    let mut model = Sequential::new(spec.clone(), args.seed).context("cannot build the model")?;
+    let mut optimizer = Optimizer::new(config.optimizer, config.learning_rate)?;
+
+    let mut run = RunDir::create(args.run_dir.clone(), &spec.name)?;
+    run.write_config(&config)?;
+    let header = format!(
+        "{} | {} train, {} validation, {} test images | {}, lr {}, batch {}, {} epoch(s), seed {}, {threads} thread(s)",
+        spec,
+        train_set.len(),
+        validation.len(),
+        data.test.len(),
+        config.optimizer,
+        config.learning_rate,
+        config.batch_size,
+        config.epochs,
+        config.seed
     );
-    for (name, set) in [
-        ("train", &train),
-        ("validation", &validation),
-        ("test", &data.test),
-    ] {
+    run.log(&header)?;
+    if !args.quiet && !args.json {
+        eprintln!("{header}");
+        eprintln!("run directory: {}", run.path().display());
+    }
+    let info = |training: serde_json::Value| ModelInfo {
+        normalization: Some(InputNormalization {
+            mean: normalization.mean,
+            std: normalization.std,
+        }),
+        training,
+    };
+    let options = FitOptions {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        seed: args.seed,
+        label_smoothing: args.label_smoothing,
+        learning_rate: config.learning_rate,
+        schedule: args.schedule,
+        early_stopping: args.early_stopping,
+        reduce_lr: config
+            .reduce_lr
+            .map(|r| ReduceOnPlateau::new(r.factor, r.patience, r.min_lr)),
+    };
+    let fit_data = FitData {
+        train: &train_set,
+        validation: (!validation.is_empty()).then_some(&validation),
+        normalization,
+    };
+    let mut observer = ProgressObserver::new(
+        &mut run,
+        args.quiet,
+        args.json,
+        info(serde_json::Value::Null),
+    );
+    let outcome = fit(
+        &mut model,
+        &mut optimizer,
+        &fit_data,
+        &options,
+        &mut observer,
+    );
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let kept = run.path().join("last.safetensors");
+            let note = if kept.exists() {
+                format!("the last good model is {}", kept.display())
+            } else {
+                "no epoch finished, so no model was saved".to_string()
+            };
+            let _ = run.log(&format!("stopped: {e}; {note}"));
+            return Err(anyhow::Error::new(e).context(note));
+        }
+    };
+
+    let test = cli::evaluate(&mut model, &data.test, &normalization)?;
+    let final_facts = serde_json::json!({
+        "epochs_run": outcome.history.len(),
+        "best_epoch": outcome.best_epoch,
+        "stopped_early": outcome.stopped_early,
+        "test_loss": test.loss,
+        "test_accuracy": test.accuracy,
+        "history": outcome.history,
+        "config": config,
+    });
+    // With early stopping the model now holds the best epoch's weights; save what is evaluated.
+    let final_path = run.save_model("final", &model, &info(final_facts.clone()))?;
+    let line = format!(
+        "test loss {:.4}, test accuracy {:.4} ({} of {}); model: {}",
+        test.loss,
+        test.accuracy,
+        (test.accuracy * data.test.len() as f32).round(),
+        data.test.len(),
+        final_path.display()
+    );
+    run.log(&line)?;
+    if args.json {
         println!(
-            "  {name:<10} {:>6} images [N, C, H, W] = [{}, 1, {}, {}], labels {:?}",
-            set.len(),
-            set.len(),
-            set.rows(),
-            set.cols(),
-            set.label_histogram(10)
+            "{}",
+            serde_json::json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "model": final_path})
         );
+    } else if !args.quiet {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// A model file and the normalization it was trained with.
+fn open_model(path: &Path) -> Result<(Sequential, Normalization)> {
+    let (model, info) = load_model(path).context("cannot load the model")?;
+    let normalization = info
+        .normalization
+        .map_or(Normalization::UNIT_SCALE, |n| Normalization {
+            mean: n.mean,
+            std: n.std,
+        });
+    Ok((model, normalization))
+}
+
+fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
+    let (mut model, normalization) = open_model(&args.model_file)?;
+    let data = load_dataset(&args.data_dir)?;
+    let result = evaluate(&mut model, &data.test, &normalization)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&result).context("cannot format the result")?
+        );
+        return Ok(());
     }
     println!(
-        "  normalization (fit on the training split): mean {:.4}, std {:.4}",
-        norm.mean, norm.std
+        "{} on {} test images: loss {:.4}, accuracy {:.4}\n",
+        args.model_file.display(),
+        data.test.len(),
+        result.loss,
+        result.accuracy
     );
-    println!("Model training is not available yet: this build loads and checks the data only.");
+    print!("{}", result.report());
+    Ok(())
+}
+
+fn predict(args: &PredictArgs) -> Result<()> {
+    let (mut model, normalization) = open_model(&args.model_file)?;
+    let data = load_dataset(&args.data_dir)?;
+    let index = match (args.test_index, args.random) {
+        (Some(i), _) if i < data.test.len() => i,
+        (Some(i), _) => bail!(
+            "--test-index {i} is out of range: the test set has {} images (0..{})",
+            data.test.len(),
+            data.test.len()
+        ),
+        // Any image will do; the clock's nanoseconds pick one.
+        (None, true) => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos() as usize)
+                % data.test.len()
+        }
+        (None, false) => bail!("say which image: --test-index N or --random"),
+    };
+    let one = data.test.select(&[index])?;
+    let probabilities = probabilities(&mut model, &one, &normalization)?;
+    let label = one.labels()[0];
+    print_prediction(&one, &probabilities, Some(label), index, args.json);
+    Ok(())
+}
+
+/// Softmax probabilities of each class for the (single) image in `one`.
+fn probabilities(
+    model: &mut Sequential,
+    one: &LabeledImages,
+    normalization: &Normalization,
+) -> Result<Vec<f32>> {
+    let logits = model.forward(one.to_nchw(normalization), Mode::Eval)?;
+    let mut p = ndarray::Array2::zeros(logits.raw_dim());
+    tensor::softmax(logits.view(), ndarray::Axis(1), p.view_mut())?;
+    Ok(p.row(0).to_vec())
+}
+
+fn print_prediction(
+    one: &LabeledImages,
+    probabilities: &[f32],
+    label: Option<u8>,
+    index: usize,
+    json: bool,
+) {
+    let mut ranked: Vec<(usize, f32)> = probabilities.iter().copied().enumerate().collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"test_index": index, "label": label, "predicted": ranked[0].0, "probabilities": probabilities})
+        );
+        return;
+    }
+    print!("{}", progress::shade(one.image(0)));
+    let truth = label.map(|l| format!(" (label {l})")).unwrap_or_default();
+    println!("test image {index}{truth}: predicted {}", ranked[0].0);
+    for &(class, p) in ranked.iter().take(3) {
+        println!(
+            "  {class}  {:<30} {:6.2}%",
+            "█".repeat((p * 30.0).round() as usize),
+            p * 100.0
+        );
+    }
+}
+
+fn summary_command(args: &SummaryArgs) -> Result<()> {
+    let model = match &args.model_file {
+        Some(path) => load_model(path).context("cannot load the model")?.0,
+        None => Sequential::new(resolve_spec(&args.model)?, 0)?,
+    };
+    print!("{}", summary(&model));
     Ok(())
 }

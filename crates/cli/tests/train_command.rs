@@ -1,8 +1,14 @@
-//! The `mnist` binary as a user runs it: messages and exit codes.
+//! The `mnist` binary as a user runs it, on a small synthetic dataset in MNIST's layout:
+//! training writes its run directory, evaluate agrees with training, predict answers, and every
+//! impossible argument fails with one line and a non-zero exit.
 
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
 use std::process::{Command, Output};
 
-use mnist_data::testing::real_data_or_skip;
+use mnist_data::{Encoding, IdxArray, write_idx_file};
+use ndarray::{ArrayD, IxDyn};
 
 fn mnist(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mnist"))
@@ -13,68 +19,224 @@ fn mnist(args: &[&str]) -> Output {
         .expect("run the mnist binary")
 }
 
-#[test]
-fn a_missing_dataset_says_how_to_fetch_it() {
-    let empty = tempfile::tempdir().unwrap();
-    let out = mnist(&["train", "--data-dir", empty.path().to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("cargo xtask fetch-data"), "{stderr}");
-    assert!(
-        stderr.contains(&empty.path().display().to_string()),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains("backtrace") && !stderr.contains("panicked"),
-        "{stderr}"
-    );
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
-#[test]
-fn an_impossible_validation_fraction_is_refused_before_loading() {
-    let out = mnist(&["train", "--val-split", "1", "--data-dir", "/nonexistent"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("--val-split") && stderr.contains("below 1"),
-        "{stderr}"
-    );
-}
-
-#[test]
-fn a_corrupt_dataset_file_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    for name in [
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-    ] {
-        std::fs::write(dir.path().join(name), [0, 0, 8, 1, 0, 0, 0, 9, 1, 2]).unwrap();
+/// `n` images per split where class k is a bright vertical bar at columns 2k+4..2k+6, with a
+/// little pseudo-random noise: learnable in one epoch.
+fn synthetic_dataset(dir: &Path, train: usize, test: usize) {
+    for (prefix, n, salt) in [("train", train, 1usize), ("t10k", test, 7)] {
+        let labels: Vec<u8> = (0..n).map(|i| ((i * 7 + salt) % 10) as u8).collect();
+        let pixels: Vec<u8> = (0..n * 784)
+            .map(|j| {
+                let (i, p) = (j / 784, j % 784);
+                let (row, col) = (p / 28, p % 28);
+                let k = usize::from(labels[i]);
+                let bar = (2 * k + 4..2 * k + 6).contains(&col) && (4..24).contains(&row);
+                let noise = ((j * 2654435761) >> 7) % 40;
+                if bar { 200 + noise as u8 } else { noise as u8 }
+            })
+            .collect();
+        let images = IdxArray::U8(ArrayD::from_shape_vec(IxDyn(&[n, 28, 28]), pixels).unwrap());
+        let labels = IdxArray::U8(ArrayD::from_shape_vec(IxDyn(&[n]), labels).unwrap());
+        write_idx_file(
+            &dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
+            &images,
+            Encoding::Gzip,
+        )
+        .unwrap();
+        write_idx_file(
+            &dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+            &labels,
+            Encoding::Gzip,
+        )
+        .unwrap();
     }
-    let out = mnist(&["train", "--data-dir", dir.path().to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+}
+
+#[test]
+fn train_writes_the_run_directory_and_evaluate_and_predict_agree() {
+    let data = tempfile::tempdir().unwrap();
+    synthetic_dataset(data.path(), 600, 200);
+    let run = data.path().join("run");
+    let (data_dir, run_dir) = (data.path().to_str().unwrap(), run.to_str().unwrap());
+    let out = mnist(&[
+        "train",
+        "--model",
+        "lenet5",
+        "--epochs",
+        "2",
+        "--data-dir",
+        data_dir,
+        "--run-dir",
+        run_dir,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "two epochs and the test result: {stdout}");
+    assert_eq!(lines[1]["epoch"], 2);
+    let test_accuracy = lines[2]["test_accuracy"].as_f64().unwrap();
     assert!(
-        stderr.contains("-ubyte") && stderr.contains("expected 9 bytes"),
-        "{stderr}"
+        test_accuracy > 0.9,
+        "a bar per class is easy: {test_accuracy}"
+    );
+
+    for file in [
+        "best.safetensors",
+        "last.safetensors",
+        "final.safetensors",
+        "history.csv",
+        "config.json",
+        "train.log",
+    ] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    let history = std::fs::read_to_string(run.join("history.csv")).unwrap();
+    assert_eq!(history.lines().count(), 3, "{history}");
+    assert!(history.starts_with("epoch,train_loss,train_accuracy,val_loss,val_accuracy,learning_rate,seconds,images_per_second"));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model"]["name"], "lenet5");
+    assert_eq!(config["batch_size"], 64);
+
+    // evaluate on the saved model reports the accuracy training reported.
+    let final_model = run.join("final.safetensors");
+    let model_file = final_model.to_str().unwrap();
+    let out = mnist(&[
+        "evaluate",
+        "--model-file",
+        model_file,
+        "--data-dir",
+        data_dir,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let evaluation: serde_json::Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    assert_eq!(evaluation["accuracy"].as_f64().unwrap(), test_accuracy);
+    assert_eq!(evaluation["confusion"].as_array().unwrap().len(), 10);
+    let out = mnist(&[
+        "evaluate",
+        "--model-file",
+        model_file,
+        "--data-dir",
+        data_dir,
+    ]);
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("confusion matrix") && report.contains("precision"),
+        "{report}"
+    );
+
+    // predict draws the image and answers with a class.
+    let out = mnist(&[
+        "predict",
+        "--model-file",
+        model_file,
+        "--data-dir",
+        data_dir,
+        "--test-index",
+        "3",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("test image 3 (label")
+            && stdout.contains("predicted")
+            && stdout.contains("██"),
+        "{stdout}"
+    );
+
+    // summary reads the model file too.
+    let out = mnist(&["summary", "--model-file", model_file]);
+    assert!(
+        text(&out.stdout).contains("Total params: 61,706"),
+        "{}",
+        text(&out.stdout)
     );
 }
 
 #[test]
-fn real_mnist_train_loads_and_reports_the_shapes() {
-    let Some(dir) = real_data_or_skip("real_mnist_train_loads_and_reports_the_shapes") else {
-        return;
-    };
-    let out = mnist(&["train", "--data-dir", dir.to_str().unwrap()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+fn a_diverging_run_stops_naming_epoch_and_batch() {
+    let data = tempfile::tempdir().unwrap();
+    synthetic_dataset(data.path(), 300, 50);
+    let run = data.path().join("run");
+    let out = mnist(&[
+        "train",
+        "--model",
+        "lenet5",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e30",
+        "--epochs",
+        "1",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("epoch 1, batch") && stderr.contains("lower learning rate"),
+        "{stderr}"
     );
-    assert!(stdout.contains("[54000, 1, 28, 28]"), "{stdout}");
-    assert!(stdout.contains("[6000, 1, 28, 28]"), "{stdout}");
-    assert!(stdout.contains("[10000, 1, 28, 28]"), "{stdout}");
+    assert!(
+        std::fs::read_to_string(run.join("train.log"))
+            .unwrap()
+            .contains("stopped")
+    );
+}
+
+#[test]
+fn impossible_arguments_fail_with_one_line() {
+    let empty = tempfile::tempdir().unwrap();
+    let dir = empty.path().to_str().unwrap();
+    let not_a_model = empty.path().join("notes.txt");
+    std::fs::write(&not_a_model, "hello").unwrap();
+    let cases: [(&[&str], &str); 9] = [
+        (&["train", "--batch-size", "0"], "must be at least 1"),
+        (&["train", "--val-split", "1"], "below 1"),
+        (&["train", "--lr", "0"], "positive"),
+        (&["train", "--lr", "-1"], "positive"),
+        (
+            &["train", "--model", "resnet", "--data-dir", dir],
+            "unknown model \"resnet\": choose one of two-conv",
+        ),
+        (&["train", "--data-dir", dir], "cargo xtask fetch-data"),
+        (
+            &["train", "--nesterov", "--data-dir", dir],
+            "--nesterov needs --optimizer sgd",
+        ),
+        (
+            &[
+                "evaluate",
+                "--model-file",
+                not_a_model.to_str().unwrap(),
+                "--data-dir",
+                dir,
+            ],
+            "not a safetensors model file",
+        ),
+        (&["train", "--schedule", "sometimes"], "expected constant"),
+    ];
+    for (args, needle) in cases {
+        let out = mnist(args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "{args:?}: {stderr}"
+        );
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error"), "{args:?}: {stderr}");
+    }
 }

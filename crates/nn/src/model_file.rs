@@ -241,8 +241,9 @@ fn decode(name: &str, view: &TensorView<'_>) -> Result<ArrayD<f32>, String> {
     ArrayD::from_shape_vec(IxDyn(view.shape()), values).map_err(|e| format!("tensor {name}: {e}"))
 }
 
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`: a crash
+/// leaves the old file or none, never a partly written one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

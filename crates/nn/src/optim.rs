@@ -121,6 +121,70 @@ impl Rule {
     }
 }
 
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Rule::Sgd {
+                momentum,
+                dampening,
+                nesterov,
+                weight_decay,
+            } => {
+                write!(f, "SGD")?;
+                if momentum > 0.0 {
+                    write!(
+                        f,
+                        " momentum {momentum}{}",
+                        if nesterov { " nesterov" } else { "" }
+                    )?;
+                }
+                if dampening > 0.0 {
+                    write!(f, " dampening {dampening}")?;
+                }
+                if weight_decay > 0.0 {
+                    write!(f, " weight decay {weight_decay}")?;
+                }
+                Ok(())
+            }
+            Rule::Adam {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled,
+            } => {
+                write!(
+                    f,
+                    "{} betas ({beta1}, {beta2}) eps {eps:e}",
+                    if decoupled { "AdamW" } else { "Adam" }
+                )?;
+                if weight_decay > 0.0 {
+                    write!(f, " weight decay {weight_decay}")?;
+                }
+                Ok(())
+            }
+            Rule::RmsProp {
+                alpha,
+                eps,
+                weight_decay,
+            } => {
+                write!(f, "RMSprop alpha {alpha} eps {eps:e}")?;
+                if weight_decay > 0.0 {
+                    write!(f, " weight decay {weight_decay}")?;
+                }
+                Ok(())
+            }
+            Rule::Adagrad { eps, weight_decay } => {
+                write!(f, "Adagrad eps {eps:e}")?;
+                if weight_decay > 0.0 {
+                    write!(f, " weight decay {weight_decay}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// An optimizer: a rule, a learning rate, the step count and per-parameter state.
 #[derive(Clone, Debug)]
 pub struct Optimizer {

@@ -1,0 +1,314 @@
+//! Command-line arguments. Impossible values are refused by the parser, with one line that
+//! says what is wrong, before any work starts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use cli::ReduceLrConfig;
+use nn::{Rule, Schedule};
+
+/// Train and run convolutional networks on MNIST-style digit images.
+#[derive(Parser)]
+#[command(name = "mnist", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train a model; writes a run directory with the model files, history and log.
+    Train(TrainArgs),
+    /// Evaluate a model file on the test set: accuracy, per-class metrics, confusion matrix.
+    Evaluate(EvaluateArgs),
+    /// Predict the digit of a test image and draw it in the terminal.
+    Predict(PredictArgs),
+    /// Print a model's layers, output shapes and parameter counts (Keras-style).
+    Summary(SummaryArgs),
+}
+
+/// Which architecture: a preset or a spec file.
+#[derive(Args, Clone)]
+pub struct ModelChoice {
+    /// A preset: two-conv, one-conv, one-conv-dropout, lenet5 [default: two-conv].
+    #[arg(long, value_name = "PRESET", conflicts_with = "arch")]
+    pub model: Option<String>,
+    /// An architecture spec in JSON (see docs/model-format.md).
+    #[arg(long, value_name = "SPEC.json")]
+    pub arch: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerName {
+    Sgd,
+    Adam,
+    Adamw,
+    Rmsprop,
+    Adagrad,
+}
+
+#[derive(Args)]
+// Let "--lr -1" reach the value check ("must be a positive number") instead of reading "-1" as
+// an unknown flag.
+#[command(allow_negative_numbers = true)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelChoice,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    pub epochs: usize,
+    /// Examples per mini-batch.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// Update rule.
+    #[arg(long, value_enum, default_value = "adam")]
+    pub optimizer: OptimizerName,
+    /// Learning rate [default: 0.01 for sgd, 0.001 otherwise, as Keras].
+    #[arg(long, value_name = "LR", value_parser = positive)]
+    pub lr: Option<f32>,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    pub momentum: f32,
+    /// Nesterov momentum (SGD; needs --momentum above 0).
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Weight decay: L2 penalty (decoupled for adamw) [default: 0, 0.01 for adamw].
+    #[arg(long, value_parser = non_negative)]
+    pub weight_decay: Option<f32>,
+    /// Learning-rate schedule: constant, step:EVERY:GAMMA, exponential:GAMMA, cosine[:MIN_LR],
+    /// one-cycle.
+    #[arg(long, default_value = "constant", value_parser = parse_schedule)]
+    pub schedule: Schedule,
+    /// Label smoothing of the cross-entropy targets.
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    pub label_smoothing: f32,
+    /// Share of the training set held out for validation (the last examples, as Keras'
+    /// validation_split); 0 for none.
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.1, value_parser = fraction_f64)]
+    pub val_split: f64,
+    /// Seed of initialization, dropout and batch order.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Worker threads [default: all cores]; results are identical for any count.
+    #[arg(long, value_parser = at_least_one)]
+    pub threads: Option<usize>,
+    /// Directory holding the dataset in MNIST's layout.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MNIST_DATA_DIR",
+        default_value = "data/mnist"
+    )]
+    pub data_dir: PathBuf,
+    /// Stop after this many epochs without a lower validation loss, restoring the best weights.
+    #[arg(long, value_name = "PATIENCE")]
+    pub early_stopping: Option<usize>,
+    /// Multiply the learning rate by --reduce-lr-factor after this many epochs without a lower
+    /// validation loss.
+    #[arg(long, value_name = "PATIENCE")]
+    pub reduce_lr_on_plateau: Option<usize>,
+    /// Factor of each reduction.
+    #[arg(long, default_value_t = 0.1, value_parser = fraction, requires = "reduce_lr_on_plateau")]
+    pub reduce_lr_factor: f32,
+    /// Floor of the reduced learning rate.
+    #[arg(long, default_value_t = 1e-6, value_parser = non_negative, requires = "reduce_lr_on_plateau")]
+    pub min_lr: f32,
+    /// Run directory [default: runs/<UTC time>-<model>].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// No progress output; errors still go to stderr.
+    #[arg(long, conflicts_with = "json")]
+    pub quiet: bool,
+    /// One JSON object per epoch on stdout, then one with the test result.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl TrainArgs {
+    /// The update rule with its hyper-parameters.
+    pub fn rule(&self) -> Rule {
+        match self.optimizer {
+            OptimizerName::Sgd => Rule::Sgd {
+                momentum: self.momentum,
+                dampening: 0.0,
+                nesterov: self.nesterov,
+                weight_decay: self.weight_decay.unwrap_or(0.0),
+            },
+            OptimizerName::Adam => match Rule::adam() {
+                Rule::Adam {
+                    beta1, beta2, eps, ..
+                } => Rule::Adam {
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay: self.weight_decay.unwrap_or(0.0),
+                    decoupled: false,
+                },
+                other => other,
+            },
+            OptimizerName::Adamw => match Rule::adamw() {
+                Rule::Adam {
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    ..
+                } => Rule::Adam {
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay: self.weight_decay.unwrap_or(weight_decay),
+                    decoupled: true,
+                },
+                other => other,
+            },
+            OptimizerName::Rmsprop => Rule::RmsProp {
+                alpha: 0.99,
+                eps: 1e-8,
+                weight_decay: self.weight_decay.unwrap_or(0.0),
+            },
+            OptimizerName::Adagrad => Rule::Adagrad {
+                eps: 1e-10,
+                weight_decay: self.weight_decay.unwrap_or(0.0),
+            },
+        }
+    }
+
+    /// The learning rate given, or Keras' default for the optimizer.
+    pub fn learning_rate(&self) -> f32 {
+        self.lr.unwrap_or(if self.optimizer == OptimizerName::Sgd {
+            0.01
+        } else {
+            0.001
+        })
+    }
+
+    /// Reduce-on-plateau settings, when enabled.
+    pub fn reduce_lr(&self) -> Option<ReduceLrConfig> {
+        self.reduce_lr_on_plateau.map(|patience| ReduceLrConfig {
+            patience,
+            factor: self.reduce_lr_factor,
+            min_lr: self.min_lr,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct EvaluateArgs {
+    /// A model file written by `train`.
+    #[arg(long, value_name = "FILE")]
+    pub model_file: PathBuf,
+    /// Directory holding the dataset in MNIST's layout.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MNIST_DATA_DIR",
+        default_value = "data/mnist"
+    )]
+    pub data_dir: PathBuf,
+    /// Print the figures as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// A model file written by `train`.
+    #[arg(long, value_name = "FILE")]
+    pub model_file: PathBuf,
+    /// Predict test image N (0-based).
+    #[arg(long, value_name = "N", conflicts_with = "random")]
+    pub test_index: Option<usize>,
+    /// Predict a randomly chosen test image.
+    #[arg(long)]
+    pub random: bool,
+    /// Directory holding the dataset in MNIST's layout.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MNIST_DATA_DIR",
+        default_value = "data/mnist"
+    )]
+    pub data_dir: PathBuf,
+    /// Print the prediction as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct SummaryArgs {
+    #[command(flatten)]
+    pub model: ModelChoice,
+    /// Summarize the model in this file instead.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["model", "arch"])]
+    pub model_file: Option<PathBuf>,
+}
+
+fn number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    text.parse::<T>()
+        .map_err(|_| format!("{text:?} is not a number"))
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match number::<usize>(text)? {
+        0 => Err("must be at least 1".into()),
+        v => Ok(v),
+    }
+}
+
+fn positive(text: &str) -> Result<f32, String> {
+    match number::<f32>(text)? {
+        v if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err("must be a positive number".into()),
+    }
+}
+
+fn non_negative(text: &str) -> Result<f32, String> {
+    match number::<f32>(text)? {
+        v if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err("must be zero or positive".into()),
+    }
+}
+
+fn fraction(text: &str) -> Result<f32, String> {
+    match number::<f32>(text)? {
+        v if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err("must be at least 0 and below 1".into()),
+    }
+}
+
+fn fraction_f64(text: &str) -> Result<f64, String> {
+    match number::<f64>(text)? {
+        v if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err("must be at least 0 and below 1 (0 for no validation set)".into()),
+    }
+}
+
+fn parse_schedule(text: &str) -> Result<Schedule, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let bad = || {
+        format!(
+            "{text:?}: expected constant, step:EVERY:GAMMA, exponential:GAMMA, cosine[:MIN_LR] or one-cycle"
+        )
+    };
+    match parts.as_slice() {
+        ["constant"] => Ok(Schedule::Constant),
+        ["step", every, gamma] => Ok(Schedule::Step {
+            every: number(every).map_err(|_| bad())?,
+            gamma: positive(gamma)?,
+        }),
+        ["exponential", gamma] => Ok(Schedule::Exponential {
+            gamma: positive(gamma)?,
+        }),
+        ["cosine"] => Ok(Schedule::Cosine { min_lr: 0.0 }),
+        ["cosine", min] => Ok(Schedule::Cosine {
+            min_lr: non_negative(min)?,
+        }),
+        ["one-cycle"] => Ok(Schedule::OneCycle {
+            pct_start: 0.3,
+            div_factor: 25.0,
+            final_div_factor: 1e4,
+        }),
+        _ => Err(bad()),
+    }
+}

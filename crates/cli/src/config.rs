@@ -1,0 +1,48 @@
+//! The full configuration of a training run, saved as `config.json`: enough to run it again.
+
+use std::path::PathBuf;
+
+use nn::{ModelSpec, Rule, Schedule};
+use serde::{Deserialize, Serialize};
+
+/// Keras' ReduceLROnPlateau settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReduceLrConfig {
+    /// Epochs without improvement of the monitored loss before reducing.
+    pub patience: usize,
+    /// Factor per reduction.
+    pub factor: f32,
+    /// Floor of the learning rate.
+    pub min_lr: f32,
+}
+
+/// Everything that determines a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The architecture (a preset's or a file's spec, resolved).
+    pub model: ModelSpec,
+    /// Where the dataset was read.
+    pub data_dir: PathBuf,
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Examples per mini-batch.
+    pub batch_size: usize,
+    /// Update rule.
+    pub optimizer: Rule,
+    /// Base learning rate.
+    pub learning_rate: f32,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Label smoothing of the cross-entropy targets.
+    pub label_smoothing: f32,
+    /// Share of the training set held out for validation (the last examples, as Keras).
+    pub val_split: f64,
+    /// Seed of initialization, dropout and batch order.
+    pub seed: u64,
+    /// Worker threads (results are identical for any count).
+    pub threads: usize,
+    /// Early-stopping patience in epochs, if enabled.
+    pub early_stopping: Option<usize>,
+    /// Reduce-on-plateau settings, if enabled.
+    pub reduce_lr: Option<ReduceLrConfig>,
+}

@@ -1,0 +1,38 @@
+//! The trainer's errors.
+
+use std::path::PathBuf;
+
+/// What can stop a training run or an evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The dataset could not be loaded or batched.
+    #[error(transparent)]
+    Data(#[from] mnist_data::DataError),
+    /// The model, loss or optimizer refused.
+    #[error(transparent)]
+    Nn(#[from] nn::NnError),
+    /// A file of the run directory could not be written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The loss stopped being a finite number.
+    #[error(
+        "the loss became {value} at epoch {epoch}, batch {batch} (learning rate {learning_rate}): \
+         training diverged; try a lower learning rate (--lr)"
+    )]
+    NonFinite {
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based batch within the epoch.
+        batch: usize,
+        /// The loss value (NaN or infinite).
+        value: f32,
+        /// The rate in use.
+        learning_rate: f32,
+    },
+}

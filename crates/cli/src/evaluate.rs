@@ -1,0 +1,146 @@
+//! Evaluation on a labelled set: loss, accuracy, the confusion matrix and per-class precision,
+//! recall and F1.
+
+use std::fmt::Write;
+
+use mnist_data::{BatchOrder, Batches, LabeledImages, Normalization};
+use nn::{Mode, Sequential, Targets, predictions, softmax_cross_entropy};
+use serde::Serialize;
+
+use crate::error::TrainError;
+
+/// Precision, recall and F1 of one class.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ClassMetrics {
+    /// Of the examples predicted as this class, the share that are.
+    pub precision: f32,
+    /// Of the examples of this class, the share predicted as it.
+    pub recall: f32,
+    /// Harmonic mean of precision and recall.
+    pub f1: f32,
+    /// Examples of this class.
+    pub support: usize,
+}
+
+/// The results of evaluating a model on a labelled set.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Evaluation {
+    /// Mean cross-entropy.
+    pub loss: f32,
+    /// Share of examples predicted correctly.
+    pub accuracy: f32,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<usize>>,
+    /// Per class.
+    pub classes: Vec<ClassMetrics>,
+    /// Misclassified examples as (index, true, predicted, confidence), most confident first.
+    #[serde(skip)]
+    pub mistakes: Vec<(usize, usize, usize, f32)>,
+}
+
+/// Evaluates `model` on every example of `data`.
+pub fn evaluate(
+    model: &mut Sequential,
+    data: &LabeledImages,
+    normalization: &Normalization,
+) -> Result<Evaluation, TrainError> {
+    let mut confusion: Vec<Vec<usize>> = Vec::new();
+    let mut mistakes = Vec::new();
+    let (mut loss_sum, mut index) = (0.0f64, 0usize);
+    for batch in Batches::new(data, 1000, BatchOrder::Sequential, normalization)? {
+        let n = batch.len();
+        let logits = model.forward(batch.images, Mode::Eval)?;
+        let k = logits.ncols();
+        if confusion.is_empty() {
+            confusion = vec![vec![0; k]; k];
+        }
+        let out = softmax_cross_entropy(logits.view(), Targets::Classes(batch.labels.view()), 0.0)?;
+        loss_sum += f64::from(out.loss) * n as f64;
+        // softmax - target = grad * N: the predicted probability is grad * N + target.
+        for (row, (predicted, &label)) in predictions(logits.view())
+            .into_iter()
+            .zip(batch.labels.iter())
+            .enumerate()
+        {
+            let label = usize::from(label);
+            if let Some(cell) = confusion.get_mut(label).and_then(|r| r.get_mut(predicted)) {
+                *cell += 1;
+            }
+            if predicted != label {
+                let confidence = out.grad[(row, predicted)] * n as f32;
+                mistakes.push((index + row, label, predicted, confidence));
+            }
+        }
+        index += n;
+    }
+    mistakes.sort_by(|a, b| b.3.total_cmp(&a.3));
+    let total: usize = confusion.iter().flatten().sum();
+    let right: usize = (0..confusion.len()).map(|c| confusion[c][c]).sum();
+    let classes = (0..confusion.len())
+        .map(|c| {
+            let support: usize = confusion[c].iter().sum();
+            let predicted: usize = confusion.iter().map(|row| row[c]).sum();
+            let hit = confusion[c][c] as f32;
+            let precision = if predicted > 0 {
+                hit / predicted as f32
+            } else {
+                0.0
+            };
+            let recall = if support > 0 {
+                hit / support as f32
+            } else {
+                0.0
+            };
+            let f1 = if precision + recall > 0.0 {
+                2.0 * precision * recall / (precision + recall)
+            } else {
+                0.0
+            };
+            ClassMetrics {
+                precision,
+                recall,
+                f1,
+                support,
+            }
+        })
+        .collect();
+    Ok(Evaluation {
+        loss: (loss_sum / total.max(1) as f64) as f32,
+        accuracy: right as f32 / total.max(1) as f32,
+        confusion,
+        classes,
+        mistakes,
+    })
+}
+
+impl Evaluation {
+    /// The per-class table and the confusion matrix, as text.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "class  precision  recall     f1  support");
+        for (c, m) in self.classes.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{c:>5}  {:>9.4}  {:>6.4}  {:>5.4}  {:>7}",
+                m.precision, m.recall, m.f1, m.support
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nconfusion matrix (rows: true class, columns: predicted)"
+        );
+        let _ = write!(out, "     ");
+        for c in 0..self.confusion.len() {
+            let _ = write!(out, "{c:>6}");
+        }
+        let _ = writeln!(out);
+        for (c, row) in self.confusion.iter().enumerate() {
+            let _ = write!(out, "{c:>5}");
+            for &v in row {
+                let _ = write!(out, "{v:>6}");
+            }
+            let _ = writeln!(out);
+        }
+        out
+    }
+}

@@ -1,0 +1,262 @@
+//! The training loop: seeded epochs of mini-batches, validation after each epoch, the callbacks
+//! Keras users expect (early stopping with best-weight restore, reduce-LR-on-plateau, a
+//! learning-rate schedule), and a stop with a clear error when the loss stops being finite.
+
+use std::time::Instant;
+
+use mnist_data::{BatchOrder, Batches, LabeledImages, Normalization};
+use ndarray::ArrayD;
+use nn::{
+    Mode, Optimizer, ReduceOnPlateau, Schedule, Sequential, Targets, correct, softmax_cross_entropy,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+
+/// The examples a run trains and validates on.
+#[derive(Clone, Copy, Debug)]
+pub struct FitData<'a> {
+    /// Training examples.
+    pub train: &'a LabeledImages,
+    /// Validation examples; `None` to monitor the training loss instead.
+    pub validation: Option<&'a LabeledImages>,
+    /// Byte-to-input normalization (fit on the training split).
+    pub normalization: Normalization,
+}
+
+/// How to train.
+#[derive(Clone, Debug)]
+pub struct FitOptions {
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Examples per mini-batch.
+    pub batch_size: usize,
+    /// Seed of the batch order (each epoch its own permutation).
+    pub seed: u64,
+    /// Label smoothing of the cross-entropy targets.
+    pub label_smoothing: f32,
+    /// Base learning rate.
+    pub learning_rate: f32,
+    /// Learning rate over the run.
+    pub schedule: Schedule,
+    /// Stop after this many epochs without improvement, restoring the best weights.
+    pub early_stopping: Option<usize>,
+    /// Reduce the base learning rate when the monitored loss plateaus.
+    pub reduce_lr: Option<ReduceOnPlateau>,
+}
+
+/// What one epoch did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches (weighted by batch size).
+    pub train_loss: f32,
+    /// Training accuracy over the epoch (while the weights were changing).
+    pub train_accuracy: f32,
+    /// Validation loss after the epoch.
+    pub val_loss: Option<f32>,
+    /// Validation accuracy after the epoch.
+    pub val_accuracy: Option<f32>,
+    /// Learning rate at the epoch's last batch.
+    pub learning_rate: f32,
+    /// Wall-clock seconds of the epoch's training (validation excluded).
+    pub seconds: f64,
+    /// Training images per second.
+    pub images_per_second: f64,
+}
+
+impl EpochRecord {
+    /// The quantity the callbacks monitor: validation loss, or training loss without one.
+    pub fn monitored_loss(&self) -> f32 {
+        self.val_loss.unwrap_or(self.train_loss)
+    }
+}
+
+/// Hooks for progress display and persistence; every method has a no-op default.
+pub trait Observer {
+    /// An epoch of `batches` batches begins (`epoch` is 1-based).
+    fn epoch_started(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
+
+    /// A batch finished; the running means cover the epoch so far.
+    fn batch_finished(&mut self, _batch: usize, _running_loss: f32, _running_accuracy: f32) {}
+
+    /// An epoch finished; `improved` says whether the monitored loss is the best so far.
+    fn epoch_finished(
+        &mut self,
+        _record: &EpochRecord,
+        _model: &Sequential,
+        _improved: bool,
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitOutcome {
+    /// One record per epoch run.
+    pub history: Vec<EpochRecord>,
+    /// 1-based epoch with the lowest monitored loss.
+    pub best_epoch: usize,
+    /// Whether early stopping ended the run before its last epoch.
+    pub stopped_early: bool,
+}
+
+/// Trains `model` with `optimizer` on `data`, reporting to `observer`.
+pub fn fit(
+    model: &mut Sequential,
+    optimizer: &mut Optimizer,
+    data: &FitData<'_>,
+    options: &FitOptions,
+    observer: &mut dyn Observer,
+) -> Result<FitOutcome, TrainError> {
+    let steps_per_epoch = data.train.len().div_ceil(options.batch_size.max(1));
+    let total_steps = steps_per_epoch * options.epochs;
+    let mut base_lr = options.learning_rate;
+    let mut reduce_lr = options.reduce_lr.clone();
+    let mut history = Vec::new();
+    // (loss, 1-based epoch, weights) of the best epoch, kept only when early stopping needs it.
+    let mut best: Option<(f32, usize, Vec<ArrayD<f32>>)> = None;
+    let mut best_loss = f32::INFINITY;
+    let mut best_epoch = 0;
+    let mut stopped_early = false;
+
+    for epoch in 0..options.epochs {
+        observer.epoch_started(epoch + 1, options.epochs, steps_per_epoch);
+        let order = BatchOrder::Shuffled {
+            seed: options.seed,
+            epoch: epoch as u64,
+        };
+        let batches = Batches::new(data.train, options.batch_size, order, &data.normalization)?;
+        let start = Instant::now();
+        let (mut loss_sum, mut right, mut seen) = (0.0f64, 0usize, 0usize);
+        for (index, batch) in batches.enumerate() {
+            let step = epoch * steps_per_epoch + index;
+            let lr = options
+                .schedule
+                .learning_rate(base_lr, step, steps_per_epoch, total_steps);
+            optimizer.set_learning_rate(lr)?;
+            model.zero_grad();
+            let n = batch.len();
+            let logits = model.forward(batch.images, Mode::Train)?;
+            let out = softmax_cross_entropy(
+                logits.view(),
+                Targets::Classes(batch.labels.view()),
+                options.label_smoothing,
+            )?;
+            if !out.loss.is_finite() {
+                return Err(TrainError::NonFinite {
+                    epoch: epoch + 1,
+                    batch: index + 1,
+                    value: out.loss,
+                    learning_rate: lr,
+                });
+            }
+            right += correct(logits.view(), batch.labels.view());
+            loss_sum += f64::from(out.loss) * n as f64;
+            seen += n;
+            model.backward(out.grad)?;
+            optimizer.step(model)?;
+            observer.batch_finished(
+                index + 1,
+                (loss_sum / seen as f64) as f32,
+                right as f32 / seen as f32,
+            );
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let (val_loss, val_accuracy) = match data.validation {
+            Some(v) if !v.is_empty() => {
+                let (loss, accuracy) = loss_and_accuracy(model, v, &data.normalization)?;
+                (Some(loss), Some(accuracy))
+            }
+            _ => (None, None),
+        };
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            train_loss: (loss_sum / seen.max(1) as f64) as f32,
+            train_accuracy: right as f32 / seen.max(1) as f32,
+            val_loss,
+            val_accuracy,
+            learning_rate: optimizer.learning_rate(),
+            seconds,
+            images_per_second: seen as f64 / seconds.max(1e-9),
+        };
+        let monitored = record.monitored_loss();
+        let improved = monitored < best_loss;
+        if improved {
+            best_loss = monitored;
+            best_epoch = epoch + 1;
+            if options.early_stopping.is_some() {
+                best = Some((monitored, epoch + 1, snapshot(model)));
+            }
+        }
+        observer.epoch_finished(&record, model, improved)?;
+        history.push(record);
+
+        if let Some(reduce) = reduce_lr.as_mut()
+            && let Some(reduced) = reduce.observe(monitored, base_lr)
+        {
+            base_lr = reduced;
+        }
+        if let Some(patience) = options.early_stopping
+            && epoch + 1 - best_epoch > patience
+            && epoch + 1 < options.epochs
+        {
+            stopped_early = true;
+            break;
+        }
+    }
+    if let Some((_, _, weights)) = best {
+        restore(model, weights)?;
+    }
+    Ok(FitOutcome {
+        history,
+        best_epoch,
+        stopped_early,
+    })
+}
+
+/// Mean loss and accuracy of `model` on `data`, in evaluation mode, in batches of 1000.
+pub fn loss_and_accuracy(
+    model: &mut Sequential,
+    data: &LabeledImages,
+    normalization: &Normalization,
+) -> Result<(f32, f32), TrainError> {
+    let (mut loss_sum, mut right) = (0.0f64, 0usize);
+    for batch in Batches::new(data, 1000, BatchOrder::Sequential, normalization)? {
+        let n = batch.len();
+        let logits = model.forward(batch.images, Mode::Eval)?;
+        let out = softmax_cross_entropy(logits.view(), Targets::Classes(batch.labels.view()), 0.0)?;
+        loss_sum += f64::from(out.loss) * n as f64;
+        right += correct(logits.view(), batch.labels.view());
+    }
+    let n = data.len().max(1) as f64;
+    Ok(((loss_sum / n) as f32, (right as f64 / n) as f32))
+}
+
+/// Copies of every parameter and buffer, in visiting order.
+fn snapshot(model: &Sequential) -> Vec<ArrayD<f32>> {
+    let mut weights = Vec::new();
+    model.visit_params(|_, p| weights.push(p.value.clone()));
+    model.visit_buffers(|_, b| weights.push(b.clone()));
+    weights
+}
+
+/// Puts a [`snapshot`] back.
+fn restore(model: &mut Sequential, weights: Vec<ArrayD<f32>>) -> Result<(), TrainError> {
+    let mut weights = weights.into_iter();
+    model.visit_params_mut(|_, p| {
+        if let Some(w) = weights.next() {
+            p.value = w;
+        }
+        Ok(())
+    })?;
+    model.visit_buffers_mut(|_, b| {
+        if let Some(w) = weights.next() {
+            *b = w;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}

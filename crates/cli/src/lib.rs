@@ -1,0 +1,19 @@
+//! The trainer behind the `mnist` command, as a library: fit a model with validation and
+//! callbacks, keep a run directory, evaluate a model. The binary only parses arguments and
+//! draws progress.
+//!
+//! Architecture invariant: this crate joins `mnist-data` and `nn`; neither knows the other.
+
+mod config;
+mod error;
+mod evaluate;
+mod fit;
+mod history;
+mod run_dir;
+
+pub use config::{ReduceLrConfig, TrainConfig};
+pub use error::TrainError;
+pub use evaluate::{ClassMetrics, Evaluation, evaluate};
+pub use fit::{EpochRecord, FitData, FitOptions, FitOutcome, Observer, fit};
+pub use history::history_csv;
+pub use run_dir::{RunDir, utc_timestamp};

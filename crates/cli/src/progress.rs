@@ -1,0 +1,117 @@
+//! What the user sees while training: a progress bar per epoch (on a terminal only), a summary
+//! line per epoch or one JSON object per epoch; and the run directory kept current.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ndarray::ArrayView2;
+use nn::{ModelInfo, Sequential};
+
+use cli::{EpochRecord, Observer, RunDir, TrainError};
+
+/// Draws progress and writes the run directory after every epoch.
+pub struct ProgressObserver<'a> {
+    run: &'a mut RunDir,
+    quiet: bool,
+    json: bool,
+    info: ModelInfo,
+    bar: Option<ProgressBar>,
+    history: Vec<EpochRecord>,
+    epochs: usize,
+}
+
+impl<'a> ProgressObserver<'a> {
+    /// Reports to the terminal as asked, and saves models with `info` into `run`.
+    pub fn new(run: &'a mut RunDir, quiet: bool, json: bool, info: ModelInfo) -> Self {
+        ProgressObserver {
+            run,
+            quiet,
+            json,
+            info,
+            bar: None,
+            history: Vec::new(),
+            epochs: 0,
+        }
+    }
+}
+
+impl Observer for ProgressObserver<'_> {
+    fn epoch_started(&mut self, epoch: usize, epochs: usize, batches: usize) {
+        self.epochs = epochs;
+        if self.quiet || self.json {
+            return;
+        }
+        // indicatif draws nothing when stderr is not a terminal (a log file, CI).
+        let bar = ProgressBar::with_draw_target(Some(batches as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{epoch}/{epochs}"));
+        self.bar = Some(bar);
+    }
+
+    fn batch_finished(&mut self, batch: usize, running_loss: f32, running_accuracy: f32) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(batch as u64);
+            if batch % 10 == 0 {
+                bar.set_message(format!("loss {running_loss:.4} acc {running_accuracy:.4}"));
+            }
+        }
+    }
+
+    fn epoch_finished(
+        &mut self,
+        record: &EpochRecord,
+        model: &Sequential,
+        improved: bool,
+    ) -> Result<(), TrainError> {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        self.history.push(record.clone());
+        self.run.write_history(&self.history)?;
+        let mut info = self.info.clone();
+        info.training = serde_json::json!({"epoch": record.epoch, "record": record});
+        self.run.save_model("last", model, &info)?;
+        if improved {
+            self.run.save_model("best", model, &info)?;
+        }
+        let validation = match (record.val_loss, record.val_accuracy) {
+            (Some(l), Some(a)) => format!(" - val_loss {l:.4} - val_accuracy {a:.4}"),
+            _ => String::new(),
+        };
+        let line = format!(
+            "epoch {}/{} - {:.1}s ({:.0} images/s) - loss {:.4} - accuracy {:.4}{validation} - lr {:.2e}{}",
+            record.epoch,
+            self.epochs,
+            record.seconds,
+            record.images_per_second,
+            record.train_loss,
+            record.train_accuracy,
+            record.learning_rate,
+            if improved { " *" } else { "" }
+        );
+        self.run.log(&line)?;
+        if self.json {
+            println!("{}", serde_json::to_string(record).unwrap_or_default());
+        } else if !self.quiet {
+            eprintln!("{line}");
+        }
+        Ok(())
+    }
+}
+
+/// An image drawn with Unicode shades, two characters per pixel so it keeps its aspect.
+pub fn shade(image: ArrayView2<'_, u8>) -> String {
+    const SHADES: [&str; 5] = ["  ", "░░", "▒▒", "▓▓", "██"];
+    let mut out = String::new();
+    for row in image.rows() {
+        for &p in row {
+            out.push_str(SHADES[usize::from(p) * SHADES.len() / 256]);
+        }
+        out.push('\n');
+    }
+    out
+}

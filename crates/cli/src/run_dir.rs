@@ -1,0 +1,130 @@
+//! A training run's directory: configuration, history, log and model files, each written
+//! atomically so an interrupted run leaves complete files only.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nn::{ModelInfo, Sequential, save_model};
+
+use crate::error::TrainError;
+use crate::fit::EpochRecord;
+use crate::history::history_csv;
+
+/// The directory of one training run.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+    log: File,
+}
+
+impl RunDir {
+    /// Creates `path`, or `runs/<UTC time>-<model>` when none is given.
+    pub fn create(path: Option<PathBuf>, model_name: &str) -> Result<RunDir, TrainError> {
+        let path = path.unwrap_or_else(|| {
+            PathBuf::from("runs").join(format!("{}-{model_name}", utc_timestamp()))
+        });
+        let io = |source| TrainError::Io {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&path).map_err(io)?;
+        let log_path = path.join("train.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| TrainError::Io {
+                path: log_path,
+                source,
+            })?;
+        Ok(RunDir { path, log })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a line to `train.log`.
+    pub fn log(&mut self, line: &str) -> Result<(), TrainError> {
+        writeln!(self.log, "{line}").map_err(|source| TrainError::Io {
+            path: self.path.join("train.log"),
+            source,
+        })
+    }
+
+    /// Writes `config.json`.
+    pub fn write_config(&self, config: &impl serde::Serialize) -> Result<(), TrainError> {
+        let json = serde_json::to_string_pretty(config)
+            .unwrap_or_else(|e| unreachable!("plain data: {e}"));
+        self.write("config.json", json.as_bytes())
+    }
+
+    /// Rewrites `history.csv` with every epoch so far.
+    pub fn write_history(&self, history: &[EpochRecord]) -> Result<(), TrainError> {
+        self.write("history.csv", history_csv(history).as_bytes())
+    }
+
+    /// Saves `model` as `<name>.safetensors` (e.g. "best", "last").
+    pub fn save_model(
+        &self,
+        name: &str,
+        model: &Sequential,
+        info: &ModelInfo,
+    ) -> Result<PathBuf, TrainError> {
+        let path = self.path.join(format!("{name}.safetensors"));
+        save_model(&path, model, info)?;
+        Ok(path)
+    }
+
+    /// Writes a file of the run atomically (temporary file, then rename).
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), TrainError> {
+        let path = self.path.join(name);
+        let io = |source| TrainError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut temp = tempfile::NamedTempFile::new_in(&self.path).map_err(io)?;
+        temp.write_all(bytes).map_err(io)?;
+        temp.persist(&path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+}
+
+/// The current UTC time as `YYYYMMDD-HHMMSS`, for run directory names.
+pub fn utc_timestamp() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_have_the_documented_shape() {
+        let t = utc_timestamp();
+        assert_eq!(t.len(), 15, "{t}");
+        assert!(t.starts_with("20") && t.as_bytes()[8] == b'-', "{t}");
+    }
+}
