@@ -1,7 +1,9 @@
 //! Seeded mini-batches of normalized NCHW f32 images, gathered from byte images on demand.
 
-use ndarray::{Array1, Array4, Axis};
+use ndarray::{Array1, Array2, Array4, Axis};
+use rand_chacha::ChaCha8Rng;
 
+use crate::augment::Augmentation;
 use crate::error::DataError;
 use crate::images::LabeledImages;
 use crate::normalize::Normalization;
@@ -60,8 +62,14 @@ pub struct Batches<'a> {
     order: Vec<usize>,
     batch_size: usize,
     table: [f32; 256],
+    normalization: Normalization,
     position: usize,
+    /// Random transforms and their generator, when augmenting.
+    augmentation: Option<(Augmentation, ChaCha8Rng)>,
 }
+
+/// Keeps augmentation's random stream apart from the shuffle's, which uses the bare seed.
+const AUGMENTATION_SEED_SALT: u64 = 0x6175_676d_656e_7421;
 
 impl<'a> Batches<'a> {
     /// Batches of `batch_size` examples in `order`, normalized with `normalization`.
@@ -85,8 +93,18 @@ impl<'a> Batches<'a> {
             order: visit,
             batch_size,
             table: normalization.lookup_table(),
+            normalization: *normalization,
             position: 0,
+            augmentation: None,
         })
+    }
+
+    /// Applies random transforms to every image, drawn from a stream determined by `seed` and
+    /// `epoch` alone (so a run and its replay transform identically).
+    pub fn augmented(mut self, augmentation: Augmentation, seed: u64, epoch: u64) -> Self {
+        let rng = seeded_rng(seed ^ AUGMENTATION_SEED_SALT, epoch);
+        self.augmentation = Some((augmentation, rng));
+        self
     }
 
     /// Number of batches in the epoch, the last one possibly partial.
@@ -111,14 +129,27 @@ impl<'a> Batches<'a> {
             batch.labels = Array1::zeros(indices.len());
         }
         let images = self.data.images();
+        let mut scaled = Array2::<f32>::zeros((rows, cols));
         for ((&index, mut out), label) in indices
             .iter()
             .zip(batch.images.outer_iter_mut())
             .zip(batch.labels.iter_mut())
         {
             let source = images.index_axis(Axis(0), index);
-            for (o, &p) in out.iter_mut().zip(source.iter()) {
-                *o = self.table[usize::from(p)];
+            match &mut self.augmentation {
+                None => {
+                    for (o, &p) in out.iter_mut().zip(source.iter()) {
+                        *o = self.table[usize::from(p)];
+                    }
+                }
+                Some((augmentation, rng)) => {
+                    // Transform in [0, 1], then standardize.
+                    scaled.zip_mut_with(&source, |s, &p| *s = f32::from(p) / 255.0);
+                    let mut plane = out.index_axis_mut(Axis(0), 0);
+                    augmentation.apply(scaled.view(), plane.view_mut(), rng);
+                    let Normalization { mean, std } = self.normalization;
+                    plane.mapv_inplace(|v| (v - mean) / std);
+                }
             }
             *label = self.data.labels()[index];
         }
@@ -215,6 +246,34 @@ mod tests {
         assert_eq!(batch.len(), 2);
         assert_eq!(batch.images[(1, 0, 1, 1)], 4.0 / 255.0);
         assert!(!batches.next_into(&mut batch));
+    }
+
+    #[test]
+    fn augmented_batches_are_seeded_and_keep_order_and_labels() {
+        let images = Array3::from_shape_fn((6, 28, 28), |(i, r, c)| {
+            if (8..20).contains(&r) && c == 10 + i {
+                255
+            } else {
+                0
+            }
+        });
+        let data = LabeledImages::new(images, Array1::from_shape_fn(6, |i| i as u8)).unwrap();
+        let order = BatchOrder::Shuffled { seed: 3, epoch: 1 };
+        let norm = Normalization::UNIT_SCALE;
+        let plain: Vec<Batch> = Batches::new(&data, 4, order, &norm).unwrap().collect();
+        let augmented = |seed| -> Vec<Batch> {
+            Batches::new(&data, 4, order, &norm)
+                .unwrap()
+                .augmented(crate::Augmentation::TUTORIAL, seed, 1)
+                .collect()
+        };
+        let (a, b, c) = (augmented(9), augmented(9), augmented(10));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        for (p, a) in plain.iter().zip(&a) {
+            assert_eq!(p.labels, a.labels);
+            assert_ne!(p.images, a.images);
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! ```
 
 mod atomic_file;
+mod augment;
 mod batch;
 mod dataset;
 mod error;
@@ -27,6 +28,7 @@ mod one_hot;
 mod shuffle;
 pub mod testing;
 
+pub use augment::Augmentation;
 pub use batch::{Batch, BatchOrder, Batches};
 pub use dataset::{Dataset, LoadOptions, MNIST_FILE_NAMES, Split, find_file, load_dir, load_split};
 pub use error::{DataError, IdxError};
