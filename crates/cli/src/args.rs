@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use cli::ReduceLrConfig;
+use cli::{AugmentConfig, ReduceLrConfig};
 use nn::{Rule, Schedule};
 
 /// Train and run convolutional networks on MNIST-style digit images.
@@ -113,6 +113,19 @@ pub struct TrainArgs {
     /// Floor of the reduced learning rate.
     #[arg(long, default_value_t = 1e-6, value_parser = non_negative, requires = "reduce_lr_on_plateau")]
     pub min_lr: f32,
+    /// Augment the training images on the fly: random rotation, zoom and shift, different every
+    /// epoch (tutorial settings unless --rotation, --zoom or --shift say otherwise).
+    #[arg(long)]
+    pub augment: bool,
+    /// Rotation range in degrees for --augment.
+    #[arg(long, value_name = "DEGREES", default_value_t = 10.0, value_parser = non_negative, requires = "augment")]
+    pub rotation: f32,
+    /// Zoom range for --augment: scale in [1 - ZOOM, 1 + ZOOM].
+    #[arg(long, default_value_t = 0.1, value_parser = fraction, requires = "augment")]
+    pub zoom: f32,
+    /// Shift range in pixels for --augment.
+    #[arg(long, value_name = "PIXELS", default_value_t = 2.0, value_parser = non_negative, requires = "augment")]
+    pub shift: f32,
     /// Run directory [default: runs/<UTC time>-<model>].
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
@@ -180,6 +193,15 @@ impl TrainArgs {
             0.01
         } else {
             0.001
+        })
+    }
+
+    /// Augmentation settings, when enabled.
+    pub fn augment(&self) -> Option<AugmentConfig> {
+        self.augment.then_some(AugmentConfig {
+            degrees: self.rotation,
+            zoom: self.zoom,
+            shift: self.shift,
         })
     }
 

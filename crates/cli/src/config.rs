@@ -16,6 +16,17 @@ pub struct ReduceLrConfig {
     pub min_lr: f32,
 }
 
+/// Random transforms of the training images (see `mnist_data::Augmentation`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AugmentConfig {
+    /// Rotation range in degrees.
+    pub degrees: f32,
+    /// Zoom range (scale in [1 - zoom, 1 + zoom]).
+    pub zoom: f32,
+    /// Shift range in pixels.
+    pub shift: f32,
+}
+
 /// Everything that determines a training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -45,4 +56,6 @@ pub struct TrainConfig {
     pub early_stopping: Option<usize>,
     /// Reduce-on-plateau settings, if enabled.
     pub reduce_lr: Option<ReduceLrConfig>,
+    /// Data augmentation, if enabled.
+    pub augment: Option<AugmentConfig>,
 }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use mnist_data::{BatchOrder, Batches, LabeledImages, Normalization};
+use mnist_data::{Augmentation, BatchOrder, Batches, LabeledImages, Normalization};
 use ndarray::ArrayD;
 use nn::{
     Mode, Optimizer, ReduceOnPlateau, Schedule, Sequential, Targets, correct, softmax_cross_entropy,
@@ -43,6 +43,8 @@ pub struct FitOptions {
     pub early_stopping: Option<usize>,
     /// Reduce the base learning rate when the monitored loss plateaus.
     pub reduce_lr: Option<ReduceOnPlateau>,
+    /// Random transforms of the training images, drawn anew each epoch.
+    pub augmentation: Option<Augmentation>,
 }
 
 /// What one epoch did.
@@ -128,7 +130,10 @@ pub fn fit(
             seed: options.seed,
             epoch: epoch as u64,
         };
-        let batches = Batches::new(data.train, options.batch_size, order, &data.normalization)?;
+        let mut batches = Batches::new(data.train, options.batch_size, order, &data.normalization)?;
+        if let Some(augmentation) = options.augmentation {
+            batches = batches.augmented(augmentation, options.seed, epoch as u64);
+        }
         let start = Instant::now();
         let (mut loss_sum, mut right, mut seen) = (0.0f64, 0usize, 0usize);
         for (index, batch) in batches.enumerate() {

@@ -11,9 +11,9 @@ mod fit;
 mod history;
 mod run_dir;
 
-pub use config::{ReduceLrConfig, TrainConfig};
+pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
 pub use error::TrainError;
 pub use evaluate::{ClassMetrics, Evaluation, evaluate};
-pub use fit::{EpochRecord, FitData, FitOptions, FitOutcome, Observer, fit};
+pub use fit::{EpochRecord, FitData, FitOptions, FitOutcome, Observer, fit, loss_and_accuracy};
 pub use history::history_csv;
 pub use run_dir::{RunDir, utc_timestamp};

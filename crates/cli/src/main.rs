@@ -10,7 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cli::{FitData, FitOptions, RunDir, TrainConfig, evaluate, fit};
 use mnist_data::{
-    DataError, Dataset, LabeledImages, LoadOptions, Normalization, ValidationSplit, load_dir,
+    Augmentation, DataError, Dataset, LabeledImages, LoadOptions, Normalization, ValidationSplit,
+    load_dir,
 };
 use nn::{
     InputNormalization, Mode, ModelInfo, ModelSpec, Optimizer, ReduceOnPlateau, Sequential,
@@ -91,6 +92,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         threads,
         early_stopping: args.early_stopping,
         reduce_lr: args.reduce_lr(),
+        augment: args.augment(),
     };
 
     let data = load_dataset(&args.data_dir)?;
@@ -141,6 +143,11 @@ fn train(args: &TrainArgs) -> Result<()> {
         reduce_lr: config
             .reduce_lr
             .map(|r| ReduceOnPlateau::new(r.factor, r.patience, r.min_lr)),
+        augmentation: config.augment.map(|a| Augmentation {
+            degrees: a.degrees,
+            zoom: a.zoom,
+            shift: a.shift,
+        }),
     };
     let fit_data = FitData {
         train: &train_set,

@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::process::{Command, Output};
 
-use mnist_data::{Encoding, IdxArray, write_idx_file};
-use ndarray::{ArrayD, IxDyn};
+mod common;
+
+use common::synthetic_dataset;
 
 fn mnist(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mnist"))
@@ -21,38 +21,6 @@ fn mnist(args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// `n` images per split where class k is a bright vertical bar at columns 2k+4..2k+6, with a
-/// little pseudo-random noise: learnable in one epoch.
-fn synthetic_dataset(dir: &Path, train: usize, test: usize) {
-    for (prefix, n, salt) in [("train", train, 1usize), ("t10k", test, 7)] {
-        let labels: Vec<u8> = (0..n).map(|i| ((i * 7 + salt) % 10) as u8).collect();
-        let pixels: Vec<u8> = (0..n * 784)
-            .map(|j| {
-                let (i, p) = (j / 784, j % 784);
-                let (row, col) = (p / 28, p % 28);
-                let k = usize::from(labels[i]);
-                let bar = (2 * k + 4..2 * k + 6).contains(&col) && (4..24).contains(&row);
-                let noise = ((j * 2654435761) >> 7) % 40;
-                if bar { 200 + noise as u8 } else { noise as u8 }
-            })
-            .collect();
-        let images = IdxArray::U8(ArrayD::from_shape_vec(IxDyn(&[n, 28, 28]), pixels).unwrap());
-        let labels = IdxArray::U8(ArrayD::from_shape_vec(IxDyn(&[n]), labels).unwrap());
-        write_idx_file(
-            &dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
-            &images,
-            Encoding::Gzip,
-        )
-        .unwrap();
-        write_idx_file(
-            &dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
-            &labels,
-            Encoding::Gzip,
-        )
-        .unwrap();
-    }
 }
 
 #[test]
@@ -201,7 +169,7 @@ fn impossible_arguments_fail_with_one_line() {
     let dir = empty.path().to_str().unwrap();
     let not_a_model = empty.path().join("notes.txt");
     std::fs::write(&not_a_model, "hello").unwrap();
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["train", "--batch-size", "0"], "must be at least 1"),
         (&["train", "--val-split", "1"], "below 1"),
         (&["train", "--lr", "0"], "positive"),
@@ -226,6 +194,7 @@ fn impossible_arguments_fail_with_one_line() {
             "not a safetensors model file",
         ),
         (&["train", "--schedule", "sometimes"], "expected constant"),
+        (&["train", "--zoom", "0.2"], "--augment"),
     ];
     for (args, needle) in cases {
         let out = mnist(args);
