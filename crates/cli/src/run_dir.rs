@@ -82,14 +82,7 @@ impl RunDir {
     /// Writes a file of the run atomically (temporary file, then rename).
     fn write(&self, name: &str, bytes: &[u8]) -> Result<(), TrainError> {
         let path = self.path.join(name);
-        let io = |source| TrainError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut temp = tempfile::NamedTempFile::new_in(&self.path).map_err(io)?;
-        temp.write_all(bytes).map_err(io)?;
-        temp.persist(&path).map_err(|e| io(e.error))?;
-        Ok(())
+        nn::write_atomically(&path, bytes).map_err(|source| TrainError::Io { path, source })
     }
 }
 

@@ -43,6 +43,7 @@ pub use loss::{
 pub use model::{ParamCounts, Sequential};
 pub use model_file::{
     FORMAT, FORMAT_VERSION, InputNormalization, ModelInfo, load_model, load_weights, save_model,
+    write_atomically,
 };
 pub use optim::{Optimizer, OptimizerState, Rule};
 pub use param::Param;
