@@ -38,6 +38,19 @@ pub struct ModelChoice {
     pub arch: Option<PathBuf>,
 }
 
+/// Where the dataset is.
+#[derive(Args, Clone)]
+pub struct DataDirArg {
+    /// Directory holding the dataset in MNIST's layout.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MNIST_DATA_DIR",
+        default_value = "data/mnist"
+    )]
+    pub data_dir: PathBuf,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OptimizerName {
     Sgd,
@@ -92,14 +105,8 @@ pub struct TrainArgs {
     /// Worker threads [default: all cores]; results are identical for any count.
     #[arg(long, value_parser = at_least_one)]
     pub threads: Option<usize>,
-    /// Directory holding the dataset in MNIST's layout.
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "MNIST_DATA_DIR",
-        default_value = "data/mnist"
-    )]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub data: DataDirArg,
     /// Stop after this many epochs without a lower validation loss, restoring the best weights.
     #[arg(long, value_name = "PATIENCE")]
     pub early_stopping: Option<usize>,
@@ -220,14 +227,8 @@ pub struct EvaluateArgs {
     /// A model file written by `train`.
     #[arg(long, value_name = "FILE")]
     pub model_file: PathBuf,
-    /// Directory holding the dataset in MNIST's layout.
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "MNIST_DATA_DIR",
-        default_value = "data/mnist"
-    )]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub data: DataDirArg,
     /// Print the figures as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -238,20 +239,21 @@ pub struct PredictArgs {
     /// A model file written by `train`.
     #[arg(long, value_name = "FILE")]
     pub model_file: PathBuf,
+    /// Images of digits (PNG, JPEG), brought to MNIST's form: grayscale, inverted when the
+    /// background is light, cropped, fitted into 20x20, centred by mass in 28x28.
+    #[arg(value_name = "IMAGE", conflicts_with_all = ["test_index", "random"])]
+    pub images: Vec<PathBuf>,
     /// Predict test image N (0-based).
     #[arg(long, value_name = "N", conflicts_with = "random")]
     pub test_index: Option<usize>,
     /// Predict a randomly chosen test image.
     #[arg(long)]
     pub random: bool,
-    /// Directory holding the dataset in MNIST's layout.
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "MNIST_DATA_DIR",
-        default_value = "data/mnist"
-    )]
-    pub data_dir: PathBuf,
+    /// Write the 28x28 input the model saw (of the first image) as a PNG.
+    #[arg(long, value_name = "PNG")]
+    pub save_image: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataDirArg,
     /// Print the prediction as JSON.
     #[arg(long)]
     pub json: bool,

@@ -79,3 +79,23 @@ fn bad_param_shape(what: &'static str, shape: Vec<usize>) -> crate::NnError {
         ),
     }
 }
+
+/// The named parameter list of a layer with a weight and an optional bias.
+pub(crate) fn weight_and_bias<'a>(
+    weight: &'a Param,
+    bias: Option<&'a Param>,
+) -> Vec<(&'static str, &'a Param)> {
+    std::iter::once(("weight", weight))
+        .chain(bias.map(|b| ("bias", b)))
+        .collect()
+}
+
+/// The mutable counterpart of [`weight_and_bias`].
+pub(crate) fn weight_and_bias_mut<'a>(
+    weight: &'a mut Param,
+    bias: Option<&'a mut Param>,
+) -> Vec<(&'static str, &'a mut Param)> {
+    std::iter::once(("weight", weight))
+        .chain(bias.map(|b| ("bias", b)))
+        .collect()
+}

@@ -8,7 +8,7 @@ use crate::error::NnError;
 use crate::init::{Init, fans, initialize};
 use crate::layer::{Layer, Mode};
 use crate::layers::expect_dim;
-use crate::param::{Param, fixed, fixed_mut};
+use crate::param::{Param, fixed, fixed_mut, weight_and_bias, weight_and_bias_mut};
 use crate::spec::LayerSpec;
 use tensor::gemm_parallel;
 
@@ -142,15 +142,11 @@ impl Layer for Dense {
     }
 
     fn params(&self) -> Vec<(&'static str, &Param)> {
-        let mut params = vec![("weight", &self.weight)];
-        params.extend(self.bias.as_ref().map(|b| ("bias", b)));
-        params
+        weight_and_bias(&self.weight, self.bias.as_ref())
     }
 
     fn params_mut(&mut self) -> Vec<(&'static str, &mut Param)> {
-        let mut params = vec![("weight", &mut self.weight)];
-        params.extend(self.bias.as_mut().map(|b| ("bias", b)));
-        params
+        weight_and_bias_mut(&mut self.weight, self.bias.as_mut())
     }
 
     fn spec(&self) -> LayerSpec {
