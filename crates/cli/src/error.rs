@@ -20,6 +20,14 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// An image file could not be read or holds no digit.
+    #[error("{}: {problem}", path.display())]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
     /// The loss stopped being a finite number.
     #[error(
         "the loss became {value} at epoch {epoch}, batch {batch} (learning rate {learning_rate}): \

@@ -5,6 +5,7 @@
 //! Architecture invariant: this crate joins `mnist-data` and `nn`; neither knows the other.
 
 mod config;
+mod digit_image;
 mod error;
 mod evaluate;
 mod fit;
@@ -12,6 +13,7 @@ mod history;
 mod run_dir;
 
 pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
+pub use digit_image::{load_digit, to_mnist_form};
 pub use error::TrainError;
 pub use evaluate::{ClassMetrics, Evaluation, evaluate};
 pub use fit::{EpochRecord, FitData, FitOptions, FitOutcome, Observer, fit, loss_and_accuracy};

@@ -10,9 +10,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cli::{FitData, FitOptions, RunDir, TrainConfig, evaluate, fit};
 use mnist_data::{
-    Augmentation, DataError, Dataset, LabeledImages, LoadOptions, Normalization, ValidationSplit,
-    load_dir,
+    Augmentation, DataError, Dataset, LoadOptions, Normalization, ValidationSplit, load_dir,
 };
+use ndarray::Array2;
 use nn::{
     InputNormalization, Mode, ModelInfo, ModelSpec, Optimizer, ReduceOnPlateau, Sequential,
     load_model, summary,
@@ -80,7 +80,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         .context("cannot start the worker threads")?;
     let config = TrainConfig {
         model: spec.clone(),
-        data_dir: args.data_dir.clone(),
+        data_dir: args.data.data_dir.clone(),
         epochs: args.epochs,
         batch_size: args.batch_size,
         optimizer: args.rule(),
@@ -95,7 +95,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         augment: args.augment(),
     };
 
-    let data = load_dataset(&args.data_dir)?;
+    let data = load_dataset(&args.data.data_dir)?;
     let (train_set, validation) = data
         .train
         .split(ValidationSplit::Last {
@@ -227,7 +227,7 @@ fn open_model(path: &Path) -> Result<(Sequential, Normalization)> {
 
 fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
     let (mut model, normalization) = open_model(&args.model_file)?;
-    let data = load_dataset(&args.data_dir)?;
+    let data = load_dataset(&args.data.data_dir)?;
     let result = evaluate(&mut model, &data.test, &normalization)?;
     if args.json {
         println!(
@@ -249,61 +249,89 @@ fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
 
 fn predict(args: &PredictArgs) -> Result<()> {
     let (mut model, normalization) = open_model(&args.model_file)?;
-    let data = load_dataset(&args.data_dir)?;
-    let index = match (args.test_index, args.random) {
-        (Some(i), _) if i < data.test.len() => i,
-        (Some(i), _) => bail!(
-            "--test-index {i} is out of range: the test set has {} images (0..{})",
-            data.test.len(),
-            data.test.len()
-        ),
-        // Any image will do; the clock's nanoseconds pick one.
-        (None, true) => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos() as usize)
-                % data.test.len()
+    // (what it is, the 28x28 image, its label when known)
+    let mut inputs: Vec<(String, Array2<u8>, Option<u8>)> = Vec::new();
+    if args.images.is_empty() {
+        let data = load_dataset(&args.data.data_dir)?;
+        let n = data.test.len();
+        let index = match (args.test_index, args.random) {
+            (Some(i), _) if i < n => i,
+            (Some(i), _) => {
+                bail!("--test-index {i} is out of range: the test set has {n} images (0..{n})")
+            }
+            // Any image will do; the clock's nanoseconds pick one.
+            (None, true) => {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos() as usize)
+                    % n
+            }
+            (None, false) => {
+                bail!("say which image: one or more image files, --test-index N or --random")
+            }
+        };
+        inputs.push((
+            format!("test image {index}"),
+            data.test.image(index).to_owned(),
+            Some(data.test.labels()[index]),
+        ));
+    } else {
+        for path in &args.images {
+            inputs.push((path.display().to_string(), cli::load_digit(path)?, None));
         }
-        (None, false) => bail!("say which image: --test-index N or --random"),
-    };
-    let one = data.test.select(&[index])?;
-    let probabilities = probabilities(&mut model, &one, &normalization)?;
-    let label = one.labels()[0];
-    print_prediction(&one, &probabilities, Some(label), index, args.json);
+    }
+    if let Some(png) = &args.save_image {
+        save_png(png, &inputs[0].1)?;
+    }
+    let mut results = Vec::new();
+    for (name, image, label) in &inputs {
+        let probabilities = classify(&mut model, image, &normalization)?;
+        let predicted = probabilities
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (c, &p)| {
+                if p > best.1 { (c, p) } else { best }
+            })
+            .0;
+        if args.json {
+            results.push(serde_json::json!({"input": name, "label": label, "predicted": predicted, "probabilities": probabilities}));
+        } else {
+            print_prediction(image, &probabilities, predicted, name, *label);
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Array(results));
+    }
     Ok(())
 }
 
-/// Softmax probabilities of each class for the (single) image in `one`.
-fn probabilities(
+/// Softmax probabilities of each class for one 28x28 image of bytes.
+fn classify(
     model: &mut Sequential,
-    one: &LabeledImages,
+    image: &Array2<u8>,
     normalization: &Normalization,
 ) -> Result<Vec<f32>> {
-    let logits = model.forward(one.to_nchw(normalization), Mode::Eval)?;
-    let mut p = ndarray::Array2::zeros(logits.raw_dim());
+    let x = image
+        .mapv(|p| normalization.apply(p))
+        .into_shape_with_order((1, 1, image.nrows(), image.ncols()))?;
+    let logits = model.forward(x, Mode::Eval)?;
+    let mut p = Array2::zeros(logits.raw_dim());
     tensor::softmax(logits.view(), ndarray::Axis(1), p.view_mut())?;
     Ok(p.row(0).to_vec())
 }
 
 fn print_prediction(
-    one: &LabeledImages,
+    image: &Array2<u8>,
     probabilities: &[f32],
+    predicted: usize,
+    name: &str,
     label: Option<u8>,
-    index: usize,
-    json: bool,
 ) {
     let mut ranked: Vec<(usize, f32)> = probabilities.iter().copied().enumerate().collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"test_index": index, "label": label, "predicted": ranked[0].0, "probabilities": probabilities})
-        );
-        return;
-    }
-    print!("{}", progress::shade(one.image(0)));
+    print!("{}", progress::shade(image.view()));
     let truth = label.map(|l| format!(" (label {l})")).unwrap_or_default();
-    println!("test image {index}{truth}: predicted {}", ranked[0].0);
+    println!("{name}{truth}: predicted {predicted}");
     for &(class, p) in ranked.iter().take(3) {
         println!(
             "  {class}  {:<30} {:6.2}%",
@@ -311,6 +339,18 @@ fn print_prediction(
             p * 100.0
         );
     }
+}
+
+/// Writes a grayscale image as PNG, atomically.
+fn save_png(path: &Path, image: &Array2<u8>) -> Result<()> {
+    let (h, w) = image.dim();
+    let gray = image::GrayImage::from_raw(w as u32, h as u32, image.iter().copied().collect())
+        .context("image buffer of the wrong size")?;
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    gray.write_to(&mut bytes, image::ImageFormat::Png)
+        .context("cannot encode the PNG")?;
+    nn::write_atomically(path, bytes.get_ref())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn summary_command(args: &SummaryArgs) -> Result<()> {
