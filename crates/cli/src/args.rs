@@ -133,6 +133,10 @@ pub struct TrainArgs {
     /// Shift range in pixels for --augment.
     #[arg(long, value_name = "PIXELS", default_value_t = 2.0, value_parser = non_negative, requires = "augment")]
     pub shift: f32,
+    /// Continue an interrupted run from its directory's last checkpoint, with the settings in
+    /// its config.json; ends with the weights an uninterrupted run would have.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "run_dir")]
+    pub resume: Option<PathBuf>,
     /// Run directory [default: runs/<UTC time>-<model>].
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,

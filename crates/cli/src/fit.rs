@@ -75,6 +75,31 @@ impl EpochRecord {
     }
 }
 
+/// Everything the loop carries from one epoch to the next, saved in each checkpoint so an
+/// interrupted run can continue exactly where its last finished epoch left it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FitState {
+    /// Epochs finished.
+    pub epochs_done: usize,
+    /// The base learning rate after any plateau reductions.
+    pub base_lr: f32,
+    /// One record per finished epoch.
+    pub history: Vec<EpochRecord>,
+    /// The lowest monitored loss so far and its 1-based epoch.
+    pub best: Option<(f32, usize)>,
+    /// Reduce-on-plateau's counters.
+    pub reduce_lr: Option<ReduceOnPlateau>,
+}
+
+/// Where to continue an interrupted run.
+#[derive(Clone, Debug)]
+pub struct Resume {
+    /// The loop state of the last checkpoint.
+    pub state: FitState,
+    /// The weights of the best epoch so far, when early stopping will need them.
+    pub best_weights: Option<Vec<ArrayD<f32>>>,
+}
+
 /// Hooks for progress display and persistence; every method has a no-op default.
 pub trait Observer {
     /// An epoch of `batches` batches begins (`epoch` is 1-based).
@@ -83,11 +108,14 @@ pub trait Observer {
     /// A batch finished; the running means cover the epoch so far.
     fn batch_finished(&mut self, _batch: usize, _running_loss: f32, _running_accuracy: f32) {}
 
-    /// An epoch finished; `improved` says whether the monitored loss is the best so far.
+    /// An epoch finished; `improved` says whether the monitored loss is the best so far, and
+    /// `state` is what a checkpoint must hold to continue from here.
     fn epoch_finished(
         &mut self,
         _record: &EpochRecord,
         _model: &Sequential,
+        _optimizer: &Optimizer,
+        _state: &FitState,
         _improved: bool,
     ) -> Result<(), TrainError> {
         Ok(())
@@ -105,27 +133,44 @@ pub struct FitOutcome {
     pub stopped_early: bool,
 }
 
-/// Trains `model` with `optimizer` on `data`, reporting to `observer`.
+/// Trains `model` with `optimizer` on `data`, reporting to `observer`; with `resume`, continues
+/// a run whose model and optimizer were restored from its last checkpoint.
 pub fn fit(
     model: &mut Sequential,
     optimizer: &mut Optimizer,
     data: &FitData<'_>,
     options: &FitOptions,
     observer: &mut dyn Observer,
+    resume: Option<Resume>,
 ) -> Result<FitOutcome, TrainError> {
     let steps_per_epoch = data.train.len().div_ceil(options.batch_size.max(1));
     let total_steps = steps_per_epoch * options.epochs;
-    let mut base_lr = options.learning_rate;
-    let mut reduce_lr = options.reduce_lr.clone();
-    let mut history = Vec::new();
-    // (loss, 1-based epoch, weights) of the best epoch, kept only when early stopping needs it.
-    let mut best: Option<(f32, usize, Vec<ArrayD<f32>>)> = None;
-    let mut best_loss = f32::INFINITY;
-    let mut best_epoch = 0;
+    let (state, mut best_weights) = match resume {
+        Some(r) => (r.state, r.best_weights),
+        None => (
+            FitState {
+                epochs_done: 0,
+                base_lr: options.learning_rate,
+                history: Vec::new(),
+                best: None,
+                reduce_lr: options.reduce_lr.clone(),
+            },
+            None,
+        ),
+    };
+    let FitState {
+        epochs_done,
+        mut base_lr,
+        mut history,
+        mut best,
+        mut reduce_lr,
+    } = state;
     let mut stopped_early = false;
 
-    for epoch in 0..options.epochs {
+    for epoch in epochs_done..options.epochs {
         observer.epoch_started(epoch + 1, options.epochs, steps_per_epoch);
+        // Dropout's random stream depends on the seed and the epoch only: replayable.
+        model.reseed(options.seed, epoch as u64);
         let order = BatchOrder::Shuffled {
             seed: options.seed,
             epoch: epoch as u64,
@@ -188,22 +233,29 @@ pub fn fit(
             images_per_second: seen as f64 / seconds.max(1e-9),
         };
         let monitored = record.monitored_loss();
-        let improved = monitored < best_loss;
+        let improved = best.is_none_or(|(loss, _)| monitored < loss);
         if improved {
-            best_loss = monitored;
-            best_epoch = epoch + 1;
+            best = Some((monitored, epoch + 1));
             if options.early_stopping.is_some() {
-                best = Some((monitored, epoch + 1, snapshot(model)));
+                best_weights = Some(snapshot(model));
             }
         }
-        observer.epoch_finished(&record, model, improved)?;
-        history.push(record);
-
         if let Some(reduce) = reduce_lr.as_mut()
             && let Some(reduced) = reduce.observe(monitored, base_lr)
         {
             base_lr = reduced;
         }
+        history.push(record.clone());
+        let state = FitState {
+            epochs_done: epoch + 1,
+            base_lr,
+            history: history.clone(),
+            best,
+            reduce_lr: reduce_lr.clone(),
+        };
+        observer.epoch_finished(&record, model, optimizer, &state, improved)?;
+
+        let best_epoch = best.map_or(0, |(_, e)| e);
         if let Some(patience) = options.early_stopping
             && epoch + 1 - best_epoch > patience
             && epoch + 1 < options.epochs
@@ -212,12 +264,12 @@ pub fn fit(
             break;
         }
     }
-    if let Some((_, _, weights)) = best {
+    if let (Some(_), Some(weights)) = (options.early_stopping, best_weights) {
         restore(model, weights)?;
     }
     Ok(FitOutcome {
         history,
-        best_epoch,
+        best_epoch: best.map_or(0, |(_, e)| e),
         stopped_early,
     })
 }
@@ -241,7 +293,7 @@ pub fn loss_and_accuracy(
 }
 
 /// Copies of every parameter and buffer, in visiting order.
-fn snapshot(model: &Sequential) -> Vec<ArrayD<f32>> {
+pub fn snapshot(model: &Sequential) -> Vec<ArrayD<f32>> {
     let mut weights = Vec::new();
     model.visit_params(|_, p| weights.push(p.value.clone()));
     model.visit_buffers(|_, b| weights.push(b.clone()));

@@ -16,6 +16,9 @@ pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
 pub use digit_image::{load_digit, to_mnist_form};
 pub use error::TrainError;
 pub use evaluate::{ClassMetrics, Evaluation, evaluate};
-pub use fit::{EpochRecord, FitData, FitOptions, FitOutcome, Observer, fit, loss_and_accuracy};
+pub use fit::{
+    EpochRecord, FitData, FitOptions, FitOutcome, FitState, Observer, Resume, fit,
+    loss_and_accuracy, snapshot,
+};
 pub use history::history_csv;
 pub use run_dir::{RunDir, utc_timestamp};

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cli::{FitData, FitOptions, RunDir, TrainConfig, evaluate, fit};
+use cli::{FitData, FitOptions, Resume, RunDir, TrainConfig, evaluate, fit};
 use mnist_data::{
     Augmentation, DataError, Dataset, LoadOptions, Normalization, ValidationSplit, load_dir,
 };
@@ -67,49 +67,73 @@ fn resolve_spec(choice: &ModelChoice) -> Result<ModelSpec> {
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
-    if args.nesterov && (args.optimizer != args::OptimizerName::Sgd || args.momentum == 0.0) {
-        bail!("--nesterov needs --optimizer sgd and a --momentum above 0");
-    }
-    let spec = resolve_spec(&args.model)?;
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let (config, run_dir, resuming) = match &args.resume {
+        Some(dir) => {
+            let path = dir.join("config.json");
+            let json = std::fs::read_to_string(&path).with_context(|| {
+                format!("cannot resume {}: no {}", dir.display(), path.display())
+            })?;
+            let config: TrainConfig =
+                serde_json::from_str(&json).with_context(|| format!("{}", path.display()))?;
+            (config, Some(dir.clone()), true)
+        }
+        None => (config_from_args(args)?, args.run_dir.clone(), false),
+    };
     rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+        .num_threads(config.threads)
         .build_global()
         .context("cannot start the worker threads")?;
-    let config = TrainConfig {
-        model: spec.clone(),
-        data_dir: args.data.data_dir.clone(),
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        optimizer: args.rule(),
-        learning_rate: args.learning_rate(),
-        schedule: args.schedule,
-        label_smoothing: args.label_smoothing,
-        val_split: args.val_split,
-        seed: args.seed,
-        threads,
-        early_stopping: args.early_stopping,
-        reduce_lr: args.reduce_lr(),
-        augment: args.augment(),
-    };
 
-    let data = load_dataset(&args.data.data_dir)?;
+    let data = load_dataset(&config.data_dir)?;
     let (train_set, validation) = data
         .train
         .split(ValidationSplit::Last {
-            fraction: args.val_split,
+            fraction: config.val_split,
         })
         .context("cannot split off the validation set")?;
     let normalization = Normalization::fit(&train_set);
-    let mut model = Sequential::new(spec.clone(), args.seed).context("cannot build the model")?;
+    let spec = config.model.clone();
+    let mut model = Sequential::new(spec.clone(), config.seed).context("cannot build the model")?;
     let mut optimizer = Optimizer::new(config.optimizer, config.learning_rate)?;
+    let mut run = RunDir::create(run_dir, &spec.name)?;
 
-    let mut run = RunDir::create(args.run_dir.clone(), &spec.name)?;
-    run.write_config(&config)?;
+    let resume = if resuming {
+        let state = run.load_checkpoint(&mut model, &mut optimizer).with_context(|| {
+            format!("cannot resume {}: it has no usable checkpoint (it stops being written only if no epoch finished)", run.path().display())
+        })?;
+        if state.epochs_done >= config.epochs {
+            bail!(
+                "{} already finished its {} epochs; see final.safetensors there",
+                run.path().display(),
+                config.epochs
+            );
+        }
+        // Early stopping restores the best epoch's weights at the end: bring them back too.
+        let best = run.path().join("best.safetensors");
+        let best_weights = match config.early_stopping {
+            Some(_) if best.exists() => Some(cli::snapshot(
+                &load_model(&best).context("cannot load the best model")?.0,
+            )),
+            _ => None,
+        };
+        let line = format!(
+            "resuming after epoch {} of {}",
+            state.epochs_done, config.epochs
+        );
+        run.log(&line)?;
+        if !args.quiet && !args.json {
+            eprintln!("{line} ({})", run.path().display());
+        }
+        Some(Resume {
+            state,
+            best_weights,
+        })
+    } else {
+        run.write_config(&config)?;
+        None
+    };
     let header = format!(
-        "{} | {} train, {} validation, {} test images | {}, lr {}, batch {}, {} epoch(s), seed {}, {threads} thread(s)",
+        "{} | {} train, {} validation, {} test images | {}, lr {}, batch {}, {} epoch(s), seed {}, {} thread(s)",
         spec,
         train_set.len(),
         validation.len(),
@@ -118,7 +142,8 @@ fn train(args: &TrainArgs) -> Result<()> {
         config.learning_rate,
         config.batch_size,
         config.epochs,
-        config.seed
+        config.seed,
+        config.threads
     );
     run.log(&header)?;
     if !args.quiet && !args.json {
@@ -133,13 +158,13 @@ fn train(args: &TrainArgs) -> Result<()> {
         training,
     };
     let options = FitOptions {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        seed: args.seed,
-        label_smoothing: args.label_smoothing,
+        epochs: config.epochs,
+        batch_size: config.batch_size,
+        seed: config.seed,
+        label_smoothing: config.label_smoothing,
         learning_rate: config.learning_rate,
-        schedule: args.schedule,
-        early_stopping: args.early_stopping,
+        schedule: config.schedule,
+        early_stopping: config.early_stopping,
         reduce_lr: config
             .reduce_lr
             .map(|r| ReduceOnPlateau::new(r.factor, r.patience, r.min_lr)),
@@ -160,14 +185,14 @@ fn train(args: &TrainArgs) -> Result<()> {
         args.json,
         info(serde_json::Value::Null),
     );
-    let outcome = fit(
+    let outcome = match fit(
         &mut model,
         &mut optimizer,
         &fit_data,
         &options,
         &mut observer,
-    );
-    let outcome = match outcome {
+        resume,
+    ) {
         Ok(outcome) => outcome,
         Err(e) => {
             let kept = run.path().join("last.safetensors");
@@ -192,7 +217,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         "config": config,
     });
     // With early stopping the model now holds the best epoch's weights; save what is evaluated.
-    let final_path = run.save_model("final", &model, &info(final_facts.clone()))?;
+    let final_path = run.save_model("final", &model, &info(final_facts))?;
     let line = format!(
         "test loss {:.4}, test accuracy {:.4} ({} of {}); model: {}",
         test.loss,
@@ -211,6 +236,31 @@ fn train(args: &TrainArgs) -> Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// The run configuration the command-line arguments describe.
+fn config_from_args(args: &TrainArgs) -> Result<TrainConfig> {
+    if args.nesterov && (args.optimizer != args::OptimizerName::Sgd || args.momentum == 0.0) {
+        bail!("--nesterov needs --optimizer sgd and a --momentum above 0");
+    }
+    Ok(TrainConfig {
+        model: resolve_spec(&args.model)?,
+        data_dir: args.data.data_dir.clone(),
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        optimizer: args.rule(),
+        learning_rate: args.learning_rate(),
+        schedule: args.schedule,
+        label_smoothing: args.label_smoothing,
+        val_split: args.val_split,
+        seed: args.seed,
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        early_stopping: args.early_stopping,
+        reduce_lr: args.reduce_lr(),
+        augment: args.augment(),
+    })
 }
 
 /// A model file and the normalization it was trained with.

@@ -3,9 +3,9 @@
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::ArrayView2;
-use nn::{ModelInfo, Sequential};
+use nn::{ModelInfo, Optimizer, Sequential};
 
-use cli::{EpochRecord, Observer, RunDir, TrainError};
+use cli::{EpochRecord, FitState, Observer, RunDir, TrainError};
 
 /// Draws progress and writes the run directory after every epoch.
 pub struct ProgressObserver<'a> {
@@ -14,7 +14,6 @@ pub struct ProgressObserver<'a> {
     json: bool,
     info: ModelInfo,
     bar: Option<ProgressBar>,
-    history: Vec<EpochRecord>,
     epochs: usize,
 }
 
@@ -27,7 +26,6 @@ impl<'a> ProgressObserver<'a> {
             json,
             info,
             bar: None,
-            history: Vec::new(),
             epochs: 0,
         }
     }
@@ -65,19 +63,23 @@ impl Observer for ProgressObserver<'_> {
         &mut self,
         record: &EpochRecord,
         model: &Sequential,
+        optimizer: &Optimizer,
+        state: &FitState,
         improved: bool,
     ) -> Result<(), TrainError> {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
-        self.history.push(record.clone());
-        self.run.write_history(&self.history)?;
+        self.run.write_history(&state.history)?;
         let mut info = self.info.clone();
         info.training = serde_json::json!({"epoch": record.epoch, "record": record});
         self.run.save_model("last", model, &info)?;
         if improved {
             self.run.save_model("best", model, &info)?;
         }
+        // Last, so that a crash before it resumes from the previous epoch, which is replayed
+        // exactly: files written for the interrupted epoch are written again, identically.
+        self.run.save_checkpoint(model, optimizer, &info, state)?;
         let validation = match (record.val_loss, record.val_accuracy) {
             (Some(l), Some(a)) => format!(" - val_loss {l:.4} - val_accuracy {a:.4}"),
             _ => String::new(),

@@ -12,6 +12,9 @@ use crate::error::TrainError;
 use crate::fit::EpochRecord;
 use crate::history::history_csv;
 
+/// The checkpoint written after every epoch.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
 /// The directory of one training run.
 #[derive(Debug)]
 pub struct RunDir {
@@ -77,6 +80,36 @@ impl RunDir {
         let path = self.path.join(format!("{name}.safetensors"));
         save_model(&path, model, info)?;
         Ok(path)
+    }
+
+    /// Saves a training checkpoint as `checkpoint.safetensors`: model, optimizer and loop state.
+    pub fn save_checkpoint(
+        &self,
+        model: &Sequential,
+        optimizer: &nn::Optimizer,
+        info: &ModelInfo,
+        state: &crate::fit::FitState,
+    ) -> Result<(), TrainError> {
+        let state =
+            serde_json::to_string(state).unwrap_or_else(|e| unreachable!("plain data: {e}"));
+        nn::save_checkpoint(&self.path.join(CHECKPOINT), model, optimizer, info, &state)?;
+        Ok(())
+    }
+
+    /// Restores the last checkpoint into `model` and `optimizer`; returns the loop state.
+    pub fn load_checkpoint(
+        &self,
+        model: &mut Sequential,
+        optimizer: &mut nn::Optimizer,
+    ) -> Result<crate::fit::FitState, TrainError> {
+        let path = self.path.join(CHECKPOINT);
+        let state = nn::load_checkpoint(&path, model, optimizer)?;
+        serde_json::from_str(&state).map_err(|e| {
+            TrainError::Nn(nn::NnError::ModelFile {
+                path,
+                problem: format!("invalid loop state: {e}"),
+            })
+        })
     }
 
     /// Writes a file of the run atomically (temporary file, then rename).

@@ -41,7 +41,15 @@ fn early_stopping_restores_the_weights_of_the_best_epoch() {
     };
     let mut model = Sequential::new(preset("lenet5").unwrap(), 3).unwrap();
     let mut optimizer = Optimizer::new(Rule::sgd(0.9), options.learning_rate).unwrap();
-    let outcome = fit(&mut model, &mut optimizer, &fit_data, &options, &mut Silent).unwrap();
+    let outcome = fit(
+        &mut model,
+        &mut optimizer,
+        &fit_data,
+        &options,
+        &mut Silent,
+        None,
+    )
+    .unwrap();
 
     let losses: Vec<f32> = outcome
         .history

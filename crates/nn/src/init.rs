@@ -67,6 +67,17 @@ pub fn layer_rng(seed: u64, layer: usize) -> ChaCha8Rng {
     rng
 }
 
+/// The generator for layer `layer` during epoch `epoch` of a run seeded with `seed`: a stream of
+/// its own for every (layer, epoch), so an epoch can be replayed without the ones before it.
+pub fn epoch_layer_rng(seed: u64, layer: usize, epoch: u64) -> ChaCha8Rng {
+    // A different 64-bit seed per epoch (odd multiplier: distinct epochs give distinct seeds).
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ (epoch.wrapping_add(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    rng.set_stream(layer as u64);
+    rng
+}
+
 /// A uniform f64 in [0, 1) from the top 53 bits of one draw.
 pub fn unit(rng: &mut impl Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64

@@ -2,6 +2,7 @@
 //! state, and the spec that rebuilds it.
 
 use ndarray::ArrayD;
+use rand_chacha::ChaCha8Rng;
 
 use crate::error::NnError;
 use crate::param::Param;
@@ -62,4 +63,8 @@ pub trait Layer: Send + std::fmt::Debug {
 
     /// The spec that builds this layer (without its weights).
     fn spec(&self) -> LayerSpec;
+
+    /// Gives a layer that draws random numbers (Dropout) a fresh generator; the others ignore
+    /// it. Reseeding at every epoch from the run's seed makes any epoch replayable.
+    fn reseed(&mut self, _rng: ChaCha8Rng) {}
 }

@@ -34,7 +34,7 @@ mod spec;
 mod summary;
 
 pub use error::NnError;
-pub use init::{Init, fans, initialize, layer_rng};
+pub use init::{Init, epoch_layer_rng, fans, initialize, layer_rng};
 pub use layer::{Layer, Mode};
 pub use loss::{
     EPSILON, LossOutput, Targets, accuracy, categorical_cross_entropy, correct, predictions,
@@ -42,8 +42,8 @@ pub use loss::{
 };
 pub use model::{ParamCounts, Sequential};
 pub use model_file::{
-    FORMAT, FORMAT_VERSION, InputNormalization, ModelInfo, load_model, load_weights, save_model,
-    write_atomically,
+    CHECKPOINT_FORMAT, FORMAT, FORMAT_VERSION, InputNormalization, ModelInfo, load_checkpoint,
+    load_model, load_weights, save_checkpoint, save_model, write_atomically,
 };
 pub use optim::{Optimizer, OptimizerState, Rule};
 pub use param::Param;

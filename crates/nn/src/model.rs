@@ -98,6 +98,13 @@ impl Sequential {
         Ok(())
     }
 
+    /// Gives every random layer (Dropout) the generator of `epoch` of a run seeded with `seed`.
+    pub fn reseed(&mut self, seed: u64, epoch: u64) {
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            layer.reseed(crate::init::epoch_layer_rng(seed, index, epoch));
+        }
+    }
+
     /// Zeroes every gradient: its own step before each batch.
     pub fn zero_grad(&mut self) {
         self.visit_params_mut(|_, p| {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::NnError;
 use crate::model::Sequential;
+use crate::optim::{Optimizer, OptimizerState};
 use crate::spec::ModelSpec;
 
 /// The `format` metadata value that marks this project's model files.
@@ -38,11 +39,99 @@ pub struct ModelInfo {
     pub training: serde_json::Value,
 }
 
+/// The `format` metadata value of a training checkpoint (model, optimizer, loop state).
+pub const CHECKPOINT_FORMAT: &str = "mnist-cnn.checkpoint";
+
+/// Optimizer tensors in a checkpoint are named `optimizer.<parameter>.<slot>`.
+const OPTIMIZER_PREFIX: &str = "optimizer.";
+
 /// BatchNorm's batch counter, stored as PyTorch stores it: a 0-d int64 tensor.
 const COUNTER_SUFFIX: &str = "num_batches_tracked";
 
 /// Writes the model's weights and state, its spec and `info` to `path`, atomically.
 pub fn save_model(path: &Path, model: &Sequential, info: &ModelInfo) -> Result<(), NnError> {
+    write_tensors(path, FORMAT, model, None, info, None)
+}
+
+/// Writes a training checkpoint: the model as [`save_model`] does, the optimizer's state, and
+/// `loop_state` (the training loop's own state, as JSON), atomically.
+pub fn save_checkpoint(
+    path: &Path,
+    model: &Sequential,
+    optimizer: &Optimizer,
+    info: &ModelInfo,
+    loop_state: &str,
+) -> Result<(), NnError> {
+    write_tensors(
+        path,
+        CHECKPOINT_FORMAT,
+        model,
+        Some(optimizer),
+        info,
+        Some(loop_state),
+    )
+}
+
+/// Restores a checkpoint into `model` and `optimizer` (built as when the checkpoint was taken)
+/// and returns the training loop's state; nothing changes unless everything matches.
+pub fn load_checkpoint(
+    path: &Path,
+    model: &mut Sequential,
+    optimizer: &mut Optimizer,
+) -> Result<String, NnError> {
+    let bytes = read(path)?;
+    let at = |problem: String| NnError::ModelFile {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let metadata = checked_metadata(path, &bytes, CHECKPOINT_FORMAT)?;
+    let number = |key: &str| {
+        metadata
+            .get(key)
+            .ok_or_else(|| at(format!("the checkpoint has no {key}")))
+    };
+    let loop_state = number("loop_state")?.clone();
+    let step: u64 = number("optimizer_step")?
+        .parse()
+        .map_err(|e| at(format!("optimizer_step: {e}")))?;
+    let learning_rate: f32 = number("optimizer_learning_rate")?
+        .parse()
+        .map_err(|e| at(format!("optimizer_learning_rate: {e}")))?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| at(format!("not a safetensors checkpoint ({e})")))?;
+    let mut tensors = Vec::new();
+    for name in file.names() {
+        if let Some(slot) = name.strip_prefix(OPTIMIZER_PREFIX) {
+            let view = file.tensor(name).map_err(|e| at(e.to_string()))?;
+            tensors.push((slot.to_string(), decode(name, &view).map_err(at)?));
+        }
+    }
+    // Check the optimizer state on a copy first, so that a failure changes nothing.
+    let mut restored = optimizer.clone();
+    restored
+        .load_state(
+            OptimizerState {
+                step,
+                learning_rate,
+                tensors,
+            },
+            model,
+        )
+        .map_err(|e| at(e.to_string()))?;
+    fill(path, &bytes, model)?;
+    *optimizer = restored;
+    Ok(loop_state)
+}
+
+/// Writes the model's tensors (and an optimizer's) with the metadata of `format`.
+fn write_tensors(
+    path: &Path,
+    format: &str,
+    model: &Sequential,
+    optimizer: Option<&Optimizer>,
+    info: &ModelInfo,
+    loop_state: Option<&str>,
+) -> Result<(), NnError> {
     let at = |problem: String| NnError::ModelFile {
         path: path.to_path_buf(),
         problem,
@@ -51,7 +140,21 @@ pub fn save_model(path: &Path, model: &Sequential, info: &ModelInfo) -> Result<(
     model.visit_params(|name, p| tensors.push(encode(name, &p.value)));
     model.visit_buffers(|name, b| tensors.push(encode(name, b)));
     let mut metadata = HashMap::new();
-    metadata.insert("format".to_string(), FORMAT.to_string());
+    if let Some(optimizer) = optimizer {
+        let state = optimizer.state();
+        for (name, tensor) in &state.tensors {
+            tensors.push(encode(&format!("{OPTIMIZER_PREFIX}{name}"), tensor));
+        }
+        metadata.insert("optimizer_step".to_string(), state.step.to_string());
+        metadata.insert(
+            "optimizer_learning_rate".to_string(),
+            state.learning_rate.to_string(),
+        );
+    }
+    if let Some(loop_state) = loop_state {
+        metadata.insert("loop_state".to_string(), loop_state.to_string());
+    }
+    metadata.insert("format".to_string(), format.to_string());
     metadata.insert("format_version".to_string(), FORMAT_VERSION.to_string());
     metadata.insert(
         "spec".to_string(),
@@ -78,7 +181,7 @@ pub fn save_model(path: &Path, model: &Sequential, info: &ModelInfo) -> Result<(
 /// Rebuilds a whole model from a file alone: its spec from the metadata, then its weights.
 pub fn load_model(path: &Path) -> Result<(Sequential, ModelInfo), NnError> {
     let bytes = read(path)?;
-    let (metadata, _) = checked_metadata(path, &bytes)?;
+    let metadata = checked_metadata(path, &bytes, FORMAT)?;
     let at = |problem: String| NnError::ModelFile {
         path: path.to_path_buf(),
         problem,
@@ -115,7 +218,7 @@ pub fn load_model(path: &Path) -> Result<(Sequential, ModelInfo), NnError> {
 /// on the first missing, extra or mis-shaped tensor, naming it.
 pub fn load_weights(path: &Path, model: &mut Sequential) -> Result<(), NnError> {
     let bytes = read(path)?;
-    checked_metadata(path, &bytes)?;
+    checked_metadata(path, &bytes, FORMAT)?;
     fill(path, &bytes, model)
 }
 
@@ -126,8 +229,12 @@ fn read(path: &Path) -> Result<Vec<u8>, NnError> {
     })
 }
 
-/// The metadata of a file of this format and version, or why the file is not one.
-fn checked_metadata(path: &Path, bytes: &[u8]) -> Result<(HashMap<String, String>, ()), NnError> {
+/// The metadata of a file of this `format` and version, or why the file is not one.
+fn checked_metadata(
+    path: &Path,
+    bytes: &[u8],
+    format: &str,
+) -> Result<HashMap<String, String>, NnError> {
     let at = |problem: String| NnError::ModelFile {
         path: path.to_path_buf(),
         problem,
@@ -136,15 +243,15 @@ fn checked_metadata(path: &Path, bytes: &[u8]) -> Result<(HashMap<String, String
         .map_err(|e| at(format!("not a safetensors model file ({e})")))?;
     let metadata = metadata.metadata().clone().unwrap_or_default();
     match metadata.get("format") {
-        Some(f) if f == FORMAT => {}
+        Some(f) if f == format => {}
         Some(other) => {
             return Err(at(format!(
-                "a safetensors file of format {other:?}, not a model file of this project ({FORMAT:?})"
+                "a safetensors file of format {other:?}, not a file of this project's format {format:?}"
             )));
         }
         None => {
             return Err(at(format!(
-                "a safetensors file without this project's metadata (format {FORMAT:?}); to load bare weights into a model, build the model and load weights only"
+                "a safetensors file without this project's metadata (format {format:?}); to load bare weights into a model, build the model and load weights only"
             )));
         }
     }
@@ -153,7 +260,7 @@ fn checked_metadata(path: &Path, bytes: &[u8]) -> Result<(HashMap<String, String
         .map(String::as_str)
         .unwrap_or("missing");
     match version.parse::<u32>() {
-        Ok(FORMAT_VERSION) => Ok((metadata, ())),
+        Ok(FORMAT_VERSION) => Ok(metadata),
         Ok(v) if v > FORMAT_VERSION => Err(at(format!(
             "model format version {v} is newer than this program reads (version {FORMAT_VERSION}); upgrade the program"
         ))),
@@ -197,7 +304,11 @@ fn fill(path: &Path, bytes: &[u8], model: &mut Sequential) -> Result<(), NnError
         }
     });
     result?;
-    if let Some(extra) = file.names().into_iter().find(|n| !staged.contains_key(*n)) {
+    if let Some(extra) = file
+        .names()
+        .into_iter()
+        .find(|n| !staged.contains_key(*n) && !n.starts_with(OPTIMIZER_PREFIX))
+    {
         return Err(at(format!(
             "tensor {extra} is not part of the model {}",
             model.spec().name

@@ -193,7 +193,7 @@ fn wrong_files_are_refused_with_what_is_wrong() {
         (
             "foreign",
             Box::new(|p: &Path| write_file(p, &named(""), &[("format", "pt")])),
-            "not a model file of this project",
+            "not a file of this project's format",
         ),
         (
             "bare",

@@ -78,4 +78,8 @@ impl Layer for Dropout {
     fn spec(&self) -> LayerSpec {
         LayerSpec::Dropout { rate: self.rate }
     }
+
+    fn reseed(&mut self, rng: ChaCha8Rng) {
+        self.rng = rng;
+    }
 }
