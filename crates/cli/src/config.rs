@@ -58,4 +58,7 @@ pub struct TrainConfig {
     pub reduce_lr: Option<ReduceLrConfig>,
     /// Data augmentation, if enabled.
     pub augment: Option<AugmentConfig>,
+    /// Where TensorBoard event files go, if anywhere.
+    #[serde(default)]
+    pub tensorboard: Option<PathBuf>,
 }

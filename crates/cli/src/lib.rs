@@ -11,6 +11,7 @@ mod evaluate;
 mod fit;
 mod history;
 mod run_dir;
+mod tensorboard;
 
 pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
 pub use digit_image::{load_digit, to_mnist_form};
@@ -22,3 +23,4 @@ pub use fit::{
 };
 pub use history::history_csv;
 pub use run_dir::{RunDir, utc_timestamp};
+pub use tensorboard::{TensorBoard, crc32c, masked_crc32c};

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cli::{FitData, FitOptions, Resume, RunDir, TrainConfig, evaluate, fit};
+use cli::{FitData, FitOptions, Resume, RunDir, TensorBoard, TrainConfig, evaluate, fit};
 use mnist_data::{
     Augmentation, DataError, Dataset, LoadOptions, Normalization, ValidationSplit, load_dir,
 };
@@ -179,11 +179,16 @@ fn train(args: &TrainArgs) -> Result<()> {
         validation: (!validation.is_empty()).then_some(&validation),
         normalization,
     };
+    let tensorboard = match &config.tensorboard {
+        Some(dir) => Some(TensorBoard::create(dir)?),
+        None => None,
+    };
     let mut observer = ProgressObserver::new(
         &mut run,
         args.quiet,
         args.json,
         info(serde_json::Value::Null),
+        tensorboard,
     );
     let outcome = match fit(
         &mut model,
@@ -260,6 +265,7 @@ fn config_from_args(args: &TrainArgs) -> Result<TrainConfig> {
         early_stopping: args.early_stopping,
         reduce_lr: args.reduce_lr(),
         augment: args.augment(),
+        tensorboard: args.tensorboard.clone(),
     })
 }
 

@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::ArrayView2;
 use nn::{ModelInfo, Optimizer, Sequential};
 
-use cli::{EpochRecord, FitState, Observer, RunDir, TrainError};
+use cli::{EpochRecord, FitState, Observer, RunDir, TensorBoard, TrainError};
 
 /// Draws progress and writes the run directory after every epoch.
 pub struct ProgressObserver<'a> {
@@ -15,11 +15,19 @@ pub struct ProgressObserver<'a> {
     info: ModelInfo,
     bar: Option<ProgressBar>,
     epochs: usize,
+    tensorboard: Option<TensorBoard>,
 }
 
 impl<'a> ProgressObserver<'a> {
-    /// Reports to the terminal as asked, and saves models with `info` into `run`.
-    pub fn new(run: &'a mut RunDir, quiet: bool, json: bool, info: ModelInfo) -> Self {
+    /// Reports to the terminal as asked, saves models with `info` into `run`, and writes
+    /// TensorBoard events when given event files.
+    pub fn new(
+        run: &'a mut RunDir,
+        quiet: bool,
+        json: bool,
+        info: ModelInfo,
+        tensorboard: Option<TensorBoard>,
+    ) -> Self {
         ProgressObserver {
             run,
             quiet,
@@ -27,6 +35,7 @@ impl<'a> ProgressObserver<'a> {
             info,
             bar: None,
             epochs: 0,
+            tensorboard,
         }
     }
 }
@@ -71,6 +80,9 @@ impl Observer for ProgressObserver<'_> {
             bar.finish_and_clear();
         }
         self.run.write_history(&state.history)?;
+        if let Some(tensorboard) = &mut self.tensorboard {
+            tensorboard.epoch(record)?;
+        }
         let mut info = self.info.clone();
         info.training = serde_json::json!({"epoch": record.epoch, "record": record});
         self.run.save_model("last", model, &info)?;

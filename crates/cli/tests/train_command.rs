@@ -28,6 +28,7 @@ fn train_writes_the_run_directory_and_evaluate_and_predict_agree() {
     let data = tempfile::tempdir().unwrap();
     synthetic_dataset(data.path(), 600, 200);
     let run = data.path().join("run");
+    let tensorboard = data.path().join("tb");
     let (data_dir, run_dir) = (data.path().to_str().unwrap(), run.to_str().unwrap());
     let out = mnist(&[
         "train",
@@ -39,6 +40,8 @@ fn train_writes_the_run_directory_and_evaluate_and_predict_agree() {
         data_dir,
         "--run-dir",
         run_dir,
+        "--tensorboard",
+        tensorboard.to_str().unwrap(),
         "--json",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -66,6 +69,32 @@ fn train_writes_the_run_directory_and_evaluate_and_predict_agree() {
         assert!(run.join(file).is_file(), "{file} missing");
     }
     let history = std::fs::read_to_string(run.join("history.csv")).unwrap();
+    // TensorBoard: per epoch, the training loss, accuracy and rate, and the validation curves.
+    let train_events = common::read_scalars(&tensorboard.join("train"));
+    let validation_events = common::read_scalars(&tensorboard.join("validation"));
+    let tags = |events: &[(String, i64, f32)], tag: &str| -> Vec<(i64, f32)> {
+        events
+            .iter()
+            .filter(|(t, _, _)| t == tag)
+            .map(|&(_, s, v)| (s, v))
+            .collect()
+    };
+    assert_eq!(
+        tags(&train_events, "epoch_learning_rate"),
+        [(1, 0.001), (2, 0.001)]
+    );
+    assert_eq!(tags(&validation_events, "epoch_loss").len(), 2);
+    for (line, (step, loss)) in history
+        .lines()
+        .skip(1)
+        .zip(tags(&train_events, "epoch_loss"))
+    {
+        let csv_loss: f32 = line.split(',').nth(1).unwrap().parse().unwrap();
+        assert!(
+            (csv_loss - loss).abs() < 1e-5,
+            "epoch {step}: csv {csv_loss}, events {loss}"
+        );
+    }
     assert_eq!(history.lines().count(), 3, "{history}");
     assert!(history.starts_with("epoch,train_loss,train_accuracy,val_loss,val_accuracy,learning_rate,seconds,images_per_second"));
     let config: serde_json::Value =

@@ -7,6 +7,7 @@ use ndarray::{ArrayD, IxDyn};
 
 /// `n` images per split where class k is a bright vertical bar at columns 2k+4..2k+6, with a
 /// little pseudo-random noise: learnable in one epoch.
+#[allow(dead_code)]
 pub fn synthetic_dataset(dir: &Path, train: usize, test: usize) {
     for (prefix, n, salt) in [("train", train, 1usize), ("t10k", test, 7)] {
         let labels: Vec<u8> = (0..n).map(|i| ((i * 7 + salt) % 10) as u8).collect();
@@ -35,4 +36,111 @@ pub fn synthetic_dataset(dir: &Path, train: usize, test: usize) {
         )
         .unwrap();
     }
+}
+
+/// Every scalar in the TensorBoard event files of `dir`, as (tag, step, value), after checking
+/// each record's framing and both CRCs: a reader written from the format's description,
+/// independent of the writer.
+#[allow(dead_code)]
+pub fn read_scalars(dir: &Path) -> Vec<(String, i64, f32)> {
+    let mut scalars = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert!(
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("tfevents"),
+            "{}",
+            path.display()
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        let mut at = 0;
+        let mut first = true;
+        while at < bytes.len() {
+            let len_bytes = &bytes[at..at + 8];
+            let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+            assert_eq!(
+                u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()),
+                cli::masked_crc32c(len_bytes)
+            );
+            let data = &bytes[at + 12..at + 12 + len];
+            assert_eq!(
+                u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap()),
+                cli::masked_crc32c(data)
+            );
+            at += 16 + len;
+            let event = fields(data);
+            if first {
+                assert!(
+                    event.iter().any(|(f, v)| *f == 3 && v == b"brain.Event:2"),
+                    "file version first"
+                );
+                first = false;
+                continue;
+            }
+            let step = event
+                .iter()
+                .find(|(f, _)| *f == 2)
+                .map_or(0, |(_, v)| varint(v).0 as i64);
+            for (_, summary) in event.iter().filter(|(f, _)| *f == 5) {
+                for (_, value) in fields(summary).iter().filter(|(f, _)| *f == 1) {
+                    let value = fields(value);
+                    let tag =
+                        String::from_utf8(value.iter().find(|(f, _)| *f == 1).unwrap().1.clone())
+                            .unwrap();
+                    let v = f32::from_le_bytes(
+                        value
+                            .iter()
+                            .find(|(f, _)| *f == 2)
+                            .unwrap()
+                            .1
+                            .clone()
+                            .try_into()
+                            .unwrap(),
+                    );
+                    scalars.push((tag, step, v));
+                }
+            }
+        }
+    }
+    scalars
+}
+
+/// (field number, payload) of each field of a protobuf message; varints as their raw bytes.
+fn fields(mut data: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let (key, n) = varint(data);
+        data = &data[n..];
+        let payload = match key & 7 {
+            0 => {
+                let (_, n) = varint(data);
+                data[..n].to_vec()
+            }
+            1 => data[..8].to_vec(),
+            2 => {
+                let (len, n) = varint(data);
+                data = &data[n..];
+                data[..len as usize].to_vec()
+            }
+            5 => data[..4].to_vec(),
+            other => panic!("unexpected wire type {other}"),
+        };
+        data = &data[payload.len()..];
+        out.push((key >> 3, payload));
+    }
+    out
+}
+
+/// A varint's value and its length in bytes.
+fn varint(data: &[u8]) -> (u64, usize) {
+    let mut value = 0u64;
+    for (i, &b) in data.iter().enumerate() {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return (value, i + 1);
+        }
+    }
+    panic!("truncated varint")
 }
