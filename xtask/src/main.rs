@@ -1,6 +1,7 @@
 //! Project automation as a plain Rust binary, run as `cargo xtask <command>` (see
 //! `.cargo/config.toml`): no shell scripts to port, the same code on every platform.
 
+mod bench;
 mod fetch;
 
 use std::process::ExitCode;
@@ -19,11 +20,15 @@ struct Cli {
 enum Command {
     /// Download MNIST into data/mnist and verify every file's SHA-256.
     FetchData(fetch::FetchArgs),
+    /// Measure every preset's training and inference speed (release build), optionally beside
+    /// PyTorch (--compare, with BENCH_PYTHON).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::FetchData(args) => fetch::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,6 +25,29 @@ pub enum Command {
     Predict(PredictArgs),
     /// Print a model's layers, output shapes and parameter counts (Keras-style).
     Summary(SummaryArgs),
+    /// Measure a preset's training and inference speed (what `cargo xtask bench` runs).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The preset to measure, with its tutorial's optimizer and batch size.
+    #[arg(long, value_name = "PRESET", default_value = "two-conv")]
+    pub model: String,
+    /// Training batches timed, after the warm-up.
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
+    pub batches: usize,
+    /// Training batches run before timing.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Worker threads [default: all cores].
+    #[arg(long, value_parser = at_least_one)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which architecture: a preset or a spec file.

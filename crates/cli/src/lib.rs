@@ -4,6 +4,7 @@
 //!
 //! Architecture invariant: this crate joins `mnist-data` and `nn`; neither knows the other.
 
+mod bench;
 mod config;
 mod digit_image;
 mod error;
@@ -13,6 +14,7 @@ mod history;
 mod run_dir;
 mod tensorboard;
 
+pub use bench::{BenchCase, BenchResult, bench, bench_cases, peak_rss_mb};
 pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
 pub use digit_image::{load_digit, to_mnist_form};
 pub use error::TrainError;

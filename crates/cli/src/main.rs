@@ -18,7 +18,9 @@ use nn::{
     load_model, summary,
 };
 
-use crate::args::{Cli, Command, EvaluateArgs, ModelChoice, PredictArgs, SummaryArgs, TrainArgs};
+use crate::args::{
+    BenchArgs, Cli, Command, EvaluateArgs, ModelChoice, PredictArgs, SummaryArgs, TrainArgs,
+};
 use crate::progress::ProgressObserver;
 
 fn main() -> ExitCode {
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => evaluate_command(&args),
         Command::Predict(args) => predict(&args),
         Command::Summary(args) => summary_command(&args),
+        Command::Bench(args) => bench_command(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -415,5 +418,53 @@ fn summary_command(args: &SummaryArgs) -> Result<()> {
         None => Sequential::new(resolve_spec(&args.model)?, 0)?,
     };
     print!("{}", summary(&model));
+    Ok(())
+}
+
+fn bench_command(args: &BenchArgs) -> Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("cannot start the worker threads")?;
+    let case = cli::bench_cases()
+        .into_iter()
+        .find(|c| c.model == args.model)
+        .with_context(|| {
+            format!(
+                "no benchmark for {:?}: choose two-conv, lenet5 or one-conv",
+                args.model
+            )
+        })?;
+    let data = load_dataset(&args.data.data_dir)?;
+    let normalization = Normalization::fit(&data.train);
+    let result = cli::bench(
+        &case,
+        &data.train,
+        &data.test,
+        &normalization,
+        args.warmup,
+        args.batches,
+    )?;
+    let peak = cli::peak_rss_mb();
+    if args.json {
+        let mut value = serde_json::to_value(&result).context("cannot format the result")?;
+        value["peak_rss_mb"] = serde_json::json!(peak);
+        value["threads"] = serde_json::json!(threads);
+        value["date"] = serde_json::json!(cli::utc_timestamp());
+        println!("{value}");
+    } else {
+        println!(
+            "{}: train {:.0} images/s (epoch of 60,000: {:.1} s), inference {:.0} images/s, latency {:.3} ms, peak RSS {}",
+            result.model,
+            result.train_images_per_second,
+            result.projected_epoch_seconds,
+            result.inference_images_per_second,
+            result.latency_ms,
+            peak.map_or("unknown".into(), |mb| format!("{mb:.0} MB"))
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,104 @@
+"""The same presets as `mnist bench`, in PyTorch, on the same data: one JSON object per case.
+
+Usage: python bench_torch.py DATA_DIR THREADS BATCHES WARMUP MODEL [MODEL ...]
+Run by `cargo xtask bench --compare` with BENCH_PYTHON pointing at a Python that has torch.
+"""
+
+import gzip
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def idx(path):
+    with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def model(name):
+    if name == "two-conv":
+        return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1600, 128), nn.ReLU(), nn.Linear(128, 10))
+    if name == "lenet5":
+        return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                             nn.Linear(84, 10))
+    if name == "one-conv":
+        return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5408, 100),
+                             nn.ReLU(), nn.Linear(100, 10))
+    raise SystemExit(f"unknown model {name}")
+
+
+CASES = {  # optimizer and batch size as in `mnist bench`
+    "two-conv": (lambda p: torch.optim.Adam(p, lr=1e-3), 64),
+    "lenet5": (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), 64),
+    "one-conv": (lambda p: torch.optim.SGD(p, lr=0.01), 32),
+}
+
+
+def main():
+    data_dir, threads, batches, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(threads)
+    torch.manual_seed(1)
+    x = idx(f"{data_dir}/train-images-idx3-ubyte.gz").astype(np.float32) / 255
+    y = idx(f"{data_dir}/train-labels-idx1-ubyte.gz").astype(np.int64)
+    xt = idx(f"{data_dir}/t10k-images-idx3-ubyte.gz").astype(np.float32) / 255
+    mean, std = x.mean(), x.std()
+    x = torch.from_numpy((x - mean) / std).unsqueeze(1)
+    xt = torch.from_numpy((xt - mean) / std).unsqueeze(1)
+    y = torch.from_numpy(y)
+    for name in sys.argv[5:]:
+        make_optimizer, batch = CASES[name]
+        net = model(name)
+        optimizer = make_optimizer(net.parameters())
+        loss_fn = nn.CrossEntropyLoss()
+        order = torch.randperm(len(x))
+
+        def step(i):
+            idx_ = order[i * batch:(i + 1) * batch]
+            optimizer.zero_grad()
+            loss = loss_fn(net(x[idx_]), y[idx_])
+            loss.backward()
+            optimizer.step()
+
+        net.train()
+        for i in range(warmup):
+            step(i)
+        start = time.perf_counter()
+        for i in range(warmup, warmup + batches):
+            step(i)
+        train_ips = batches * batch / (time.perf_counter() - start)
+        net.eval()
+        with torch.no_grad():
+            start = time.perf_counter()
+            for i in range(0, len(xt), 1000):
+                net(xt[i:i + 1000])
+            inference_ips = len(xt) / (time.perf_counter() - start)
+            one = xt[:1]
+            for _ in range(20):
+                net(one)
+            times = []
+            for _ in range(200):
+                start = time.perf_counter()
+                net(one)
+                times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        print(json.dumps({
+            "model": name, "batch_size": batch, "train_images_per_second": train_ips,
+            "projected_epoch_seconds": 60000 / train_ips, "inference_images_per_second": inference_ips,
+            "latency_ms": times[len(times) // 2],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
+            "framework": f"PyTorch {torch.__version__}",
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+//! `cargo xtask bench`: each preset's training and inference speed in a release build, one
+//! process per case (so peak memory is the case's own), optionally beside PyTorch measured in
+//! the same run on the same data, printed as a Markdown table.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Arguments of `cargo xtask bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Presets to measure.
+    #[arg(long = "model", value_name = "PRESET", default_values_t = ["two-conv".to_string(), "lenet5".to_string(), "one-conv".to_string()])]
+    models: Vec<String>,
+    /// Training batches timed per case, after the warm-up.
+    #[arg(long, default_value_t = 100)]
+    batches: usize,
+    /// Training batches run before timing.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Worker threads for every framework.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Also run the same cases in PyTorch, with the Python in $BENCH_PYTHON.
+    #[arg(long)]
+    compare: bool,
+    /// Write the table into docs/benchmarks.md (between its `cargo xtask bench` markers).
+    #[arg(long)]
+    write: bool,
+    /// The dataset.
+    #[arg(long, value_name = "DIR", default_value_os_t = workspace().join("data/mnist"))]
+    data_dir: PathBuf,
+}
+
+fn workspace() -> PathBuf {
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().unwrap_or(xtask).to_path_buf()
+}
+
+const BEGIN: &str = "<!-- cargo xtask bench: begin -->";
+const END: &str = "<!-- cargo xtask bench: end -->";
+
+/// Runs `bench`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let root = workspace();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--quiet", "-p", "cli"])
+        .current_dir(&root)
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p cli failed");
+    }
+    let python = if args.compare {
+        Some(std::env::var("BENCH_PYTHON").context(
+            "--compare needs BENCH_PYTHON=/path/to/python of an environment with torch (pip install torch numpy)",
+        )?)
+    } else {
+        None
+    };
+    let data = args
+        .data_dir
+        .to_str()
+        .context("the data directory is not valid UTF-8")?
+        .to_string();
+    let (threads, batches, warmup) = (
+        args.threads.to_string(),
+        args.batches.to_string(),
+        args.warmup.to_string(),
+    );
+    let mut rows = Vec::new();
+    for model in &args.models {
+        eprintln!("measuring {model} ...");
+        let ours = json_line(
+            Command::new(root.join("target/release/mnist"))
+                .args([
+                    "bench",
+                    "--model",
+                    model,
+                    "--threads",
+                    &threads,
+                    "--batches",
+                    &batches,
+                ])
+                .args(["--warmup", &warmup, "--data-dir", &data, "--json"]),
+        )?;
+        let torch = match &python {
+            Some(python) => Some(json_line(
+                Command::new(python)
+                    .arg(root.join("xtask/bench_torch.py"))
+                    .args([&data, &threads, &batches, &warmup, model]),
+            )?),
+            None => None,
+        };
+        rows.push((model.clone(), ours, torch));
+    }
+    let table = table(&rows, &args);
+    println!("{table}");
+    if args.write {
+        let path = root.join("docs/benchmarks.md");
+        let doc = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let section = format!("{BEGIN}\n{table}\n{END}");
+        let updated = match (doc.find(BEGIN), doc.find(END)) {
+            (Some(a), Some(b)) if a < b => {
+                format!("{}{section}{}", &doc[..a], &doc[b + END.len()..])
+            }
+            _ => format!("{doc}\n## Whole models (`cargo xtask bench`)\n\n{section}\n"),
+        };
+        std::fs::write(&path, updated)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs a command and parses the last line of its standard output as JSON.
+fn json_line(command: &mut Command) -> Result<Value> {
+    let out = command
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))
+}
+
+fn number(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+fn table(rows: &[(String, Value, Option<Value>)], args: &BenchArgs) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
+    let mut out = format!(
+        "Measured by `cargo xtask {command}` ({} training batches after {} of warm-up per case, \
+         {} threads, {cpu}, {} UTC).\n\n",
+        args.batches,
+        args.warmup,
+        args.threads,
+        rows.first()
+            .and_then(|r| r.1["date"].as_str())
+            .unwrap_or("unknown date")
+    );
+    let torch = rows.iter().any(|r| r.2.is_some());
+    if torch {
+        let version = rows
+            .iter()
+            .find_map(|r| {
+                r.2.as_ref()
+                    .and_then(|t| t["framework"].as_str().map(String::from))
+            })
+            .unwrap_or_default();
+        out += &format!(
+            "Against {version}. Time ratio: our epoch seconds / theirs (below 1: we train faster). \
+             Throughput ratio: our inference images/s / theirs (above 1: we infer faster).\n\n"
+        );
+        out += "| model | batch | epoch s (ours) | epoch s (PyTorch) | time ratio | inference img/s (ours) | inference img/s (PyTorch) | throughput ratio | latency ms (ours / PyTorch) | peak RSS MB (ours / PyTorch) |\n";
+        out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    } else {
+        out += "| model | batch | train img/s | epoch s | inference img/s | latency ms | peak RSS MB |\n";
+        out += "| --- | --- | --- | --- | --- | --- | --- |\n";
+    }
+    for (model, ours, theirs) in rows {
+        let batch = ours["batch_size"].as_u64().unwrap_or(0);
+        match theirs {
+            Some(t) => {
+                out += &format!(
+                    "| {model} | {batch} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.2} | {:.3} / {:.3} | {:.0} / {:.0} |\n",
+                    number(ours, "projected_epoch_seconds"),
+                    number(t, "projected_epoch_seconds"),
+                    number(ours, "projected_epoch_seconds") / number(t, "projected_epoch_seconds"),
+                    number(ours, "inference_images_per_second"),
+                    number(t, "inference_images_per_second"),
+                    number(ours, "inference_images_per_second")
+                        / number(t, "inference_images_per_second"),
+                    number(ours, "latency_ms"),
+                    number(t, "latency_ms"),
+                    number(ours, "peak_rss_mb"),
+                    number(t, "peak_rss_mb"),
+                );
+            }
+            None => {
+                out += &format!(
+                    "| {model} | {batch} | {:.0} | {:.1} | {:.0} | {:.3} | {:.0} |\n",
+                    number(ours, "train_images_per_second"),
+                    number(ours, "projected_epoch_seconds"),
+                    number(ours, "inference_images_per_second"),
+                    number(ours, "latency_ms"),
+                    number(ours, "peak_rss_mb"),
+                );
+            }
+        }
+    }
+    out
+}
