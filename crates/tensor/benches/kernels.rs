@@ -82,6 +82,7 @@ fn conv(c: &mut Criterion) {
                     w.view(),
                     Some(b.view()),
                     &mut buffers,
+                    tensor::Backward::Needed,
                     y.view_mut(),
                 )
                 .unwrap()
@@ -97,6 +98,7 @@ fn conv(c: &mut Criterion) {
             w.view(),
             Some(b.view()),
             &mut buffers,
+            tensor::Backward::Needed,
             y.view_mut(),
         )
         .unwrap();
@@ -128,6 +130,7 @@ fn conv(c: &mut Criterion) {
                     w.view(),
                     Some(b.view()),
                     &mut buffers,
+                    tensor::Backward::Needed,
                     y.view_mut(),
                 )
                 .unwrap();

@@ -238,16 +238,28 @@ pub fn images_per_chunk(batch: usize) -> usize {
     batch.div_ceil(MAX_CHUNKS).max(1)
 }
 
-/// `y = conv(x, weight) + bias`, keeping the unfolded input in `buffers` for the backward pass.
+/// Whether a backward pass will follow a forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backward {
+    /// Training: keep the whole batch's unfolded input for [`conv2d_backward`].
+    Needed,
+    /// Inference: unfold one image at a time into a small buffer and keep nothing.
+    NotNeeded,
+}
+
+/// `y = conv(x, weight) + bias`; with [`Backward::Needed`], keeps the unfolded input in
+/// `buffers` for the backward pass.
 pub fn conv2d_forward(
     dims: &Conv2dDims,
     x: ArrayView4<'_, f32>,
     weight: ArrayView4<'_, f32>,
     bias: Option<ArrayView1<'_, f32>>,
     buffers: &mut Conv2dBuffers,
+    backward: Backward,
     mut y: ArrayViewMut4<'_, f32>,
 ) -> Result<(), TensorError> {
     const OP: &str = "conv2d_forward";
+    let keep_columns = backward == Backward::Needed;
     expect_shape(OP, "input", x.shape(), &dims.input_shape())?;
     expect_shape(OP, "output", y.shape(), &dims.output_shape())?;
     let weight = weight_matrix(OP, dims, weight)?;
@@ -263,8 +275,10 @@ pub fn conv2d_forward(
     let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
-    resize(&mut buffers.cols, (chunks, patch, per_chunk * pixels));
-    buffers.dims = Some(*dims);
+    // Without a backward pass to come, each chunk reuses one image's worth of columns.
+    let kept_images = if keep_columns { per_chunk } else { 1 };
+    resize(&mut buffers.cols, (chunks, patch, kept_images * pixels));
+    buffers.dims = keep_columns.then_some(*dims);
 
     // Per image: y[n] [O, OH*OW] = W [O, C*KH*KW] * cols block [C*KH*KW, OH*OW] (+ bias).
     // One narrow GEMM per image keeps its operands in cache; the chunked layout of `cols` is
@@ -277,7 +291,8 @@ pub fn conv2d_forward(
         .zip(y.axis_chunks_iter_mut(Axis(0), per_chunk))
         .for_each(|((mut cols, x), mut y)| {
             for (j, (x, y)) in x.outer_iter().zip(y.outer_iter_mut()).enumerate() {
-                let mut block = cols.slice_mut(s![.., j * pixels..(j + 1) * pixels]);
+                let slot = if keep_columns { j } else { 0 };
+                let mut block = cols.slice_mut(s![.., slot * pixels..(slot + 1) * pixels]);
                 im2col(dims, x, block.view_mut());
                 let mut y = y
                     .into_shape_with_order((o, pixels))

@@ -9,7 +9,7 @@ use crate::layer::{Layer, Mode};
 use crate::layers::expect_dim;
 use crate::param::{Param, fixed, fixed_mut, weight_and_bias, weight_and_bias_mut};
 use crate::spec::{LayerSpec, PaddingSpec};
-use tensor::{Conv2dBuffers, Conv2dDims, Conv2dGrads, conv2d_backward, conv2d_forward};
+use tensor::{Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, conv2d_backward, conv2d_forward};
 
 /// The hyper-parameters of a [`Conv2d`], apart from its weights.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -132,6 +132,10 @@ impl Layer for Conv2d {
             weight,
             bias,
             &mut self.buffers,
+            match mode {
+                Mode::Train => Backward::Needed,
+                Mode::Eval => Backward::NotNeeded,
+            },
             y.view_mut(),
         )?;
         self.forward_dims = (mode == Mode::Train).then_some(dims);

@@ -77,7 +77,16 @@ fn check_against_reference(
 
     let mut buffers = Conv2dBuffers::default();
     let mut y = Array4::from_elem(dims.output_shape(), f32::NAN);
-    conv2d_forward(&dims, x, weight.view(), bias, &mut buffers, y.view_mut()).unwrap();
+    conv2d_forward(
+        &dims,
+        x,
+        weight.view(),
+        bias,
+        &mut buffers,
+        tensor::Backward::Needed,
+        y.view_mut(),
+    )
+    .unwrap();
     let (expected, bound) = reference::conv_forward(&dims, x, weight.view(), bias);
     assert_close("y", y.view(), expected.view(), bound.view());
 
@@ -163,6 +172,7 @@ fn a_hand_computed_convolution() {
         w.view(),
         Some(b.view()),
         &mut buffers,
+        tensor::Backward::Needed,
         y.view_mut(),
     )
     .unwrap();
@@ -244,6 +254,7 @@ fn impossible_configurations_and_shapes_are_errors() {
         w.view(),
         None,
         &mut buffers,
+        tensor::Backward::Needed,
         y.view_mut(),
     )
     .unwrap_err();
@@ -269,4 +280,39 @@ fn impossible_configurations_and_shapes_are_errors() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("forward pass missing"), "{err}");
+}
+
+#[test]
+fn inference_forward_gives_the_same_bits_and_keeps_nothing_for_backward() {
+    let dims = Conv2dDims::new([19, 3, 9, 9], 4, [3, 3], [1, 1], Padding::Same).unwrap();
+    let mut values = Values::new(21);
+    let x = values.array4(dims.input_shape());
+    let w = values.array4(dims.weight_shape());
+    let b = values.array1(4);
+    let run = |backward| {
+        let mut buffers = Conv2dBuffers::default();
+        let mut y = Array4::from_elem(dims.output_shape(), f32::NAN);
+        conv2d_forward(
+            &dims,
+            x.view(),
+            w.view(),
+            Some(b.view()),
+            &mut buffers,
+            backward,
+            y.view_mut(),
+        )
+        .unwrap();
+        (y, buffers)
+    };
+    let (training, _) = run(tensor::Backward::Needed);
+    let (inference, mut buffers) = run(tensor::Backward::NotNeeded);
+    assert_eq!(training.mapv(f32::to_bits), inference.mapv(f32::to_bits));
+    let dy = Array4::zeros(dims.output_shape());
+    let mut dw = Array4::zeros(dims.weight_shape());
+    let grads = Conv2dGrads {
+        weight: dw.view_mut(),
+        bias: None,
+        input: None,
+    };
+    assert!(conv2d_backward(&dims, w.view(), dy.view(), &mut buffers, grads).is_err());
 }

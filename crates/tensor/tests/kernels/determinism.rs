@@ -23,6 +23,7 @@ fn run_everything() -> Vec<u32> {
         w.view(),
         Some(b.view()),
         &mut buffers,
+        tensor::Backward::Needed,
         y.view_mut(),
     )
     .unwrap();
