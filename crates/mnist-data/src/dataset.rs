@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array1, Array3, Ix1, Ix3};
+use ndarray::{Array, Array1, Array3, Dimension, Ix1, Ix3};
 
 use crate::error::{DataError, IdxError};
 use crate::idx::read_idx_file;
@@ -131,17 +131,22 @@ pub fn find_file(
         })
 }
 
-fn read_images(path: &Path, options: &LoadOptions) -> Result<Array3<u8>, DataError> {
+/// The u8 array of an IDX file with the number of dimensions `D` has, whose axes mean `meaning`.
+fn read_u8<D: Dimension>(path: &Path, meaning: &'static str) -> Result<Array<u8, D>, DataError> {
     let in_file = |e| DataError::in_file(path, e);
     let array = read_idx_file(path)?.into_u8().map_err(in_file)?;
     let shape = array.shape().to_vec();
-    let images = array.into_dimensionality::<Ix3>().map_err(|_| {
+    array.into_dimensionality::<D>().map_err(|_| {
         in_file(IdxError::WrongRank {
+            expected: D::NDIM.unwrap_or(shape.len()),
             shape,
-            expected: 3,
-            meaning: "images, rows, columns",
+            meaning,
         })
-    })?;
+    })
+}
+
+fn read_images(path: &Path, options: &LoadOptions) -> Result<Array3<u8>, DataError> {
+    let images = read_u8::<Ix3>(path, "images, rows, columns")?;
     let (_, rows, cols) = images.dim();
     if let Some((expected_rows, expected_cols)) = options.image_size
         && (rows, cols) != (expected_rows, expected_cols)
@@ -158,16 +163,7 @@ fn read_images(path: &Path, options: &LoadOptions) -> Result<Array3<u8>, DataErr
 }
 
 fn read_labels(path: &Path, options: &LoadOptions) -> Result<Array1<u8>, DataError> {
-    let in_file = |e| DataError::in_file(path, e);
-    let array = read_idx_file(path)?.into_u8().map_err(in_file)?;
-    let shape = array.shape().to_vec();
-    let labels = array.into_dimensionality::<Ix1>().map_err(|_| {
-        in_file(IdxError::WrongRank {
-            shape,
-            expected: 1,
-            meaning: "labels",
-        })
-    })?;
+    let labels = read_u8::<Ix1>(path, "labels")?;
     if let Some((index, &label)) = labels
         .iter()
         .enumerate()

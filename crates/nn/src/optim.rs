@@ -123,12 +123,27 @@ impl Rule {
 
 impl std::fmt::Display for Rule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.describe(f)?;
+        let (Rule::Sgd { weight_decay, .. }
+        | Rule::Adam { weight_decay, .. }
+        | Rule::RmsProp { weight_decay, .. }
+        | Rule::Adagrad { weight_decay, .. }) = *self;
+        if weight_decay > 0.0 {
+            write!(f, " weight decay {weight_decay}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Rule {
+    /// The rule's name and its own hyper-parameters (weight decay is shared and added after).
+    fn describe(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             Rule::Sgd {
                 momentum,
                 dampening,
                 nesterov,
-                weight_decay,
+                ..
             } => {
                 write!(f, "SGD")?;
                 if momentum > 0.0 {
@@ -141,46 +156,21 @@ impl std::fmt::Display for Rule {
                 if dampening > 0.0 {
                     write!(f, " dampening {dampening}")?;
                 }
-                if weight_decay > 0.0 {
-                    write!(f, " weight decay {weight_decay}")?;
-                }
                 Ok(())
             }
             Rule::Adam {
                 beta1,
                 beta2,
                 eps,
-                weight_decay,
                 decoupled,
-            } => {
-                write!(
-                    f,
-                    "{} betas ({beta1}, {beta2}) eps {eps:e}",
-                    if decoupled { "AdamW" } else { "Adam" }
-                )?;
-                if weight_decay > 0.0 {
-                    write!(f, " weight decay {weight_decay}")?;
-                }
-                Ok(())
-            }
-            Rule::RmsProp {
-                alpha,
-                eps,
-                weight_decay,
-            } => {
-                write!(f, "RMSprop alpha {alpha} eps {eps:e}")?;
-                if weight_decay > 0.0 {
-                    write!(f, " weight decay {weight_decay}")?;
-                }
-                Ok(())
-            }
-            Rule::Adagrad { eps, weight_decay } => {
-                write!(f, "Adagrad eps {eps:e}")?;
-                if weight_decay > 0.0 {
-                    write!(f, " weight decay {weight_decay}")?;
-                }
-                Ok(())
-            }
+                ..
+            } => write!(
+                f,
+                "{} betas ({beta1}, {beta2}) eps {eps:e}",
+                if decoupled { "AdamW" } else { "Adam" }
+            ),
+            Rule::RmsProp { alpha, eps, .. } => write!(f, "RMSprop alpha {alpha} eps {eps:e}"),
+            Rule::Adagrad { eps, .. } => write!(f, "Adagrad eps {eps:e}"),
         }
     }
 }

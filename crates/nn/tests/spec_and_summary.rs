@@ -128,3 +128,24 @@ fn dropout_is_the_identity_in_evaluation_and_keeps_the_scale_in_training() {
     let dx = dropout.backward(dy, true).unwrap().unwrap();
     assert!(dx.iter().zip(&y).all(|(&g, &v)| g == 2.0 * v));
 }
+
+#[test]
+fn optimizers_describe_themselves() {
+    use nn::Rule;
+    assert_eq!(Rule::adam().to_string(), "Adam betas (0.9, 0.999) eps 1e-8");
+    assert_eq!(
+        Rule::adamw().to_string(),
+        "AdamW betas (0.9, 0.999) eps 1e-8 weight decay 0.01"
+    );
+    let sgd = Rule::Sgd {
+        momentum: 0.9,
+        dampening: 0.0,
+        nesterov: true,
+        weight_decay: 5e-4,
+    };
+    assert_eq!(
+        sgd.to_string(),
+        "SGD momentum 0.9 nesterov weight decay 0.0005"
+    );
+    assert_eq!(Rule::adagrad().to_string(), "Adagrad eps 1e-10");
+}
