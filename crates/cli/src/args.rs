@@ -164,6 +164,10 @@ pub struct TrainArgs {
     /// its config.json; ends with the weights an uninterrupted run would have.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "run_dir")]
     pub resume: Option<PathBuf>,
+    /// Elastic distortion for --augment: a random displacement field smoothed by a Gaussian of
+    /// SIGMA pixels and scaled to ALPHA pixels (Simard et al. use 34:4).
+    #[arg(long, value_name = "ALPHA:SIGMA", value_parser = parse_elastic, requires = "augment")]
+    pub elastic: Option<(f32, f32)>,
     /// Run directory [default: runs/<UTC time>-<model>].
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
@@ -240,6 +244,7 @@ impl TrainArgs {
             degrees: self.rotation,
             zoom: self.zoom,
             shift: self.shift,
+            elastic: self.elastic,
         })
     }
 
@@ -337,6 +342,13 @@ fn fraction_f64(text: &str) -> Result<f64, String> {
         v if (0.0..1.0).contains(&v) => Ok(v),
         _ => Err("must be at least 0 and below 1 (0 for no validation set)".into()),
     }
+}
+
+fn parse_elastic(text: &str) -> Result<(f32, f32), String> {
+    let (alpha, sigma) = text
+        .split_once(':')
+        .ok_or("expected ALPHA:SIGMA, e.g. 34:4")?;
+    Ok((non_negative(alpha)?, positive(sigma)?))
 }
 
 fn parse_schedule(text: &str) -> Result<Schedule, String> {

@@ -25,6 +25,9 @@ pub struct AugmentConfig {
     pub zoom: f32,
     /// Shift range in pixels.
     pub shift: f32,
+    /// Elastic distortion `(alpha, sigma)` in pixels, if any.
+    #[serde(default)]
+    pub elastic: Option<(f32, f32)>,
 }
 
 /// Everything that determines a training run.

@@ -10,7 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cli::{FitData, FitOptions, Resume, RunDir, TensorBoard, TrainConfig, evaluate, fit};
 use mnist_data::{
-    Augmentation, DataError, Dataset, LoadOptions, Normalization, ValidationSplit, load_dir,
+    Augmentation, DataError, Dataset, Elastic, LoadOptions, Normalization, ValidationSplit,
+    load_dir,
 };
 use ndarray::Array2;
 use nn::{
@@ -175,6 +176,7 @@ fn train(args: &TrainArgs) -> Result<()> {
             degrees: a.degrees,
             zoom: a.zoom,
             shift: a.shift,
+            elastic: a.elastic.map(|(alpha, sigma)| Elastic { alpha, sigma }),
         }),
     };
     let fit_data = FitData {

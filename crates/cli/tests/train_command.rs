@@ -198,7 +198,7 @@ fn impossible_arguments_fail_with_one_line() {
     let dir = empty.path().to_str().unwrap();
     let not_a_model = empty.path().join("notes.txt");
     std::fs::write(&not_a_model, "hello").unwrap();
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["train", "--batch-size", "0"], "must be at least 1"),
         (&["train", "--val-split", "1"], "below 1"),
         (&["train", "--lr", "0"], "positive"),
@@ -224,6 +224,10 @@ fn impossible_arguments_fail_with_one_line() {
         ),
         (&["train", "--schedule", "sometimes"], "expected constant"),
         (&["train", "--zoom", "0.2"], "--augment"),
+        (
+            &["train", "--augment", "--elastic", "34"],
+            "expected ALPHA:SIGMA",
+        ),
     ];
     for (args, needle) in cases {
         let out = mnist(args);

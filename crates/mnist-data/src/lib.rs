@@ -28,7 +28,7 @@ mod one_hot;
 mod shuffle;
 pub mod testing;
 
-pub use augment::Augmentation;
+pub use augment::{Augmentation, Elastic};
 pub use batch::{Batch, BatchOrder, Batches};
 pub use dataset::{Dataset, LoadOptions, MNIST_FILE_NAMES, Split, find_file, load_dir, load_split};
 pub use error::{DataError, IdxError};
