@@ -268,6 +268,12 @@ pub struct EvaluateArgs {
     /// Print the figures as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Draw the confusion matrix as a heatmap into this PNG.
+    #[arg(long, value_name = "PNG")]
+    pub confusion_png: Option<PathBuf>,
+    /// Draw the most confident mistakes, with true and predicted classes, into this PNG.
+    #[arg(long, value_name = "PNG")]
+    pub misclassified: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -11,6 +11,7 @@ mod error;
 mod evaluate;
 mod fit;
 mod history;
+mod plots;
 mod run_dir;
 mod tensorboard;
 
@@ -24,5 +25,6 @@ pub use fit::{
     loss_and_accuracy, snapshot,
 };
 pub use history::history_csv;
+pub use plots::{confusion_heatmap, history_plots, mistakes_grid};
 pub use run_dir::{RunDir, utc_timestamp};
 pub use tensorboard::{TensorBoard, crc32c, masked_crc32c};

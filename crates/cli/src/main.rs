@@ -290,6 +290,12 @@ fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
     let (mut model, normalization) = open_model(&args.model_file)?;
     let data = load_dataset(&args.data.data_dir)?;
     let result = evaluate(&mut model, &data.test, &normalization)?;
+    if let Some(png) = &args.confusion_png {
+        cli::confusion_heatmap(png, &result.confusion)?;
+    }
+    if let Some(png) = &args.misclassified {
+        cli::mistakes_grid(png, &data.test, &result.mistakes)?;
+    }
     if args.json {
         println!(
             "{}",

@@ -80,6 +80,7 @@ impl Observer for ProgressObserver<'_> {
             bar.finish_and_clear();
         }
         self.run.write_history(&state.history)?;
+        cli::history_plots(self.run.path(), &state.history)?;
         if let Some(tensorboard) = &mut self.tensorboard {
             tensorboard.epoch(record)?;
         }

@@ -62,9 +62,12 @@ fn train_writes_the_run_directory_and_evaluate_and_predict_agree() {
         "best.safetensors",
         "last.safetensors",
         "final.safetensors",
+        "checkpoint.safetensors",
         "history.csv",
         "config.json",
         "train.log",
+        "loss.png",
+        "accuracy.png",
     ] {
         assert!(run.join(file).is_file(), "{file} missing");
     }
@@ -129,6 +132,31 @@ fn train_writes_the_run_directory_and_evaluate_and_predict_agree() {
         report.contains("confusion matrix") && report.contains("precision"),
         "{report}"
     );
+    // The figures decode as PNGs of the size drawn.
+    let (heatmap, mistakes) = (
+        data.path().join("confusion.png"),
+        data.path().join("mistakes.png"),
+    );
+    let out = mnist(&[
+        "evaluate",
+        "--model-file",
+        model_file,
+        "--data-dir",
+        data_dir,
+        "--confusion-png",
+        heatmap.to_str().unwrap(),
+        "--misclassified",
+        mistakes.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (png, width) in [
+        (&heatmap, 680),
+        (&mistakes, 600),
+        (&run.join("loss.png"), 800),
+    ] {
+        let image = image::open(png).unwrap();
+        assert_eq!(image.width(), width, "{}", png.display());
+    }
 
     // predict draws the image and answers with a class.
     let out = mnist(&[
