@@ -156,8 +156,8 @@ pub struct TrainArgs {
     /// Shift range in pixels for --augment.
     #[arg(long, value_name = "PIXELS", default_value_t = 2.0, value_parser = non_negative, requires = "augment")]
     pub shift: f32,
-    /// Write TensorBoard event files (loss, accuracy, learning rate per epoch) under DIR/train and
-    /// DIR/validation, as Keras' TensorBoard callback does: `tensorboard --logdir DIR`.
+    /// Where to write TensorBoard event files (loss, accuracy, learning rate per epoch), under
+    /// DIR/train and DIR/validation as Keras' callback does [default: <run dir>/tensorboard].
     #[arg(long, value_name = "DIR")]
     pub tensorboard: Option<PathBuf>,
     /// Continue an interrupted run from its directory's last checkpoint, with the settings in

@@ -184,10 +184,12 @@ fn train(args: &TrainArgs) -> Result<()> {
         validation: (!validation.is_empty()).then_some(&validation),
         normalization,
     };
-    let tensorboard = match &config.tensorboard {
-        Some(dir) => Some(TensorBoard::create(dir)?),
-        None => None,
-    };
+    // Into the run directory unless --tensorboard names another place.
+    let tensorboard_dir = config
+        .tensorboard
+        .clone()
+        .unwrap_or_else(|| run.path().join("tensorboard"));
+    let tensorboard = Some(TensorBoard::create(&tensorboard_dir)?);
     let mut observer = ProgressObserver::new(
         &mut run,
         args.quiet,

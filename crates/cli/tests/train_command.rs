@@ -28,7 +28,8 @@ fn train_writes_the_run_directory_and_evaluate_and_predict_agree() {
     let data = tempfile::tempdir().unwrap();
     synthetic_dataset(data.path(), 600, 200);
     let run = data.path().join("run");
-    let tensorboard = data.path().join("tb");
+    // TensorBoard events go into the run directory by default.
+    let tensorboard = run.join("tensorboard");
     let (data_dir, run_dir) = (data.path().to_str().unwrap(), run.to_str().unwrap());
     let out = mnist(&[
         "train",
@@ -40,8 +41,6 @@ fn train_writes_the_run_directory_and_evaluate_and_predict_agree() {
         data_dir,
         "--run-dir",
         run_dir,
-        "--tensorboard",
-        tensorboard.to_str().unwrap(),
         "--json",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -68,8 +67,10 @@ fn train_writes_the_run_directory_and_evaluate_and_predict_agree() {
         "train.log",
         "loss.png",
         "accuracy.png",
+        "tensorboard/train",
+        "tensorboard/validation",
     ] {
-        assert!(run.join(file).is_file(), "{file} missing");
+        assert!(run.join(file).exists(), "{file} missing");
     }
     let history = std::fs::read_to_string(run.join("history.csv")).unwrap();
     // TensorBoard: per epoch, the training loss, accuracy and rate, and the validation curves.
