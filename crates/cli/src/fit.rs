@@ -102,11 +102,11 @@ pub struct Resume {
 
 /// Hooks for progress display and persistence; every method has a no-op default.
 pub trait Observer {
-    /// An epoch of `batches` batches begins (`epoch` is 1-based).
-    fn epoch_started(&mut self, _epoch: usize, _epochs: usize, _batches: usize) {}
+    /// An epoch over `images` training images begins (`epoch` is 1-based).
+    fn epoch_started(&mut self, _epoch: usize, _epochs: usize, _images: usize) {}
 
-    /// A batch finished; the running means cover the epoch so far.
-    fn batch_finished(&mut self, _batch: usize, _running_loss: f32, _running_accuracy: f32) {}
+    /// A batch finished, `seen` images into the epoch; the running means cover them.
+    fn batch_finished(&mut self, _seen: usize, _running_loss: f32, _running_accuracy: f32) {}
 
     /// An epoch finished; `improved` says whether the monitored loss is the best so far, and
     /// `state` is what a checkpoint must hold to continue from here.
@@ -168,7 +168,7 @@ pub fn fit(
     let mut stopped_early = false;
 
     for epoch in epochs_done..options.epochs {
-        observer.epoch_started(epoch + 1, options.epochs, steps_per_epoch);
+        observer.epoch_started(epoch + 1, options.epochs, data.train.len());
         // Dropout's random stream depends on the seed and the epoch only: replayable.
         model.reseed(options.seed, epoch as u64);
         let order = BatchOrder::Shuffled {
@@ -209,7 +209,7 @@ pub fn fit(
             model.backward(out.grad)?;
             optimizer.step(model)?;
             observer.batch_finished(
-                index + 1,
+                seen,
                 (loss_sum / seen as f64) as f32,
                 right as f32 / seen as f32,
             );

@@ -15,6 +15,8 @@ pub struct ProgressObserver<'a> {
     info: ModelInfo,
     bar: Option<ProgressBar>,
     epochs: usize,
+    /// Batches of the current epoch so far.
+    batches: usize,
     tensorboard: Option<TensorBoard>,
 }
 
@@ -35,22 +37,25 @@ impl<'a> ProgressObserver<'a> {
             info,
             bar: None,
             epochs: 0,
+            batches: 0,
             tensorboard,
         }
     }
 }
 
 impl Observer for ProgressObserver<'_> {
-    fn epoch_started(&mut self, epoch: usize, epochs: usize, batches: usize) {
+    fn epoch_started(&mut self, epoch: usize, epochs: usize, images: usize) {
         self.epochs = epochs;
+        self.batches = 0;
         if self.quiet || self.json {
             return;
         }
         // indicatif draws nothing when stderr is not a terminal (a log file, CI).
-        let bar = ProgressBar::with_draw_target(Some(batches as u64), ProgressDrawTarget::stderr());
+        // Counted in images, so the rate reads as images/s and the ETA follows it.
+        let bar = ProgressBar::with_draw_target(Some(images as u64), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
+                "epoch {prefix} [{bar:30}] {pos}/{len} images {msg} ETA {eta}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
@@ -59,11 +64,16 @@ impl Observer for ProgressObserver<'_> {
         self.bar = Some(bar);
     }
 
-    fn batch_finished(&mut self, batch: usize, running_loss: f32, running_accuracy: f32) {
+    fn batch_finished(&mut self, seen: usize, running_loss: f32, running_accuracy: f32) {
         if let Some(bar) = &self.bar {
-            bar.set_position(batch as u64);
-            if batch % 10 == 0 {
-                bar.set_message(format!("loss {running_loss:.4} acc {running_accuracy:.4}"));
+            bar.set_position(seen as u64);
+            self.batches += 1;
+            // A new message every 10 batches is plenty; formatting each one is waste.
+            if self.batches % 10 == 0 {
+                let rate = seen as f64 / bar.elapsed().as_secs_f64().max(1e-9);
+                bar.set_message(format!(
+                    "loss {running_loss:.4} acc {running_accuracy:.4} {rate:.0} images/s"
+                ));
             }
         }
     }
