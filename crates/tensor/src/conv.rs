@@ -198,13 +198,15 @@ pub struct Conv2dBuffers {
     /// `[chunks, C*KH*KW, B*OH*OW]`: the forward pass's unfolded input, image j of a chunk in
     /// columns `j*OH*OW..(j+1)*OH*OW`.
     cols: Array3<f32>,
-    /// `[chunks, O, B*OH*OW]`: a chunk's output gradient, in the same column order as `cols`.
+    /// `[chunks, O, B*OH*OW]`: a chunk's output gradient, in the same column order as `cols`,
+    /// for images small enough to gather; empty otherwise.
     wide: Array3<f32>,
     /// `[chunks, O, C*KH*KW]`: each chunk's weight-gradient sum.
     partial_dw: Array3<f32>,
     /// `[chunks, O]`: each chunk's bias-gradient sum.
     partial_db: Array2<f32>,
-    /// `[chunks, C*KH*KW, B*OH*OW]`: a chunk's unfolded input gradient.
+    /// `[chunks, C*KH*KW, B*OH*OW]` (or one image's `OH*OW` columns when images are not
+    /// gathered): the unfolded input gradient; empty when no input gradient is wanted.
     dcols: Array3<f32>,
     /// The dimensions `cols` was made for, so backward can tell it matches.
     dims: Option<Conv2dDims>,
@@ -350,12 +352,25 @@ pub fn conv2d_backward(
     let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
+    // Images with few output pixels are gathered side by side into `wide` (see below); the
+    // others are used in place and need only one image's worth of `dcols`. A buffer the pass
+    // does not use is sized to nothing.
+    let gather = pixels < WIDE_GEMM_MAX_PIXELS;
+    let images_at_once = if gather { per_chunk } else { 1 };
+    let dcols_len = if dx.is_some() {
+        images_at_once * pixels
+    } else {
+        0
+    };
+    let (wide_rows, wide_len) = if gather {
+        (o, per_chunk * pixels)
+    } else {
+        (0, 0)
+    };
     resize(&mut buffers.partial_dw, (chunks, o, patch));
     resize(&mut buffers.partial_db, (chunks, o));
-    if dx.is_some() {
-        resize(&mut buffers.dcols, (chunks, patch, per_chunk * pixels));
-    }
-    resize(&mut buffers.wide, (chunks, o, per_chunk * pixels));
+    resize(&mut buffers.dcols, (chunks, patch, dcols_len));
+    resize(&mut buffers.wide, (chunks, wide_rows, wide_len));
     let Conv2dBuffers {
         cols,
         wide,
@@ -364,7 +379,6 @@ pub fn conv2d_backward(
         dcols,
         ..
     } = buffers;
-    let want_dx = dx.is_some();
     let mut dx = dx;
     let mut dx_chunks: Vec<Option<ArrayViewMut4<'_, f32>>> = match dx.as_mut() {
         Some(dx) => dx
@@ -373,18 +387,12 @@ pub fn conv2d_backward(
             .collect(),
         None => (0..chunks).map(|_| None).collect(),
     };
-    let mut dcols_chunks: Vec<Option<ArrayViewMut2<'_, f32>>> = if want_dx {
-        dcols.outer_iter_mut().map(Some).collect()
-    } else {
-        (0..chunks).map(|_| None).collect()
-    };
 
     // Per chunk: dW_k [O, C*KH*KW] = dy * cols^T and db_k [O] = row sums of dy over the chunk's
     // images; dcols [C*KH*KW, OH*OW] = W^T * dy[n], folded back onto dx[n] by col2im.
     // Images with few output pixels are first gathered side by side into `wide`, so dW_k is one
     // GEMM with a long inner dimension (B*OH*OW); images with many are used in place, one GEMM
     // each, which saves the gather's pass over memory. The choice depends on the shape alone.
-    let gather = pixels < WIDE_GEMM_MAX_PIXELS;
     let dy = dy.as_standard_layout();
     partial_dw
         .outer_iter_mut()
@@ -394,9 +402,9 @@ pub fn conv2d_backward(
         .zip(wide.outer_iter_mut())
         .zip(dy.axis_chunks_iter(Axis(0), per_chunk))
         .zip(dx_chunks.par_iter_mut())
-        .zip(dcols_chunks.par_iter_mut())
+        .zip(dcols.outer_iter_mut())
         .for_each(
-            |((((((mut pdw, mut pdb), cols), mut wide), dy), dx), dcols)| {
+            |((((((mut pdw, mut pdb), cols), mut wide), dy), dx), mut dcols)| {
                 let images = dy.len_of(Axis(0));
                 // dy[j] as [O, OH*OW]: dy is in standard layout.
                 let image_grad = |j: usize| {
@@ -421,7 +429,7 @@ pub fn conv2d_backward(
                     Zip::from(&mut pdb)
                         .and(wide.rows())
                         .for_each(|b, row| *b = row.sum());
-                    if let (Some(dx), Some(dcols)) = (dx.as_mut(), dcols.as_mut()) {
+                    if let Some(dx) = dx.as_mut() {
                         let mut dcols = dcols.slice_mut(s![.., ..used]);
                         sgemm_unchecked(1.0, &weight.t(), &wide, 0.0, dcols.view_mut());
                         for (j, dx) in dx.outer_iter_mut().enumerate() {
@@ -438,8 +446,7 @@ pub fn conv2d_backward(
                         Zip::from(&mut pdb)
                             .and(grad.rows())
                             .for_each(|b, row| *b += row.sum());
-                        if let (Some(dx), Some(dcols)) = (dx.as_mut(), dcols.as_mut()) {
-                            let mut dcols = dcols.slice_mut(s![.., ..pixels]);
+                        if let Some(dx) = dx.as_mut() {
                             sgemm_unchecked(1.0, &weight.t(), &grad, 0.0, dcols.view_mut());
                             col2im(dims, dcols.view(), dx.index_axis_mut(Axis(0), j));
                         }
