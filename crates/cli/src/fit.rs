@@ -12,6 +12,7 @@ use nn::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
+use crate::evaluate::evaluate;
 
 /// The examples a run trains and validates on.
 #[derive(Clone, Copy, Debug)]
@@ -145,7 +146,8 @@ pub fn fit(
 ) -> Result<FitOutcome, TrainError> {
     let steps_per_epoch = data.train.len().div_ceil(options.batch_size.max(1));
     let total_steps = steps_per_epoch * options.epochs;
-    let (state, mut best_weights) = match resume {
+    // The loop's whole state lives here, updated in place and lent to each checkpoint.
+    let (mut state, mut best_weights) = match resume {
         Some(r) => (r.state, r.best_weights),
         None => (
             FitState {
@@ -158,16 +160,9 @@ pub fn fit(
             None,
         ),
     };
-    let FitState {
-        epochs_done,
-        mut base_lr,
-        mut history,
-        mut best,
-        mut reduce_lr,
-    } = state;
     let mut stopped_early = false;
 
-    for epoch in epochs_done..options.epochs {
+    for epoch in state.epochs_done..options.epochs {
         observer.epoch_started(epoch + 1, options.epochs, data.train.len());
         // Dropout's random stream depends on the seed and the epoch only: replayable.
         model.reseed(options.seed, epoch as u64);
@@ -183,9 +178,10 @@ pub fn fit(
         let (mut loss_sum, mut right, mut seen) = (0.0f64, 0usize, 0usize);
         for (index, batch) in batches.enumerate() {
             let step = epoch * steps_per_epoch + index;
-            let lr = options
-                .schedule
-                .learning_rate(base_lr, step, steps_per_epoch, total_steps);
+            let lr =
+                options
+                    .schedule
+                    .learning_rate(state.base_lr, step, steps_per_epoch, total_steps);
             optimizer.set_learning_rate(lr)?;
             model.zero_grad();
             let n = batch.len();
@@ -217,8 +213,8 @@ pub fn fit(
         let seconds = start.elapsed().as_secs_f64();
         let (val_loss, val_accuracy) = match data.validation {
             Some(v) if !v.is_empty() => {
-                let (loss, accuracy) = loss_and_accuracy(model, v, &data.normalization)?;
-                (Some(loss), Some(accuracy))
+                let validation = evaluate(model, v, &data.normalization)?;
+                (Some(validation.loss), Some(validation.accuracy))
             }
             _ => (None, None),
         };
@@ -233,29 +229,25 @@ pub fn fit(
             images_per_second: seen as f64 / seconds.max(1e-9),
         };
         let monitored = record.monitored_loss();
-        let improved = best.is_none_or(|(loss, _)| monitored < loss);
+        let improved = state.best.is_none_or(|(loss, _)| monitored < loss);
         if improved {
-            best = Some((monitored, epoch + 1));
+            state.best = Some((monitored, epoch + 1));
             if options.early_stopping.is_some() {
                 best_weights = Some(snapshot(model));
             }
         }
-        if let Some(reduce) = reduce_lr.as_mut()
-            && let Some(reduced) = reduce.observe(monitored, base_lr)
+        if let Some(reduce) = state.reduce_lr.as_mut()
+            && let Some(reduced) = reduce.observe(monitored, state.base_lr)
         {
-            base_lr = reduced;
+            state.base_lr = reduced;
         }
-        history.push(record.clone());
-        let state = FitState {
-            epochs_done: epoch + 1,
-            base_lr,
-            history: history.clone(),
-            best,
-            reduce_lr: reduce_lr.clone(),
-        };
-        observer.epoch_finished(&record, model, optimizer, &state, improved)?;
+        state.history.push(record);
+        state.epochs_done = epoch + 1;
+        if let Some(record) = state.history.last() {
+            observer.epoch_finished(record, model, optimizer, &state, improved)?;
+        }
 
-        let best_epoch = best.map_or(0, |(_, e)| e);
+        let best_epoch = state.best.map_or(0, |(_, e)| e);
         if let Some(patience) = options.early_stopping
             && epoch + 1 - best_epoch > patience
             && epoch + 1 < options.epochs
@@ -268,28 +260,10 @@ pub fn fit(
         restore(model, weights)?;
     }
     Ok(FitOutcome {
-        history,
-        best_epoch: best.map_or(0, |(_, e)| e),
+        best_epoch: state.best.map_or(0, |(_, e)| e),
+        history: state.history,
         stopped_early,
     })
-}
-
-/// Mean loss and accuracy of `model` on `data`, in evaluation mode, in batches of 1000.
-pub fn loss_and_accuracy(
-    model: &mut Sequential,
-    data: &LabeledImages,
-    normalization: &Normalization,
-) -> Result<(f32, f32), TrainError> {
-    let (mut loss_sum, mut right) = (0.0f64, 0usize);
-    for batch in Batches::new(data, 1000, BatchOrder::Sequential, normalization)? {
-        let n = batch.len();
-        let logits = model.forward(batch.images, Mode::Eval)?;
-        let out = softmax_cross_entropy(logits.view(), Targets::Classes(batch.labels.view()), 0.0)?;
-        loss_sum += f64::from(out.loss) * n as f64;
-        right += correct(logits.view(), batch.labels.view());
-    }
-    let n = data.len().max(1) as f64;
-    Ok(((loss_sum / n) as f32, (right as f64 / n) as f32))
 }
 
 /// Copies of every parameter and buffer, in visiting order.

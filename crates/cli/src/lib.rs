@@ -21,8 +21,7 @@ pub use digit_image::{load_digit, to_mnist_form};
 pub use error::TrainError;
 pub use evaluate::{ClassMetrics, Evaluation, evaluate};
 pub use fit::{
-    EpochRecord, FitData, FitOptions, FitOutcome, FitState, Observer, Resume, fit,
-    loss_and_accuracy, snapshot,
+    EpochRecord, FitData, FitOptions, FitOutcome, FitState, Observer, Resume, fit, snapshot,
 };
 pub use history::history_csv;
 pub use plots::{confusion_heatmap, history_plots, mistakes_grid};

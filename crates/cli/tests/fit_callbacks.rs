@@ -66,6 +66,8 @@ fn early_stopping_restores_the_weights_of_the_best_epoch() {
     assert!(outcome.stopped_early, "{losses:?}");
     assert_eq!(outcome.history.len(), outcome.best_epoch + 2, "{losses:?}");
     // The model holds the best epoch's weights: it scores exactly that epoch's validation loss.
-    let (loss, _) = cli::loss_and_accuracy(&mut model, &validation, &normalization).unwrap();
+    let loss = cli::evaluate(&mut model, &validation, &normalization)
+        .unwrap()
+        .loss;
     assert_eq!(loss, *best_loss, "{losses:?}");
 }
