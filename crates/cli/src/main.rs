@@ -83,10 +83,7 @@ fn train(args: &TrainArgs) -> Result<()> {
         }
         None => (config_from_args(args)?, args.run_dir.clone(), false),
     };
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(config.threads)
-        .build_global()
-        .context("cannot start the worker threads")?;
+    start_threads(config.threads)?;
 
     let data = load_dataset(&config.data_dir)?;
     let (train_set, validation) = data
@@ -101,41 +98,46 @@ fn train(args: &TrainArgs) -> Result<()> {
     let mut optimizer = Optimizer::new(config.optimizer, config.learning_rate)?;
     let mut run = RunDir::create(run_dir, &spec.name)?;
 
-    let resume = if resuming {
-        let state = run.load_checkpoint(&mut model, &mut optimizer).with_context(|| {
-            format!("cannot resume {}: it has no usable checkpoint (it stops being written only if no epoch finished)", run.path().display())
+    let resume =
+        if resuming {
+            let state = run.load_checkpoint(&mut model, &mut optimizer).with_context(|| {
+            format!(
+                "cannot resume {}: no usable checkpoint (one is written after every finished \
+                 epoch; start the run again if none finished)",
+                run.path().display()
+            )
         })?;
-        if state.epochs_done >= config.epochs {
-            bail!(
-                "{} already finished its {} epochs; see final.safetensors there",
-                run.path().display(),
-                config.epochs
+            if state.epochs_done >= config.epochs {
+                bail!(
+                    "{} already finished its {} epochs; see final.safetensors there",
+                    run.path().display(),
+                    config.epochs
+                );
+            }
+            // Early stopping restores the best epoch's weights at the end: bring them back too.
+            let best = run.path().join("best.safetensors");
+            let best_weights = match config.early_stopping {
+                Some(_) if best.exists() => Some(cli::snapshot(
+                    &load_model(&best).context("cannot load the best model")?.0,
+                )),
+                _ => None,
+            };
+            let line = format!(
+                "resuming after epoch {} of {}",
+                state.epochs_done, config.epochs
             );
-        }
-        // Early stopping restores the best epoch's weights at the end: bring them back too.
-        let best = run.path().join("best.safetensors");
-        let best_weights = match config.early_stopping {
-            Some(_) if best.exists() => Some(cli::snapshot(
-                &load_model(&best).context("cannot load the best model")?.0,
-            )),
-            _ => None,
+            run.log(&line)?;
+            if !args.quiet && !args.json {
+                eprintln!("{line} ({})", run.path().display());
+            }
+            Some(Resume {
+                state,
+                best_weights,
+            })
+        } else {
+            run.write_config(&config)?;
+            None
         };
-        let line = format!(
-            "resuming after epoch {} of {}",
-            state.epochs_done, config.epochs
-        );
-        run.log(&line)?;
-        if !args.quiet && !args.json {
-            eprintln!("{line} ({})", run.path().display());
-        }
-        Some(Resume {
-            state,
-            best_weights,
-        })
-    } else {
-        run.write_config(&config)?;
-        None
-    };
     let header = format!(
         "{} | {} train, {} validation, {} test images | {}, lr {}, batch {}, {} epoch(s), seed {}, {} thread(s)",
         spec,
@@ -250,6 +252,19 @@ fn train(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The number of cores, the default thread count.
+fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sizes the worker pool every kernel runs on.
+fn start_threads(threads: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("cannot start the worker threads")
+}
+
 /// The run configuration the command-line arguments describe.
 fn config_from_args(args: &TrainArgs) -> Result<TrainConfig> {
     if args.nesterov && (args.optimizer != args::OptimizerName::Sgd || args.momentum == 0.0) {
@@ -266,9 +281,7 @@ fn config_from_args(args: &TrainArgs) -> Result<TrainConfig> {
         label_smoothing: args.label_smoothing,
         val_split: args.val_split,
         seed: args.seed,
-        threads: args
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads: args.threads.unwrap_or_else(all_cores),
         early_stopping: args.early_stopping,
         reduce_lr: args.reduce_lr(),
         augment: args.augment(),
@@ -354,14 +367,7 @@ fn predict(args: &PredictArgs) -> Result<()> {
     }
     let mut results = Vec::new();
     for (name, image, label) in &inputs {
-        let probabilities = classify(&mut model, image, &normalization)?;
-        let predicted = probabilities
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (c, &p)| {
-                if p > best.1 { (c, p) } else { best }
-            })
-            .0;
+        let (predicted, probabilities) = classify(&mut model, image, &normalization)?;
         if args.json {
             results.push(serde_json::json!({"input": name, "label": label, "predicted": predicted, "probabilities": probabilities}));
         } else {
@@ -374,19 +380,20 @@ fn predict(args: &PredictArgs) -> Result<()> {
     Ok(())
 }
 
-/// Softmax probabilities of each class for one 28x28 image of bytes.
+/// The predicted class and every class's softmax probability for one image of bytes.
 fn classify(
     model: &mut Sequential,
     image: &Array2<u8>,
     normalization: &Normalization,
-) -> Result<Vec<f32>> {
+) -> Result<(usize, Vec<f32>)> {
     let x = image
         .mapv(|p| normalization.apply(p))
         .into_shape_with_order((1, 1, image.nrows(), image.ncols()))?;
     let logits = model.forward(x, Mode::Eval)?;
+    let predicted = nn::predictions(logits.view())[0];
     let mut p = Array2::zeros(logits.raw_dim());
     tensor::softmax(logits.view(), ndarray::Axis(1), p.view_mut())?;
-    Ok(p.row(0).to_vec())
+    Ok((predicted, p.row(0).to_vec()))
 }
 
 fn print_prediction(
@@ -432,13 +439,8 @@ fn summary_command(args: &SummaryArgs) -> Result<()> {
 }
 
 fn bench_command(args: &BenchArgs) -> Result<()> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .context("cannot start the worker threads")?;
+    let threads = args.threads.unwrap_or_else(all_cores);
+    start_threads(threads)?;
     let case = cli::bench_cases()
         .into_iter()
         .find(|c| c.model == args.model)
