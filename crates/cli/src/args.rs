@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also time each layer's forward and backward pass and the rest of the training step.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Which architecture: a preset or a spec file.

@@ -63,9 +63,23 @@ pub struct BenchResult {
     pub inference_images_per_second: f64,
     /// Median time of one single-image forward pass, in milliseconds.
     pub latency_ms: f64,
+    /// Where a training step's time goes, when profiled.
+    pub profile: Option<Vec<ProfileRow>>,
 }
 
-/// Measures one case on `train` and `test` images: `batches` training steps after `warmup`.
+/// One line of a training-step profile: a layer, or a step outside the model.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProfileRow {
+    /// `"<index> <kind> <output shape>"` for a layer, else what the step does.
+    pub name: String,
+    /// Mean forward milliseconds per batch (for steps outside the model: their whole time).
+    pub forward_ms: f64,
+    /// Mean backward milliseconds per batch.
+    pub backward_ms: f64,
+}
+
+/// Measures one case on `train` and `test` images: `batches` training steps after `warmup`;
+/// with `profile`, also times each layer and each part of the step.
 pub fn bench(
     case: &BenchCase,
     train: &LabeledImages,
@@ -73,6 +87,7 @@ pub fn bench(
     normalization: &Normalization,
     warmup: usize,
     batches: usize,
+    profile: bool,
 ) -> Result<BenchResult, TrainError> {
     let spec =
         preset(case.model).ok_or_else(|| nn::NnError::Spec(format!("no preset {}", case.model)))?;
@@ -80,29 +95,71 @@ pub fn bench(
     let mut optimizer = Optimizer::new(case.rule, case.learning_rate)?;
     let order = BatchOrder::Shuffled { seed: 1, epoch: 0 };
     let mut all = Batches::new(train, case.batch_size, order, normalization)?;
-    let mut step = |model: &mut Sequential| -> Result<usize, TrainError> {
+    // Seconds spent making batches, in the loss, and in the optimizer (zeroing included).
+    let mut outside_model = [0.0f64; 3];
+    let mut step = |model: &mut Sequential, outside: &mut [f64; 3]| -> Result<usize, TrainError> {
+        let start = Instant::now();
         let batch = all.next().ok_or_else(|| {
             mnist_data::DataError::InvalidArgument(
                 "too few training images for the benchmark".into(),
             )
         })?;
         let n = batch.len();
+        let made = Instant::now();
         model.zero_grad();
+        let zeroed = Instant::now();
         let logits = model.forward(batch.images, Mode::Train)?;
+        let forward_done = Instant::now();
         let out = softmax_cross_entropy(logits.view(), Targets::Classes(batch.labels.view()), 0.0)?;
+        let loss_done = Instant::now();
         model.backward(out.grad)?;
+        let backward_done = Instant::now();
         optimizer.step(model)?;
+        outside[0] += (made - start).as_secs_f64();
+        outside[1] += (loss_done - forward_done).as_secs_f64();
+        outside[2] += (zeroed - made + backward_done.elapsed()).as_secs_f64();
         Ok(n)
     };
     for _ in 0..warmup {
-        step(&mut model)?;
+        step(&mut model, &mut outside_model)?;
+    }
+    outside_model = [0.0; 3];
+    if profile {
+        model.start_profiling();
     }
     let start = Instant::now();
     let mut images = 0;
     for _ in 0..batches {
-        images += step(&mut model)?;
+        images += step(&mut model, &mut outside_model)?;
     }
     let train_ips = images as f64 / start.elapsed().as_secs_f64();
+    let profile = model.take_profile().map(|times| {
+        let shapes = model.output_shapes(case.batch_size);
+        let mut rows: Vec<ProfileRow> = model
+            .layers()
+            .iter()
+            .zip(times)
+            .zip(shapes)
+            .enumerate()
+            .map(|(index, ((layer, t), shape))| ProfileRow {
+                name: format!("{index} {} {shape:?}", layer.kind()),
+                forward_ms: t.mean_forward().as_secs_f64() * 1e3,
+                backward_ms: t.mean_backward().as_secs_f64() * 1e3,
+            })
+            .collect();
+        let per_batch = |seconds: f64| seconds * 1e3 / batches as f64;
+        for (name, seconds) in ["making the batch", "loss", "optimizer step and zeroing"]
+            .into_iter()
+            .zip(outside_model)
+        {
+            rows.push(ProfileRow {
+                name: name.into(),
+                forward_ms: per_batch(seconds),
+                backward_ms: 0.0,
+            });
+        }
+        rows
+    });
 
     let start = Instant::now();
     let mut seen = 0;
@@ -132,7 +189,31 @@ pub fn bench(
         projected_epoch_seconds: 60_000.0 / train_ips,
         inference_images_per_second: inference_ips,
         latency_ms: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
+        profile,
     })
+}
+
+/// A profile as a Markdown table: milliseconds per batch and share of the step, forward and
+/// backward separately.
+pub fn profile_table(rows: &[ProfileRow]) -> String {
+    let total: f64 = rows.iter().map(|r| r.forward_ms + r.backward_ms).sum();
+    let share = |ms: f64| {
+        if total > 0.0 { 100.0 * ms / total } else { 0.0 }
+    };
+    let mut out = String::from(
+        "| layer or step | forward ms | backward ms | share of the step |\n| --- | --- | --- | --- |\n",
+    );
+    for row in rows {
+        out += &format!(
+            "| {} | {:.3} | {:.3} | {:.1}% |\n",
+            row.name,
+            row.forward_ms,
+            row.backward_ms,
+            share(row.forward_ms + row.backward_ms)
+        );
+    }
+    out += &format!("| total | | | {total:.3} ms |\n");
+    out
 }
 
 /// The process's peak resident memory in MB (Linux `VmHWM`), when the system reports it.

@@ -15,7 +15,9 @@ mod plots;
 mod run_dir;
 mod tensorboard;
 
-pub use bench::{BenchCase, BenchResult, bench, bench_cases, peak_rss_mb};
+pub use bench::{
+    BenchCase, BenchResult, ProfileRow, bench, bench_cases, peak_rss_mb, profile_table,
+};
 pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
 pub use digit_image::{load_digit, to_mnist_form};
 pub use error::TrainError;

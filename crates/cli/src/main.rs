@@ -459,6 +459,7 @@ fn bench_command(args: &BenchArgs) -> Result<()> {
         &normalization,
         args.warmup,
         args.batches,
+        args.profile,
     )?;
     let peak = cli::peak_rss_mb();
     if args.json {
@@ -477,6 +478,9 @@ fn bench_command(args: &BenchArgs) -> Result<()> {
             result.latency_ms,
             peak.map_or("unknown".into(), |mb| format!("{mb:.0} MB"))
         );
+        if let Some(rows) = &result.profile {
+            println!("\n{}", cli::profile_table(rows));
+        }
     }
     Ok(())
 }

@@ -29,6 +29,7 @@ mod model;
 mod model_file;
 mod optim;
 mod param;
+mod profile;
 mod schedule;
 mod spec;
 mod summary;
@@ -47,6 +48,7 @@ pub use model_file::{
 };
 pub use optim::{Optimizer, OptimizerState, Rule};
 pub use param::Param;
+pub use profile::LayerTimes;
 pub use schedule::{ReduceOnPlateau, Schedule};
 pub use spec::{LayerSpec, ModelSpec, PRESETS, PaddingSpec, preset};
 pub use summary::{group_digits, human_bytes, summary};

@@ -1,11 +1,14 @@
 //! A sequential model: layers applied in order, one parameter-visiting API that the optimizer,
 //! the saver and the parameter count all use.
 
+use std::time::Instant;
+
 use ndarray::{Array2, Array4, ArrayD, Ix2};
 
 use crate::error::NnError;
 use crate::layer::{Layer, Mode};
 use crate::param::Param;
+use crate::profile::LayerTimes;
 use crate::spec::ModelSpec;
 
 /// Layers applied in order to `[N, C, H, W]` images, ending in `[N, classes]` scores.
@@ -13,6 +16,8 @@ use crate::spec::ModelSpec;
 pub struct Sequential {
     spec: ModelSpec,
     layers: Vec<Box<dyn Layer>>,
+    /// Per-layer times while profiling is on.
+    profile: Option<Vec<LayerTimes>>,
 }
 
 /// Parameter counts, as Keras' summary reports them.
@@ -28,7 +33,11 @@ impl Sequential {
     /// Builds the model `spec` describes, with weights initialized from `seed`.
     pub fn new(spec: ModelSpec, seed: u64) -> Result<Sequential, NnError> {
         let layers = spec.build_layers(seed)?;
-        Ok(Sequential { spec, layers })
+        Ok(Sequential {
+            spec,
+            layers,
+            profile: None,
+        })
     }
 
     /// The architecture.
@@ -71,7 +80,12 @@ impl Sequential {
         }
         let mut x: ArrayD<f32> = images.into_dyn();
         for (index, layer) in self.layers.iter_mut().enumerate() {
+            let start = self.profile.is_some().then(Instant::now);
             x = layer.forward(x, mode).map_err(|e| at_layer(e, index))?;
+            if let (Some(start), Some(times)) = (start, self.profile.as_mut()) {
+                times[index].forward += start.elapsed();
+                times[index].forward_calls += 1;
+            }
         }
         let shape = x.shape().to_vec();
         x.into_dimensionality::<Ix2>().map_err(|_| NnError::Shape {
@@ -86,16 +100,31 @@ impl Sequential {
     pub fn backward(&mut self, grad: Array2<f32>) -> Result<(), NnError> {
         let mut g: ArrayD<f32> = grad.into_dyn();
         for (index, layer) in self.layers.iter_mut().enumerate().rev() {
+            let start = self.profile.is_some().then(Instant::now);
             // Nothing needs the gradient with respect to the images.
-            match layer
+            let next = layer
                 .backward(g, index > 0)
-                .map_err(|e| at_layer(e, index))?
-            {
+                .map_err(|e| at_layer(e, index))?;
+            if let (Some(start), Some(times)) = (start, self.profile.as_mut()) {
+                times[index].backward += start.elapsed();
+                times[index].backward_calls += 1;
+            }
+            match next {
                 Some(next) => g = next,
                 None => break,
             }
         }
         Ok(())
+    }
+
+    /// Starts timing every layer's forward and backward passes, from zero.
+    pub fn start_profiling(&mut self) {
+        self.profile = Some(vec![LayerTimes::default(); self.layers.len()]);
+    }
+
+    /// The times since [`Sequential::start_profiling`], one entry per layer, and stops timing.
+    pub fn take_profile(&mut self) -> Option<Vec<LayerTimes>> {
+        self.profile.take()
     }
 
     /// Gives every random layer (Dropout) the generator of `epoch` of a run seeded with `seed`.
