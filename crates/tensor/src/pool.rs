@@ -2,9 +2,11 @@
 //! average, and global average.
 //!
 //! Shapes: `x [N, C, H, W]` to `y [N, C, OH, OW]` with OH = (H - KH) / stride + 1 (no padding,
-//! as Keras' `MaxPooling2D` by default); global average pooling gives `[N, C]`.
+//! as Keras' `MaxPooling2D` by default); global average pooling gives `[N, C]`. Inputs may have
+//! any strides; the window kernels' outputs must be in standard layout. Parallel over planes.
 
 use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Zip};
+use rayon::prelude::*;
 
 use crate::error::{TensorError, expect_shape};
 
@@ -103,34 +105,61 @@ pub fn max_pool2d_forward(
             detail: "input planes over 2^32 pixels".into(),
         });
     }
-    Zip::from(x.outer_iter())
-        .and(y.outer_iter_mut())
-        .and(argmax.outer_iter_mut())
-        .par_for_each(|x, mut y, mut argmax| {
-            for ((plane, mut out), mut arg) in x
-                .outer_iter()
-                .zip(y.outer_iter_mut())
-                .zip(argmax.outer_iter_mut())
-            {
-                for (((oh, ow), o), a) in out.indexed_iter_mut().zip(arg.iter_mut()) {
-                    let (top, left) = (oh * dims.stride_h, ow * dims.stride_w);
-                    let mut best = f32::NEG_INFINITY;
-                    let mut best_at = top * dims.in_w + left;
-                    for ih in top..top + dims.kernel_h {
-                        for iw in left..left + dims.kernel_w {
-                            let v = plane[(ih, iw)];
-                            if v > best || (v.is_nan() && !best.is_nan()) {
-                                best = v;
-                                best_at = ih * dims.in_w + iw;
-                            }
-                        }
-                    }
-                    *o = best;
-                    *a = best_at as u32;
-                }
+    let x = x.as_standard_layout();
+    let x = planes(&x, dims.in_h * dims.in_w);
+    let out_len = dims.out_h() * dims.out_w();
+    let y = planes_mut(OP, "output", &mut y, out_len)?;
+    let argmax = planes_mut(OP, "argmax", &mut argmax, out_len)?;
+    x.par_chunks(dims.in_h * dims.in_w)
+        .zip(y.par_chunks_mut(out_len))
+        .zip(argmax.par_chunks_mut(out_len))
+        .with_min_len(MIN_PLANES_PER_TASK)
+        .for_each(|((plane, out), arg)| {
+            // The 2x2 windows of every reference model get a copy with the window unrolled.
+            if (dims.kernel_h, dims.kernel_w) == (2, 2) {
+                max_pool_plane(dims, 2, 2, plane, out, arg);
+            } else {
+                max_pool_plane(dims, dims.kernel_h, dims.kernel_w, plane, out, arg);
             }
         });
     Ok(())
+}
+
+/// One plane of [`max_pool2d_forward`], the window `kernel_h` x `kernel_w`.
+#[inline(always)]
+fn max_pool_plane(
+    dims: &Pool2dDims,
+    kernel_h: usize,
+    kernel_w: usize,
+    plane: &[f32],
+    out: &mut [f32],
+    argmax: &mut [u32],
+) {
+    let out_w = dims.out_w();
+    for ((oh, out), argmax) in out
+        .chunks_exact_mut(out_w)
+        .enumerate()
+        .zip(argmax.chunks_exact_mut(out_w))
+    {
+        for ((ow, o), a) in out.iter_mut().enumerate().zip(argmax.iter_mut()) {
+            let corner = oh * dims.stride_h * dims.in_w + ow * dims.stride_w;
+            let mut best_at = corner;
+            let mut best = plane[corner];
+            for kh in 0..kernel_h {
+                let row = corner + kh * dims.in_w;
+                for (at, &v) in plane[row..row + kernel_w].iter().enumerate() {
+                    // Selects rather than branches: on real activations which value wins is
+                    // unpredictable, and a mispredicted branch per window costs more than
+                    // the comparison.
+                    let wins = v > best || (v.is_nan() && !best.is_nan());
+                    best = if wins { v } else { best };
+                    best_at = if wins { row + at } else { best_at };
+                }
+            }
+            *o = best;
+            *a = best_at as u32;
+        }
+    }
 }
 
 /// `dx` (overwritten) gets each `dy` added at its window's argmax; elsewhere 0.
@@ -150,20 +179,18 @@ pub fn max_pool2d_backward(
             detail: format!("argmax {bad} is outside the {plane_len}-pixel input plane"),
         });
     }
-    Zip::from(dx.outer_iter_mut())
-        .and(dy.outer_iter())
-        .and(argmax.outer_iter())
-        .par_for_each(|mut dx, dy, argmax| {
+    let out_len = dims.out_h() * dims.out_w();
+    let (dy, argmax) = (dy.as_standard_layout(), argmax.as_standard_layout());
+    let (dy, argmax) = (planes(&dy, out_len), planes(&argmax, out_len));
+    let dx = planes_mut(OP, "input gradient", &mut dx, plane_len)?;
+    dx.par_chunks_mut(plane_len)
+        .zip(dy.par_chunks(out_len))
+        .zip(argmax.par_chunks(out_len))
+        .with_min_len(MIN_PLANES_PER_TASK)
+        .for_each(|((dx, dy), argmax)| {
             dx.fill(0.0);
-            for ((mut plane, dy), argmax) in dx
-                .outer_iter_mut()
-                .zip(dy.outer_iter())
-                .zip(argmax.outer_iter())
-            {
-                for (&g, &at) in dy.iter().zip(argmax.iter()) {
-                    let at = at as usize;
-                    plane[(at / dims.in_w, at % dims.in_w)] += g;
-                }
+            for (&g, &at) in dy.iter().zip(argmax) {
+                dx[at as usize] += g;
             }
         });
     Ok(())
@@ -175,19 +202,27 @@ pub fn avg_pool2d_forward(
     x: ArrayView4<'_, f32>,
     mut y: ArrayViewMut4<'_, f32>,
 ) -> Result<(), TensorError> {
-    check_pool_shapes("avg_pool2d_forward", dims, x.shape(), y.shape())?;
+    const OP: &str = "avg_pool2d_forward";
+    check_pool_shapes(OP, dims, x.shape(), y.shape())?;
     let scale = 1.0 / (dims.kernel_h * dims.kernel_w) as f32;
-    Zip::from(x.outer_iter())
-        .and(y.outer_iter_mut())
-        .par_for_each(|x, mut y| {
-            for (plane, mut out) in x.outer_iter().zip(y.outer_iter_mut()) {
-                for ((oh, ow), o) in out.indexed_iter_mut() {
-                    let (top, left) = (oh * dims.stride_h, ow * dims.stride_w);
-                    let window = plane.slice(ndarray::s![
-                        top..top + dims.kernel_h,
-                        left..left + dims.kernel_w
-                    ]);
-                    *o = window.sum() * scale;
+    let (plane_len, out_w) = (dims.in_h * dims.in_w, dims.out_w());
+    let x = x.as_standard_layout();
+    let x = planes(&x, plane_len);
+    let y = planes_mut(OP, "output", &mut y, dims.out_h() * out_w)?;
+    x.par_chunks(plane_len)
+        .zip(y.par_chunks_mut(dims.out_h() * out_w))
+        .with_min_len(MIN_PLANES_PER_TASK)
+        .for_each(|(plane, out)| {
+            for (oh, out) in out.chunks_exact_mut(out_w).enumerate() {
+                for (ow, o) in out.iter_mut().enumerate() {
+                    let corner = oh * dims.stride_h * dims.in_w + ow * dims.stride_w;
+                    let sum: f32 = (0..dims.kernel_h)
+                        .map(|kh| {
+                            let row = corner + kh * dims.in_w;
+                            plane[row..row + dims.kernel_w].iter().sum::<f32>()
+                        })
+                        .sum();
+                    *o = sum * scale;
                 }
             }
         });
@@ -200,25 +235,58 @@ pub fn avg_pool2d_backward(
     dy: ArrayView4<'_, f32>,
     mut dx: ArrayViewMut4<'_, f32>,
 ) -> Result<(), TensorError> {
-    check_pool_shapes("avg_pool2d_backward", dims, dx.shape(), dy.shape())?;
+    const OP: &str = "avg_pool2d_backward";
+    check_pool_shapes(OP, dims, dx.shape(), dy.shape())?;
     let scale = 1.0 / (dims.kernel_h * dims.kernel_w) as f32;
-    Zip::from(dx.outer_iter_mut())
-        .and(dy.outer_iter())
-        .par_for_each(|mut dx, dy| {
+    let (plane_len, out_w) = (dims.in_h * dims.in_w, dims.out_w());
+    let dy = dy.as_standard_layout();
+    let dy = planes(&dy, dims.out_h() * out_w);
+    let dx = planes_mut(OP, "input gradient", &mut dx, plane_len)?;
+    dx.par_chunks_mut(plane_len)
+        .zip(dy.par_chunks(dims.out_h() * out_w))
+        .with_min_len(MIN_PLANES_PER_TASK)
+        .for_each(|(dx, dy)| {
             dx.fill(0.0);
-            for (mut plane, dy) in dx.outer_iter_mut().zip(dy.outer_iter()) {
-                for ((oh, ow), &g) in dy.indexed_iter() {
-                    let (top, left) = (oh * dims.stride_h, ow * dims.stride_w);
-                    plane
-                        .slice_mut(ndarray::s![
-                            top..top + dims.kernel_h,
-                            left..left + dims.kernel_w
-                        ])
-                        .map_inplace(|v| *v += g * scale);
+            for (oh, dy) in dy.chunks_exact(out_w).enumerate() {
+                for (ow, &g) in dy.iter().enumerate() {
+                    let corner = oh * dims.stride_h * dims.in_w + ow * dims.stride_w;
+                    for kh in 0..dims.kernel_h {
+                        let row = corner + kh * dims.in_w;
+                        for v in &mut dx[row..row + dims.kernel_w] {
+                            *v += g * scale;
+                        }
+                    }
                 }
             }
         });
     Ok(())
+}
+
+/// Planes handed to one task at least: a 26x26 plane takes well under a microsecond, so
+/// smaller tasks would cost more to schedule than to run.
+const MIN_PLANES_PER_TASK: usize = 16;
+
+/// A standard-layout array's elements, to be cut into planes of `plane_len`.
+fn planes<'a, T>(a: &'a ndarray::CowArray<'_, T, ndarray::Ix4>, plane_len: usize) -> &'a [T] {
+    let all = a
+        .as_slice()
+        .unwrap_or_else(|| unreachable!("as_standard_layout gives a contiguous array"));
+    debug_assert!(plane_len == 0 || all.len() % plane_len == 0);
+    all
+}
+
+/// An output's elements, which must be in standard layout.
+fn planes_mut<'a, T>(
+    op: &'static str,
+    operand: &'static str,
+    a: &'a mut ArrayViewMut4<'_, T>,
+    plane_len: usize,
+) -> Result<&'a mut [T], TensorError> {
+    let all = a
+        .as_slice_mut()
+        .ok_or(TensorError::Layout { op, operand })?;
+    debug_assert!(plane_len == 0 || all.len() % plane_len == 0);
+    Ok(all)
 }
 
 /// `y [N, C]` = the mean of each input plane `x [N, C, H, W]`.

@@ -52,7 +52,16 @@ proptest! {
         let mut y = Array4::from_elem(dims.output_shape(), f32::NAN);
         let mut argmax = Array4::zeros(dims.output_shape());
         max_pool2d_forward(&dims, x.view(), y.view_mut(), argmax.view_mut()).unwrap();
-        prop_assert_eq!(y.mapv(f64::from), max_ref);
+        prop_assert_eq!(y.mapv(f64::from), &max_ref);
+        // The same values stored column-major within each plane give the same answer.
+        let x_strided = x.clone().permuted_axes([0, 1, 3, 2]).as_standard_layout().into_owned();
+        let x_strided = x_strided.permuted_axes([0, 1, 3, 2]);
+        prop_assert!(!x_strided.is_standard_layout() || h == 1 || w == 1);
+        let mut y_strided = Array4::from_elem(dims.output_shape(), f32::NAN);
+        let mut argmax_strided = Array4::zeros(dims.output_shape());
+        max_pool2d_forward(&dims, x_strided.view(), y_strided.view_mut(), argmax_strided.view_mut()).unwrap();
+        prop_assert_eq!(&y_strided, &y);
+        prop_assert_eq!(&argmax_strided, &argmax);
         let mut dx = Array4::from_elem(dims.input_shape(), f32::NAN);
         max_pool2d_backward(&dims, dy.view(), argmax.view(), dx.view_mut()).unwrap();
         for (a, b) in dx.iter().zip(max_dx_ref.iter()) {
