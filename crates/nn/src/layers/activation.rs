@@ -55,13 +55,18 @@ impl Layer for Activation {
             ActivationKind::Sigmoid => tensor::sigmoid(x.view_mut()),
             ActivationKind::Tanh => tensor::tanh(x.view_mut()),
         }
-        self.output = (mode == Mode::Train).then(|| x.clone());
+        match (mode, &mut self.output) {
+            // Copy into the buffer of the previous batch rather than allocate a new one.
+            (Mode::Train, Some(kept)) if kept.shape() == x.shape() => kept.assign(&x),
+            (Mode::Train, kept) => *kept = Some(x.clone()),
+            (Mode::Eval, kept) => *kept = None,
+        }
         Ok(x)
     }
 
     fn backward(
         &mut self,
-        dy: ArrayD<f32>,
+        mut grad: ArrayD<f32>,
         input_grad: bool,
     ) -> Result<Option<ArrayD<f32>>, NnError> {
         let y = self
@@ -71,17 +76,15 @@ impl Layer for Activation {
         if !input_grad {
             return Ok(None);
         }
-        let mut dx = ArrayD::zeros(y.raw_dim());
-        let (y, dy_view, dx_view) = (y.view(), dy.view(), dx.view_mut());
+        // The output gradient becomes the input gradient in place.
+        let (y, g) = (y.view(), grad.view_mut());
         match self.kind {
-            ActivationKind::Relu => tensor::relu_backward(y, dy_view, dx_view)?,
-            ActivationKind::LeakyRelu(slope) => {
-                tensor::leaky_relu_backward(y, dy_view, dx_view, slope)?
-            }
-            ActivationKind::Sigmoid => tensor::sigmoid_backward(y, dy_view, dx_view)?,
-            ActivationKind::Tanh => tensor::tanh_backward(y, dy_view, dx_view)?,
+            ActivationKind::Relu => tensor::relu_backward(y, g)?,
+            ActivationKind::LeakyRelu(slope) => tensor::leaky_relu_backward(y, g, slope)?,
+            ActivationKind::Sigmoid => tensor::sigmoid_backward(y, g)?,
+            ActivationKind::Tanh => tensor::tanh_backward(y, g)?,
         }
-        Ok(Some(dx))
+        Ok(Some(grad))
     }
 
     fn spec(&self) -> LayerSpec {
