@@ -469,34 +469,54 @@ pub fn conv2d_backward(
 /// Unfolds one image `x [C, H, W]` into `cols [C*KH*KW, OH*OW]`: row `(c, kh, kw)` holds, for
 /// every output pixel, the input value under kernel tap (kh, kw), or 0 in the padding.
 pub fn im2col(dims: &Conv2dDims, x: ArrayView3<'_, f32>, mut cols: ArrayViewMut2<'_, f32>) {
-    let (oh_count, ow_count) = (dims.out_h(), dims.out_w());
-    for c in 0..dims.in_channels {
-        let plane = x.index_axis(Axis(0), c);
-        for kh in 0..dims.kernel_h {
-            for kw in 0..dims.kernel_w {
-                let row_index = (c * dims.kernel_h + kh) * dims.kernel_w + kw;
-                let mut row = cols.row_mut(row_index);
-                let (ow_lo, ow_hi) =
-                    valid_outputs(kw, dims.pad_left, dims.stride_w, dims.in_w, ow_count);
-                for oh in 0..oh_count {
-                    let mut out = row.slice_mut(s![oh * ow_count..(oh + 1) * ow_count]);
-                    let Some(ih) = (oh * dims.stride_h + kh).checked_sub(dims.pad_top) else {
-                        out.fill(0.0);
-                        continue;
-                    };
-                    if ih >= dims.in_h {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let input_row = plane.row(ih);
-                    for (ow, o) in out.iter_mut().enumerate() {
-                        *o = if (ow_lo..ow_hi).contains(&ow) {
-                            input_row[ow * dims.stride_w + kw - dims.pad_left]
-                        } else {
-                            0.0
-                        };
-                    }
-                }
+    let x = x.as_standard_layout();
+    let x = x
+        .as_slice()
+        .unwrap_or_else(|| unreachable!("as_standard_layout gives a contiguous array"));
+    let plane_len = dims.in_h * dims.in_w;
+    for (r, mut row) in cols.outer_iter_mut().enumerate() {
+        let (c, tap) = (
+            r / (dims.kernel_h * dims.kernel_w),
+            r % (dims.kernel_h * dims.kernel_w),
+        );
+        let (kh, kw) = (tap / dims.kernel_w, tap % dims.kernel_w);
+        let plane = &x[c * plane_len..(c + 1) * plane_len];
+        match row.as_slice_mut() {
+            Some(out) => unfold_tap(dims, plane, kh, kw, out),
+            None => {
+                // A caller's strided view: unfold into a contiguous row first.
+                let mut out = vec![0.0; row.len()];
+                unfold_tap(dims, plane, kh, kw, &mut out);
+                row.assign(&ArrayView1::from(&out));
+            }
+        }
+    }
+}
+
+/// One row of [`im2col`]: for every output pixel, the value of `plane [H, W]` under kernel tap
+/// (kh, kw), or 0 in the padding. Rows of the input are copied as runs, which is what makes
+/// unfolding cheap next to the GEMM it feeds.
+fn unfold_tap(dims: &Conv2dDims, plane: &[f32], kh: usize, kw: usize, out: &mut [f32]) {
+    let ow_count = dims.out_w();
+    let (lo, hi) = valid_outputs(kw, dims.pad_left, dims.stride_w, dims.in_w, ow_count);
+    for (oh, out) in out.chunks_exact_mut(ow_count).enumerate() {
+        let Some(ih) = input_row(dims, oh, kh) else {
+            out.fill(0.0);
+            continue;
+        };
+        out[..lo].fill(0.0);
+        out[hi..].fill(0.0);
+        if lo == hi {
+            continue;
+        }
+        let input = &plane[ih * dims.in_w..(ih + 1) * dims.in_w];
+        let first = lo * dims.stride_w + kw - dims.pad_left;
+        if dims.stride_w == 1 {
+            out[lo..hi].copy_from_slice(&input[first..first + (hi - lo)]);
+        } else {
+            let taken = input[first..].iter().step_by(dims.stride_w);
+            for (o, &v) in out[lo..hi].iter_mut().zip(taken) {
+                *o = v;
             }
         }
     }
@@ -505,31 +525,53 @@ pub fn im2col(dims: &Conv2dDims, x: ArrayView3<'_, f32>, mut cols: ArrayViewMut2
 /// Folds `dcols [C*KH*KW, OH*OW]` back onto `dx [C, H, W]` (overwriting it): each input pixel
 /// receives the sum of the gradients of every output pixel whose receptive field covers it.
 pub fn col2im(dims: &Conv2dDims, dcols: ArrayView2<'_, f32>, mut dx: ArrayViewMut3<'_, f32>) {
+    match dx.as_slice_mut() {
+        Some(dx) => fold_taps(dims, dcols, dx),
+        None => {
+            // A caller's strided view: fold into a contiguous image first.
+            let mut folded = Array3::zeros(dx.raw_dim());
+            let all = folded
+                .as_slice_mut()
+                .unwrap_or_else(|| unreachable!("a new array is contiguous"));
+            fold_taps(dims, dcols, all);
+            dx.assign(&folded);
+        }
+    }
+}
+
+/// [`col2im`] onto a contiguous `dx`, tap by tap in a fixed order.
+fn fold_taps(dims: &Conv2dDims, dcols: ArrayView2<'_, f32>, dx: &mut [f32]) {
     dx.fill(0.0);
-    let (oh_count, ow_count) = (dims.out_h(), dims.out_w());
-    for c in 0..dims.in_channels {
-        let mut plane = dx.index_axis_mut(Axis(0), c);
-        for kh in 0..dims.kernel_h {
-            for kw in 0..dims.kernel_w {
-                let row = dcols.row((c * dims.kernel_h + kh) * dims.kernel_w + kw);
-                let (ow_lo, ow_hi) =
-                    valid_outputs(kw, dims.pad_left, dims.stride_w, dims.in_w, ow_count);
-                for oh in 0..oh_count {
-                    let Some(ih) = (oh * dims.stride_h + kh).checked_sub(dims.pad_top) else {
-                        continue;
-                    };
-                    if ih >= dims.in_h {
-                        continue;
-                    }
-                    let mut input_row = plane.row_mut(ih);
-                    for ow in ow_lo..ow_hi {
-                        input_row[ow * dims.stride_w + kw - dims.pad_left] +=
-                            row[oh * ow_count + ow];
-                    }
-                }
+    let (plane_len, ow_count) = (dims.in_h * dims.in_w, dims.out_w());
+    let taps = dims.kernel_h * dims.kernel_w;
+    for (r, row) in dcols.outer_iter().enumerate() {
+        let row = row
+            .as_slice()
+            .map_or_else(|| row.to_vec().into(), std::borrow::Cow::Borrowed);
+        let (c, tap) = (r / taps, r % taps);
+        let (kh, kw) = (tap / dims.kernel_w, tap % dims.kernel_w);
+        let plane = &mut dx[c * plane_len..(c + 1) * plane_len];
+        let (lo, hi) = valid_outputs(kw, dims.pad_left, dims.stride_w, dims.in_w, ow_count);
+        for (oh, grad) in row.chunks_exact(ow_count).enumerate() {
+            let Some(ih) = input_row(dims, oh, kh).filter(|_| lo < hi) else {
+                continue;
+            };
+            let input = &mut plane[ih * dims.in_w..(ih + 1) * dims.in_w];
+            let first = lo * dims.stride_w + kw - dims.pad_left;
+            let targets = input[first..].iter_mut().step_by(dims.stride_w);
+            for (v, &g) in targets.zip(&grad[lo..hi]) {
+                *v += g;
             }
         }
     }
+}
+
+/// The input row under kernel row `kh` of output row `oh`, or `None` in the top or bottom
+/// padding.
+fn input_row(dims: &Conv2dDims, oh: usize, kh: usize) -> Option<usize> {
+    (oh * dims.stride_h + kh)
+        .checked_sub(dims.pad_top)
+        .filter(|&ih| ih < dims.in_h)
 }
 
 /// The output columns `ow_lo..ow_hi` whose kernel tap `kw` lands inside the input (not in the

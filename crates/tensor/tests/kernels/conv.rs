@@ -316,3 +316,40 @@ fn inference_forward_gives_the_same_bits_and_keeps_nothing_for_backward() {
     };
     assert!(conv2d_backward(&dims, w.view(), dy.view(), &mut buffers, grads).is_err());
 }
+
+/// im2col and col2im give the same values into and from strided views (a caller's transposed
+/// buffers) as into and from contiguous ones.
+#[test]
+fn unfolding_and_folding_accept_strided_views() {
+    let dims = Conv2dDims::new([1, 2, 5, 6], 3, [3, 2], [2, 1], Padding::Same).unwrap();
+    let mut values = Values::new(11);
+    let x = values.array4(dims.input_shape());
+    let (patch, pixels) = (dims.patch_len(), dims.out_pixels());
+    let image = x.index_axis(ndarray::Axis(0), 0);
+
+    let mut contiguous = ndarray::Array2::from_elem((patch, pixels), f32::NAN);
+    tensor::im2col(&dims, image, contiguous.view_mut());
+    let mut transposed = ndarray::Array2::from_elem((pixels, patch), f32::NAN);
+    tensor::im2col(&dims, image, transposed.view_mut().reversed_axes());
+    assert_eq!(transposed.t(), contiguous);
+    // Some taps fall in the padding, and every other value comes from the image.
+    assert!(contiguous.iter().any(|&v| v == 0.0));
+    assert!(
+        contiguous
+            .iter()
+            .all(|v| *v == 0.0 || x.iter().any(|u| u == v))
+    );
+
+    let dcols = values.array4([1, 1, patch, pixels]);
+    let dcols = dcols.slice(s![0, 0, .., ..]);
+    let mut dx = ndarray::Array3::from_elem((2, 5, 6), f32::NAN);
+    tensor::col2im(&dims, dcols, dx.view_mut());
+    let mut dx_strided = ndarray::Array3::from_elem((6, 5, 2), f32::NAN);
+    tensor::col2im(&dims, dcols.t().t(), dx_strided.view_mut().reversed_axes());
+    assert_eq!(dx_strided.view().reversed_axes(), dx);
+    let dcols_t = dcols.t().as_standard_layout().into_owned();
+    let mut dx_from_strided_cols = ndarray::Array3::from_elem((2, 5, 6), f32::NAN);
+    tensor::col2im(&dims, dcols_t.t(), dx_from_strided_cols.view_mut());
+    assert_eq!(dx_from_strided_cols, dx);
+    assert!(dx.iter().all(|v| v.is_finite()));
+}
