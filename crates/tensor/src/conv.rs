@@ -17,6 +17,8 @@ use ndarray::parallel::prelude::*;
 
 use crate::error::{TensorError, expect_shape};
 use crate::gemm::sgemm_unchecked;
+use crate::pool::{Pool2dDims, max_pool_plane};
+use std::borrow::Cow;
 
 /// How much zero padding surrounds the input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,28 +268,92 @@ pub fn conv2d_forward(
     bias: Option<ArrayView1<'_, f32>>,
     buffers: &mut Conv2dBuffers,
     backward: Backward,
-    mut y: ArrayViewMut4<'_, f32>,
+    y: ArrayViewMut4<'_, f32>,
 ) -> Result<(), TensorError> {
     const OP: &str = "conv2d_forward";
-    let keep_columns = backward == Backward::Needed;
-    expect_shape(OP, "input", x.shape(), &dims.input_shape())?;
     expect_shape(OP, "output", y.shape(), &dims.output_shape())?;
-    let weight = weight_matrix(OP, dims, weight)?;
+    let mut y = standard_layout(OP, "output", y)?;
+    let per_chunk = images_per_chunk(dims.batch);
+    let outputs = y
+        .axis_chunks_iter_mut(Axis(0), per_chunk)
+        .map(ChunkOutput::Conv)
+        .collect();
+    forward(OP, dims, x, weight, bias, buffers, backward, outputs)
+}
+
+/// `y = max_pool(relu(conv(x, weight) + bias))` in one pass: each image's convolution output
+/// is activated and pooled while it is still in cache, and never written out whole. The same
+/// bits as [`conv2d_forward`], [`crate::relu`] and [`crate::max_pool2d_forward`] in turn.
+///
+/// `pool` describes the pooling of the `[N, O, OH, OW]` convolution output; `y` and `argmax`
+/// are `[N, O, PH, PW]`. `argmax` is where each maximum came from in its convolution output
+/// plane, or [`NO_GRADIENT`] where the pooled value is 0 (ReLU passes no gradient there).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_relu_max_pool_forward(
+    dims: &Conv2dDims,
+    pool: &Pool2dDims,
+    x: ArrayView4<'_, f32>,
+    weight: ArrayView4<'_, f32>,
+    bias: Option<ArrayView1<'_, f32>>,
+    buffers: &mut Conv2dBuffers,
+    backward: Backward,
+    y: ArrayViewMut4<'_, f32>,
+    argmax: ArrayViewMut4<'_, u32>,
+) -> Result<(), TensorError> {
+    const OP: &str = "conv2d_relu_max_pool_forward";
+    check_pool_of(OP, dims, pool)?;
+    expect_shape(OP, "output", y.shape(), &pool.output_shape())?;
+    expect_shape(OP, "argmax", argmax.shape(), &pool.output_shape())?;
+    let mut y = standard_layout(OP, "output", y)?;
+    let mut argmax = standard_layout(OP, "argmax", argmax)?;
+    let per_chunk = images_per_chunk(dims.batch);
+    let outputs = y
+        .axis_chunks_iter_mut(Axis(0), per_chunk)
+        .zip(argmax.axis_chunks_iter_mut(Axis(0), per_chunk))
+        .map(|(y, argmax)| ChunkOutput::ReluMaxPool(*pool, y, argmax))
+        .collect();
+    forward(OP, dims, x, weight, bias, buffers, backward, outputs)
+}
+
+/// Marks a window of [`conv2d_relu_max_pool_forward`] whose maximum was not positive: the
+/// ReLU before the pooling passes no gradient back through it.
+pub const NO_GRADIENT: u32 = u32::MAX;
+
+/// Where the forward pass puts one chunk of images.
+enum ChunkOutput<'a> {
+    /// The convolution output `[B, O, OH, OW]`.
+    Conv(ArrayViewMut4<'a, f32>),
+    /// ReLU and max pooling of it, `[B, O, PH, PW]`, and the argmax of each window.
+    ReluMaxPool(Pool2dDims, ArrayViewMut4<'a, f32>, ArrayViewMut4<'a, u32>),
+}
+
+/// The forward pass of [`conv2d_forward`] and [`conv2d_relu_max_pool_forward`], writing into
+/// one `outputs` entry per chunk of the batch.
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    op: &'static str,
+    dims: &Conv2dDims,
+    x: ArrayView4<'_, f32>,
+    weight: ArrayView4<'_, f32>,
+    bias: Option<ArrayView1<'_, f32>>,
+    buffers: &mut Conv2dBuffers,
+    backward: Backward,
+    outputs: Vec<ChunkOutput<'_>>,
+) -> Result<(), TensorError> {
+    let keep_columns = backward == Backward::Needed;
+    expect_shape(op, "input", x.shape(), &dims.input_shape())?;
+    let weight = weight_matrix(op, dims, weight)?;
     if let Some(bias) = &bias {
-        expect_shape(OP, "bias", bias.shape(), &[dims.out_channels])?;
+        expect_shape(op, "bias", bias.shape(), &[dims.out_channels])?;
     }
-    if !y.is_standard_layout() {
-        return Err(TensorError::Layout {
-            op: OP,
-            operand: "output",
-        });
-    }
+    let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
     let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
     // Small images are unfolded side by side, up to GATHER_MAX_IMAGES at a time, and multiplied
-    // in one wide GEMM into `gathered_out`, then copied to y; large ones get one GEMM per image,
-    // straight into y. Without a backward pass to come, only one group's columns are kept.
+    // in one wide GEMM into `gathered_out`; large ones get one GEMM per image. The plain
+    // convolution of large images goes straight into y; everything else is copied or pooled
+    // from `gathered_out`. Without a backward pass to come, only one group's columns are kept.
     let gather = pixels < WIDE_GEMM_MAX_PIXELS;
     let group = if gather {
         per_chunk.min(GATHER_MAX_IMAGES)
@@ -296,7 +362,11 @@ pub fn conv2d_forward(
     };
     let kept_images = if keep_columns { per_chunk } else { group };
     resize(&mut buffers.cols, (chunks, patch, kept_images * pixels));
-    let (out_rows, out_len) = if gather { (o, group * pixels) } else { (0, 0) };
+    let (out_rows, out_len) = if gather || pooled {
+        (o, group * pixels)
+    } else {
+        (0, 0)
+    };
     resize(&mut buffers.gathered_out, (chunks, out_rows, out_len));
     buffers.dims = keep_columns.then_some(*dims);
 
@@ -316,14 +386,12 @@ pub fn conv2d_forward(
         .into_par_iter()
         .zip(buffers.gathered_out.outer_iter_mut())
         .zip(x.axis_chunks_iter(Axis(0), per_chunk))
-        .zip(y.axis_chunks_iter_mut(Axis(0), per_chunk))
-        .for_each(|(((mut cols, mut out), x), mut y)| {
-            let groups = x
-                .axis_chunks_iter(Axis(0), group)
-                .zip(y.axis_chunks_iter_mut(Axis(0), group));
-            for (g, (x, mut y)) in groups.enumerate() {
+        .zip(outputs)
+        .for_each(|(((mut cols, mut out), x), mut output)| {
+            for (g, x) in x.axis_chunks_iter(Axis(0), group).enumerate() {
                 let first = if keep_columns { g * group * pixels } else { 0 };
-                let used = x.len_of(Axis(0)) * pixels;
+                let images = x.len_of(Axis(0));
+                let used = images * pixels;
                 let mut cols = cols.slice_mut(s![.., first..first + used]);
                 for (j, x) in x.outer_iter().enumerate() {
                     im2col(
@@ -332,24 +400,99 @@ pub fn conv2d_forward(
                         cols.slice_mut(s![.., j * pixels..(j + 1) * pixels]),
                     );
                 }
-                if gather {
-                    // out [O, G*OH*OW] = W [O, C*KH*KW] * cols [C*KH*KW, G*OH*OW] (+ bias).
-                    let mut out = out.slice_mut(s![.., ..used]);
-                    let beta = fill_bias(out.view_mut());
-                    sgemm_unchecked(1.0, &weight, &cols.view(), beta, out.view_mut());
-                    for (j, y) in y.outer_iter_mut().enumerate() {
-                        image_matrix(y, o, pixels)
-                            .assign(&out.slice(s![.., j * pixels..(j + 1) * pixels]));
-                    }
-                } else {
+                let here = s![g * group..g * group + images, .., .., ..];
+                if let ChunkOutput::Conv(y) = &mut output
+                    && !gather
+                {
                     // y[n] [O, OH*OW] = W [O, C*KH*KW] * cols [C*KH*KW, OH*OW] (+ bias).
-                    let mut y = image_matrix(y.index_axis_mut(Axis(0), 0), o, pixels);
+                    let mut y = image_matrix(y.index_axis_mut(Axis(0), g), o, pixels);
                     let beta = fill_bias(y.view_mut());
                     sgemm_unchecked(1.0, &weight, &cols.view(), beta, y.view_mut());
+                    continue;
+                }
+                // out [O, G*OH*OW] = W [O, C*KH*KW] * cols [C*KH*KW, G*OH*OW] (+ bias).
+                let mut out = out.slice_mut(s![.., ..used]);
+                let beta = fill_bias(out.view_mut());
+                sgemm_unchecked(1.0, &weight, &cols.view(), beta, out.view_mut());
+                let image = |j: usize| out.slice(s![.., j * pixels..(j + 1) * pixels]);
+                match &mut output {
+                    ChunkOutput::Conv(y) => {
+                        for (j, y) in y.slice_mut(here).outer_iter_mut().enumerate() {
+                            image_matrix(y, o, pixels).assign(&image(j));
+                        }
+                    }
+                    ChunkOutput::ReluMaxPool(pool, y, argmax) => {
+                        let mut y = y.slice_mut(here);
+                        let mut argmax = argmax.slice_mut(here);
+                        for (j, (y, argmax)) in
+                            y.outer_iter_mut().zip(argmax.outer_iter_mut()).enumerate()
+                        {
+                            relu_max_pool_image(pool, image(j), y, argmax);
+                        }
+                    }
                 }
             }
         });
     Ok(())
+}
+
+/// ReLU and max pooling of one image's convolution output `conv [O, OH*OW]` into `y` and
+/// `argmax` `[O, PH, PW]`, both in standard layout.
+fn relu_max_pool_image(
+    pool: &Pool2dDims,
+    conv: ArrayView2<'_, f32>,
+    mut y: ArrayViewMut3<'_, f32>,
+    mut argmax: ArrayViewMut3<'_, u32>,
+) {
+    let (y, argmax) = (
+        y.as_slice_mut()
+            .unwrap_or_else(|| unreachable!("outputs were checked to be standard")),
+        argmax
+            .as_slice_mut()
+            .unwrap_or_else(|| unreachable!("outputs were checked to be standard")),
+    );
+    let out_len = pool.out_h() * pool.out_w();
+    let planes = y
+        .chunks_exact_mut(out_len)
+        .zip(argmax.chunks_exact_mut(out_len));
+    for (row, (y, argmax)) in conv.outer_iter().zip(planes) {
+        let row = row
+            .as_slice()
+            .map_or_else(|| row.to_vec().into(), Cow::Borrowed);
+        max_pool_plane(pool, &row, y, argmax, |v| v.max(0.0));
+        for (y, a) in y.iter().zip(argmax.iter_mut()) {
+            if *y <= 0.0 {
+                *a = NO_GRADIENT;
+            }
+        }
+    }
+}
+
+/// Checks that `pool` pools this convolution's output.
+fn check_pool_of(
+    op: &'static str,
+    dims: &Conv2dDims,
+    pool: &Pool2dDims,
+) -> Result<(), TensorError> {
+    expect_shape(
+        op,
+        "pooling input",
+        &pool.input_shape(),
+        &dims.output_shape(),
+    )
+}
+
+/// `a` itself when it is in standard layout, or a layout error naming it.
+fn standard_layout<'a, T>(
+    op: &'static str,
+    operand: &'static str,
+    a: ArrayViewMut4<'a, T>,
+) -> Result<ArrayViewMut4<'a, T>, TensorError> {
+    if a.is_standard_layout() {
+        Ok(a)
+    } else {
+        Err(TensorError::Layout { op, operand })
+    }
 }
 
 /// The gradients of [`conv2d_forward`] given `dy [N, O, OH, OW]`, using the unfolded input
@@ -362,11 +505,131 @@ pub fn conv2d_backward(
     grads: Conv2dGrads<'_>,
 ) -> Result<(), TensorError> {
     const OP: &str = "conv2d_backward";
-    let weight = weight_matrix(OP, dims, weight)?;
     expect_shape(OP, "output gradient", dy.shape(), &dims.output_shape())?;
-    if buffers.dims != Some(*dims) {
+    let dy = dy.as_standard_layout();
+    let per_chunk = images_per_chunk(dims.batch);
+    let chunks = dy
+        .axis_chunks_iter(Axis(0), per_chunk)
+        .map(ChunkGrad::Conv)
+        .collect();
+    backward(OP, dims, weight, chunks, buffers, grads)
+}
+
+/// The gradients of [`conv2d_relu_max_pool_forward`] given the gradient of its pooled output
+/// `dy [N, O, PH, PW]` and the `argmax` it returned.
+pub fn conv2d_relu_max_pool_backward(
+    dims: &Conv2dDims,
+    pool: &Pool2dDims,
+    weight: ArrayView4<'_, f32>,
+    dy: ArrayView4<'_, f32>,
+    argmax: ArrayView4<'_, u32>,
+    buffers: &mut Conv2dBuffers,
+    grads: Conv2dGrads<'_>,
+) -> Result<(), TensorError> {
+    const OP: &str = "conv2d_relu_max_pool_backward";
+    check_pool_of(OP, dims, pool)?;
+    expect_shape(OP, "output gradient", dy.shape(), &pool.output_shape())?;
+    expect_shape(OP, "argmax", argmax.shape(), &pool.output_shape())?;
+    let pixels = dims.out_pixels();
+    if let Some(&bad) = argmax
+        .iter()
+        .find(|&&a| a != NO_GRADIENT && a as usize >= pixels)
+    {
         return Err(TensorError::Shape {
             op: OP,
+            detail: format!("argmax {bad} is outside the {pixels}-pixel output plane"),
+        });
+    }
+    let (dy, argmax) = (dy.as_standard_layout(), argmax.as_standard_layout());
+    let per_chunk = images_per_chunk(dims.batch);
+    let chunks = dy
+        .axis_chunks_iter(Axis(0), per_chunk)
+        .zip(argmax.axis_chunks_iter(Axis(0), per_chunk))
+        .map(|(dy, argmax)| ChunkGrad::Pooled(dy, argmax))
+        .collect();
+    backward(OP, dims, weight, chunks, buffers, grads)
+}
+
+/// The output gradient of one chunk of images.
+enum ChunkGrad<'a> {
+    /// Of the convolution output, `[B, O, OH, OW]`, standard layout.
+    Conv(ArrayView4<'a, f32>),
+    /// Of the pooled output, `[B, O, PH, PW]`, and its argmax, both standard layout.
+    Pooled(ArrayView4<'a, f32>, ArrayView4<'a, u32>),
+}
+
+impl ChunkGrad<'_> {
+    fn images(&self) -> usize {
+        match self {
+            ChunkGrad::Conv(dy) | ChunkGrad::Pooled(dy, _) => dy.len_of(Axis(0)),
+        }
+    }
+
+    /// Image j's gradient with respect to the convolution output, `[O, OH*OW]`, when dy holds
+    /// it as it is.
+    fn conv_view(&self, j: usize, o: usize, pixels: usize) -> Option<ArrayView2<'_, f32>> {
+        match self {
+            ChunkGrad::Conv(dy) => Some(
+                dy.index_axis(Axis(0), j)
+                    .into_shape_with_order((o, pixels))
+                    .unwrap_or_else(|e| unreachable!("standard layout: {e}")),
+            ),
+            ChunkGrad::Pooled(..) => None,
+        }
+    }
+
+    /// Writes image j's gradient with respect to the convolution output into `out [O, OH*OW]`
+    /// (a slice of `wide`, whose rows are contiguous): a copy, or each window's gradient put
+    /// back at its argmax.
+    fn write_conv_grad(&self, j: usize, mut out: ArrayViewMut2<'_, f32>) {
+        match self {
+            ChunkGrad::Conv(..) => {
+                let (o, pixels) = out.dim();
+                if let Some(dy) = self.conv_view(j, o, pixels) {
+                    out.assign(&dy);
+                }
+            }
+            ChunkGrad::Pooled(dy, argmax) => {
+                let (dy, argmax) = (dy.index_axis(Axis(0), j), argmax.index_axis(Axis(0), j));
+                let (dy, argmax) = (
+                    dy.to_slice()
+                        .unwrap_or_else(|| unreachable!("standard layout")),
+                    argmax
+                        .to_slice()
+                        .unwrap_or_else(|| unreachable!("standard layout")),
+                );
+                let pooled = dy.len() / out.nrows().max(1);
+                let planes = dy.chunks_exact(pooled).zip(argmax.chunks_exact(pooled));
+                for (mut row, (dy, argmax)) in out.rows_mut().into_iter().zip(planes) {
+                    let row = row
+                        .as_slice_mut()
+                        .unwrap_or_else(|| unreachable!("rows of `wide` are contiguous"));
+                    row.fill(0.0);
+                    for (&g, &at) in dy.iter().zip(argmax) {
+                        if at != NO_GRADIENT {
+                            row[at as usize] += g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The backward pass of [`conv2d_backward`] and [`conv2d_relu_max_pool_backward`], given one
+/// output gradient per chunk of the batch.
+fn backward(
+    op: &'static str,
+    dims: &Conv2dDims,
+    weight: ArrayView4<'_, f32>,
+    chunk_grads: Vec<ChunkGrad<'_>>,
+    buffers: &mut Conv2dBuffers,
+    grads: Conv2dGrads<'_>,
+) -> Result<(), TensorError> {
+    let weight = weight_matrix(op, dims, weight)?;
+    if buffers.dims != Some(*dims) {
+        return Err(TensorError::Shape {
+            op,
             detail: format!(
                 "the buffers hold no forward pass at these dimensions (forward pass missing?): \
                  they were last used for {:?}",
@@ -379,19 +642,21 @@ pub fn conv2d_backward(
         bias: db,
         input: dx,
     } = grads;
-    expect_shape(OP, "weight gradient", dw.shape(), &dims.weight_shape())?;
+    expect_shape(op, "weight gradient", dw.shape(), &dims.weight_shape())?;
     if let Some(db) = &db {
-        expect_shape(OP, "bias gradient", db.shape(), &[dims.out_channels])?;
+        expect_shape(op, "bias gradient", db.shape(), &[dims.out_channels])?;
     }
     if let Some(dx) = &dx {
-        expect_shape(OP, "input gradient", dx.shape(), &dims.input_shape())?;
+        expect_shape(op, "input gradient", dx.shape(), &dims.input_shape())?;
     }
+    let pooled = matches!(chunk_grads.first(), Some(ChunkGrad::Pooled(..)));
     let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
     // Images with few output pixels are gathered side by side into `wide` (see below); the
-    // others are used in place and need only one image's worth of `dcols`. A buffer the pass
-    // does not use is sized to nothing.
+    // others are used one at a time and need only one image's worth of `dcols` (and of `wide`,
+    // when their gradient must be unpooled first). A buffer the pass does not use is sized to
+    // nothing.
     let gather = pixels < WIDE_GEMM_MAX_PIXELS;
     let images_at_once = if gather { per_chunk } else { 1 };
     let dcols_len = if dx.is_some() {
@@ -399,10 +664,10 @@ pub fn conv2d_backward(
     } else {
         0
     };
-    let (wide_rows, wide_len) = if gather {
-        (o, per_chunk * pixels)
-    } else {
-        (0, 0)
+    let (wide_rows, wide_len) = match (gather, pooled) {
+        (true, _) => (o, per_chunk * pixels),
+        (false, true) => (o, pixels),
+        (false, false) => (0, 0),
     };
     resize(&mut buffers.partial_dw, (chunks, o, patch));
     resize(&mut buffers.partial_db, (chunks, o));
@@ -428,31 +693,23 @@ pub fn conv2d_backward(
     // Per chunk: dW_k [O, C*KH*KW] = dy * cols^T and db_k [O] = row sums of dy over the chunk's
     // images; dcols [C*KH*KW, OH*OW] = W^T * dy[n], folded back onto dx[n] by col2im.
     // Images with few output pixels are first gathered side by side into `wide`, so dW_k is one
-    // GEMM with a long inner dimension (B*OH*OW); images with many are used in place, one GEMM
-    // each, which saves the gather's pass over memory. The choice depends on the shape alone.
-    let dy = dy.as_standard_layout();
+    // GEMM with a long inner dimension (B*OH*OW); images with many are used one at a time,
+    // which saves the gather's pass over memory. The choice depends on the shape alone.
     partial_dw
         .outer_iter_mut()
         .into_par_iter()
         .zip(partial_db.outer_iter_mut())
         .zip(cols.outer_iter())
         .zip(wide.outer_iter_mut())
-        .zip(dy.axis_chunks_iter(Axis(0), per_chunk))
+        .zip(chunk_grads)
         .zip(dx_chunks.par_iter_mut())
         .zip(dcols.outer_iter_mut())
         .for_each(
             |((((((mut pdw, mut pdb), cols), mut wide), dy), dx), mut dcols)| {
-                let images = dy.len_of(Axis(0));
-                // dy[j] as [O, OH*OW]: dy is in standard layout.
-                let image_grad = |j: usize| {
-                    dy.index_axis(Axis(0), j)
-                        .into_shape_with_order((o, pixels))
-                        .unwrap_or_else(|e| unreachable!("standard layout: {e}"))
-                };
+                let images = dy.images();
                 if gather {
                     for j in 0..images {
-                        wide.slice_mut(s![.., j * pixels..(j + 1) * pixels])
-                            .assign(&image_grad(j));
+                        dy.write_conv_grad(j, wide.slice_mut(s![.., j * pixels..(j + 1) * pixels]));
                     }
                     let used = images * pixels;
                     let wide = wide.slice(s![.., ..used]);
@@ -476,7 +733,13 @@ pub fn conv2d_backward(
                 } else {
                     pdb.fill(0.0);
                     for j in 0..images {
-                        let grad = image_grad(j);
+                        let grad = match dy.conv_view(j, o, pixels) {
+                            Some(grad) => grad,
+                            None => {
+                                dy.write_conv_grad(j, wide.view_mut());
+                                wide.view()
+                            }
+                        };
                         let block = cols.slice(s![.., j * pixels..(j + 1) * pixels]);
                         let beta = if j == 0 { 0.0 } else { 1.0 };
                         sgemm_unchecked(1.0, &grad, &block.t(), beta, pdw.view_mut());
@@ -491,7 +754,7 @@ pub fn conv2d_backward(
                 }
             },
         );
-    let mut dw = into_matrix_checked(OP, "weight gradient", dw, o, patch)?;
+    let mut dw = into_matrix_checked(op, "weight gradient", dw, o, patch)?;
     for pdw in partial_dw.outer_iter() {
         dw += &pdw;
     }

@@ -114,26 +114,46 @@ pub fn max_pool2d_forward(
         .zip(y.par_chunks_mut(out_len))
         .zip(argmax.par_chunks_mut(out_len))
         .with_min_len(MIN_PLANES_PER_TASK)
-        .for_each(|((plane, out), arg)| {
-            // The 2x2 windows of every reference model get a copy with the window unrolled.
-            if (dims.kernel_h, dims.kernel_w) == (2, 2) {
-                max_pool_plane(dims, 2, 2, plane, out, arg);
-            } else {
-                max_pool_plane(dims, dims.kernel_h, dims.kernel_w, plane, out, arg);
-            }
-        });
+        .for_each(|((plane, out), arg)| max_pool_plane(dims, plane, out, arg, |v| v));
     Ok(())
 }
 
-/// One plane of [`max_pool2d_forward`], the window `kernel_h` x `kernel_w`.
+/// One plane of [`max_pool2d_forward`] over `value` of each input (the identity, or the ReLU
+/// of a fused convolution).
 #[inline(always)]
-fn max_pool_plane(
+pub(crate) fn max_pool_plane(
+    dims: &Pool2dDims,
+    plane: &[f32],
+    out: &mut [f32],
+    argmax: &mut [u32],
+    value: impl Fn(f32) -> f32,
+) {
+    // The 2x2 windows of every reference model get a copy with the window unrolled.
+    if (dims.kernel_h, dims.kernel_w) == (2, 2) {
+        max_pool_windows(dims, 2, 2, plane, out, argmax, value);
+    } else {
+        max_pool_windows(
+            dims,
+            dims.kernel_h,
+            dims.kernel_w,
+            plane,
+            out,
+            argmax,
+            value,
+        );
+    }
+}
+
+/// [`max_pool_plane`] with windows of `kernel_h` x `kernel_w`.
+#[inline(always)]
+fn max_pool_windows(
     dims: &Pool2dDims,
     kernel_h: usize,
     kernel_w: usize,
     plane: &[f32],
     out: &mut [f32],
     argmax: &mut [u32],
+    value: impl Fn(f32) -> f32,
 ) {
     let out_w = dims.out_w();
     for ((oh, out), argmax) in out
@@ -144,10 +164,11 @@ fn max_pool_plane(
         for ((ow, o), a) in out.iter_mut().enumerate().zip(argmax.iter_mut()) {
             let corner = oh * dims.stride_h * dims.in_w + ow * dims.stride_w;
             let mut best_at = corner;
-            let mut best = plane[corner];
+            let mut best = value(plane[corner]);
             for kh in 0..kernel_h {
                 let row = corner + kh * dims.in_w;
                 for (at, &v) in plane[row..row + kernel_w].iter().enumerate() {
+                    let v = value(v);
                     // Selects rather than branches: on real activations which value wins is
                     // unpredictable, and a mispredicted branch per window costs more than
                     // the comparison.

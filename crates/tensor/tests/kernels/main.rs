@@ -6,6 +6,7 @@
 mod conv;
 mod determinism;
 mod elementwise;
+mod fused;
 mod gemm;
 mod pool;
 mod reference;

@@ -1,0 +1,213 @@
+//! The fused convolution + ReLU + max pooling against the three kernels run in turn: the same
+//! bits forward and backward, which is what lets a model use either.
+
+use ndarray::Array4;
+use proptest::prelude::*;
+use tensor::{
+    Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, NO_GRADIENT, Padding, Pool2dDims,
+    conv2d_backward, conv2d_forward, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward,
+    max_pool2d_backward, max_pool2d_forward, relu, relu_backward,
+};
+
+use crate::reference::Values;
+
+/// The bits of an array, so that comparisons tell 0.0 from -0.0 and NaN from NaN.
+fn bits(a: &Array4<f32>) -> Array4<u32> {
+    a.mapv(f32::to_bits)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_fused_matches_unfused(
+    input: (usize, usize, usize, usize),
+    out_channels: usize,
+    kernel: usize,
+    padding: Padding,
+    pool: (usize, usize),
+    with_bias: bool,
+    input_grad: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let (n, c, h, w) = input;
+    let Ok(dims) = Conv2dDims::new([n, c, h, w], out_channels, [kernel; 2], [1, 1], padding) else {
+        return Ok(());
+    };
+    let Ok(pool) = Pool2dDims::new(dims.output_shape(), [pool.0; 2], [pool.1; 2]) else {
+        return Ok(());
+    };
+    let mut values = Values::new(seed);
+    let x = values.array4(dims.input_shape());
+    let weight = values.array4(dims.weight_shape());
+    let bias = values.array1(out_channels);
+    let bias = with_bias.then(|| bias.view());
+    let dy = values.array4(pool.output_shape());
+
+    // Unfused: convolution, ReLU, max pooling; then their backward passes in reverse.
+    let mut buffers = Conv2dBuffers::default();
+    let mut conv = Array4::from_elem(dims.output_shape(), f32::NAN);
+    let (x, w) = (x.view(), weight.view());
+    conv2d_forward(
+        &dims,
+        x,
+        w,
+        bias,
+        &mut buffers,
+        Backward::Needed,
+        conv.view_mut(),
+    )
+    .unwrap();
+    relu(conv.view_mut());
+    let mut y = Array4::from_elem(pool.output_shape(), f32::NAN);
+    let mut argmax = Array4::zeros(pool.output_shape());
+    max_pool2d_forward(&pool, conv.view(), y.view_mut(), argmax.view_mut()).unwrap();
+    let mut dconv = Array4::from_elem(dims.output_shape(), f32::NAN);
+    max_pool2d_backward(&pool, dy.view(), argmax.view(), dconv.view_mut()).unwrap();
+    relu_backward(conv.view(), dconv.view_mut()).unwrap();
+    let (mut dw, mut db) = (
+        Array4::zeros(dims.weight_shape()),
+        ndarray::Array1::zeros(out_channels),
+    );
+    let mut dx = Array4::from_elem(dims.input_shape(), f32::NAN);
+    let grads = Conv2dGrads {
+        weight: dw.view_mut(),
+        bias: Some(db.view_mut()),
+        input: input_grad.then(|| dx.view_mut()),
+    };
+    conv2d_backward(&dims, w, dconv.view(), &mut buffers, grads).unwrap();
+
+    // Fused, with fresh buffers.
+    let mut buffers = Conv2dBuffers::default();
+    let mut fused_y = Array4::from_elem(pool.output_shape(), f32::NAN);
+    let mut fused_argmax = Array4::zeros(pool.output_shape());
+    conv2d_relu_max_pool_forward(
+        &dims,
+        &pool,
+        x,
+        w,
+        bias,
+        &mut buffers,
+        Backward::Needed,
+        fused_y.view_mut(),
+        fused_argmax.view_mut(),
+    )
+    .unwrap();
+    prop_assert_eq!(bits(&fused_y), bits(&y));
+    for ((&a, &fa), &v) in argmax.iter().zip(&fused_argmax).zip(&y) {
+        prop_assert_eq!(fa, if v > 0.0 { a } else { NO_GRADIENT });
+    }
+    let (mut fused_dw, mut fused_db) = (
+        Array4::zeros(dims.weight_shape()),
+        ndarray::Array1::zeros(out_channels),
+    );
+    let mut fused_dx = Array4::from_elem(dims.input_shape(), f32::NAN);
+    let grads = Conv2dGrads {
+        weight: fused_dw.view_mut(),
+        bias: Some(fused_db.view_mut()),
+        input: input_grad.then(|| fused_dx.view_mut()),
+    };
+    let (dy, a) = (dy.view(), fused_argmax.view());
+    conv2d_relu_max_pool_backward(&dims, &pool, w, dy, a, &mut buffers, grads).unwrap();
+    prop_assert_eq!(bits(&fused_dw), bits(&dw));
+    prop_assert_eq!(fused_db.mapv(f32::to_bits), db.mapv(f32::to_bits));
+    prop_assert_eq!(bits(&fused_dx), bits(&dx));
+
+    // Inference gives the same output and keeps nothing for a backward pass.
+    let mut buffers = Conv2dBuffers::default();
+    let mut eval_y = Array4::from_elem(pool.output_shape(), f32::NAN);
+    let mut eval_argmax = Array4::zeros(pool.output_shape());
+    conv2d_relu_max_pool_forward(
+        &dims,
+        &pool,
+        x,
+        w,
+        bias,
+        &mut buffers,
+        Backward::NotNeeded,
+        eval_y.view_mut(),
+        eval_argmax.view_mut(),
+    )
+    .unwrap();
+    prop_assert_eq!(bits(&eval_y), bits(&y));
+    let grads = Conv2dGrads {
+        weight: fused_dw.view_mut(),
+        bias: None,
+        input: None,
+    };
+    prop_assert!(
+        conv2d_relu_max_pool_backward(&dims, &pool, w, dy, a, &mut buffers, grads).is_err()
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(120))]
+
+    #[test]
+    fn fused_conv_relu_pool_gives_the_bits_of_the_three_kernels(
+        // Up to 19 images of up to 20x20: both the gathered (small) and per-image paths.
+        input in (1usize..20, 1usize..4, 2usize..21, 2usize..21),
+        out_channels in 1usize..5,
+        kernel in 1usize..4,
+        padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],
+        // Overlapping and non-overlapping windows.
+        pool in (1usize..4, 1usize..4),
+        with_bias in any::<bool>(),
+        input_grad in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        check_fused_matches_unfused(input, out_channels, kernel, padding, pool, with_bias, input_grad, seed)?;
+    }
+}
+
+#[test]
+fn fused_shapes_that_do_not_fit_are_errors() {
+    let dims = Conv2dDims::new([2, 1, 8, 8], 3, [3, 3], [1, 1], Padding::Valid).unwrap();
+    let wrong_pool = Pool2dDims::new([2, 3, 8, 8], [2, 2], [2, 2]).unwrap();
+    let pool = Pool2dDims::new(dims.output_shape(), [2, 2], [2, 2]).unwrap();
+    let (x, w) = (
+        Array4::zeros(dims.input_shape()),
+        Array4::zeros(dims.weight_shape()),
+    );
+    let mut buffers = Conv2dBuffers::default();
+    let mut y = Array4::zeros(pool.output_shape());
+    let mut argmax = Array4::zeros(pool.output_shape());
+    let forward = |pool: &Pool2dDims,
+                   buffers: &mut Conv2dBuffers,
+                   y: &mut Array4<f32>,
+                   argmax: &mut Array4<u32>| {
+        conv2d_relu_max_pool_forward(
+            &dims,
+            pool,
+            x.view(),
+            w.view(),
+            None,
+            buffers,
+            Backward::Needed,
+            y.view_mut(),
+            argmax.view_mut(),
+        )
+    };
+    assert!(forward(&wrong_pool, &mut buffers, &mut y, &mut argmax).is_err());
+    forward(&pool, &mut buffers, &mut y, &mut argmax).unwrap();
+    // An argmax outside the 6x6 convolution output is refused, not followed.
+    argmax[(0, 0, 0, 0)] = 36;
+    let mut dw = Array4::zeros(dims.weight_shape());
+    let grads = Conv2dGrads {
+        weight: dw.view_mut(),
+        bias: None,
+        input: None,
+    };
+    let dy = Array4::ones(pool.output_shape());
+    let result = conv2d_relu_max_pool_backward(
+        &dims,
+        &pool,
+        w.view(),
+        dy.view(),
+        argmax.view(),
+        &mut buffers,
+        grads,
+    );
+    assert!(
+        matches!(result, Err(tensor::TensorError::Shape { .. })),
+        "{result:?}"
+    );
+}
