@@ -142,7 +142,10 @@ pub fn bench(
             .zip(shapes)
             .enumerate()
             .map(|(index, ((layer, t), shape))| ProfileRow {
-                name: format!("{index} {} {shape:?}", layer.kind()),
+                name: match model.computed_by(index) {
+                    by if by == index => format!("{index} {} {shape:?}", layer.kind()),
+                    by => format!("{index} {} {shape:?}, in {by}'s time", layer.kind()),
+                },
                 forward_ms: t.mean_forward().as_secs_f64() * 1e3,
                 backward_ms: t.mean_backward().as_secs_f64() * 1e3,
             })

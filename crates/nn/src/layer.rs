@@ -18,6 +18,9 @@ pub enum Mode {
     Eval,
 }
 
+/// A max pooling window `[KH, KW]` and its stride `[vertical, horizontal]`.
+pub type PoolWindow = ([usize; 2], [usize; 2]);
+
 /// One layer with hand-written forward and backward passes.
 ///
 /// Shapes include the batch: `[N, C, H, W]` for images, `[N, F]` for features.
@@ -63,6 +66,14 @@ pub trait Layer: Send + std::fmt::Debug {
 
     /// The spec that builds this layer (without its weights).
     fn spec(&self) -> LayerSpec;
+
+    /// Asks this layer to compute the ReLU and the max pooling that follow it (`pool`: the
+    /// window and stride) as part of its own passes, or with `None` to stop; returns whether it
+    /// does. Its forward pass then returns the pooled output, and its backward pass takes that
+    /// output's gradient. The results are the same bits; only the time differs.
+    fn fuse_relu_max_pool(&mut self, _pool: Option<PoolWindow>) -> bool {
+        false
+    }
 
     /// Gives a layer that draws random numbers (Dropout) a fresh generator; the others ignore
     /// it. Reseeding at every epoch from the run's seed makes any epoch replayable.

@@ -1,21 +1,25 @@
 //! A sequential model: layers applied in order, one parameter-visiting API that the optimizer,
 //! the saver and the parameter count all use.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use ndarray::{Array2, Array4, ArrayD, Ix2};
 
 use crate::error::NnError;
-use crate::layer::{Layer, Mode};
+use crate::layer::{Layer, Mode, PoolWindow};
 use crate::param::Param;
 use crate::profile::LayerTimes;
-use crate::spec::ModelSpec;
+use crate::spec::{LayerSpec, ModelSpec};
 
 /// Layers applied in order to `[N, C, H, W]` images, ending in `[N, classes]` scores.
 #[derive(Debug)]
 pub struct Sequential {
     spec: ModelSpec,
     layers: Vec<Box<dyn Layer>>,
+    /// The layers as the passes run them, in order: one layer, or a convolution that computes
+    /// the ReLU and max pooling after it as well (the first layer of the range does the work).
+    steps: Vec<Range<usize>>,
     /// Per-layer times while profiling is on.
     profile: Option<Vec<LayerTimes>>,
 }
@@ -33,11 +37,14 @@ impl Sequential {
     /// Builds the model `spec` describes, with weights initialized from `seed`.
     pub fn new(spec: ModelSpec, seed: u64) -> Result<Sequential, NnError> {
         let layers = spec.build_layers(seed)?;
-        Ok(Sequential {
+        let mut model = Sequential {
             spec,
             layers,
+            steps: Vec::new(),
             profile: None,
-        })
+        };
+        model.fuse_layers(true);
+        Ok(model)
     }
 
     /// The architecture.
@@ -48,6 +55,33 @@ impl Sequential {
     /// The layers, in order.
     pub fn layers(&self) -> &[Box<dyn Layer>] {
         &self.layers
+    }
+
+    /// With `enabled` (the default), each Conv2d followed by ReLU and MaxPool2d computes all
+    /// three in one pass, which gives the same bits faster; without, every layer runs alone.
+    pub fn fuse_layers(&mut self, enabled: bool) {
+        self.steps.clear();
+        let mut first = 0;
+        while first < self.layers.len() {
+            let pool = if enabled {
+                relu_then_max_pool(self.layers.get(first + 1..first + 3))
+            } else {
+                None
+            };
+            let fused = self.layers[first].fuse_relu_max_pool(pool) && pool.is_some();
+            let len = if fused { 3 } else { 1 };
+            self.steps.push(first..first + len);
+            first += len;
+        }
+    }
+
+    /// The index of the layer whose pass computes layer `index`: itself, or the convolution a
+    /// fused ReLU or max pooling belongs to.
+    pub fn computed_by(&self, index: usize) -> usize {
+        self.steps
+            .iter()
+            .find(|step| step.contains(&index))
+            .map_or(index, |step| step.start)
     }
 
     /// Output shape of each layer for a batch of `batch` images.
@@ -79,7 +113,8 @@ impl Sequential {
             });
         }
         let mut x: ArrayD<f32> = images.into_dyn();
-        for (index, layer) in self.layers.iter_mut().enumerate() {
+        for step in &self.steps {
+            let (index, layer) = (step.start, &mut self.layers[step.start]);
             let start = self.profile.is_some().then(Instant::now);
             x = layer.forward(x, mode).map_err(|e| at_layer(e, index))?;
             if let (Some(start), Some(times)) = (start, self.profile.as_mut()) {
@@ -99,7 +134,8 @@ impl Sequential {
     /// parameter's gradient to its `grad`.
     pub fn backward(&mut self, grad: Array2<f32>) -> Result<(), NnError> {
         let mut g: ArrayD<f32> = grad.into_dyn();
-        for (index, layer) in self.layers.iter_mut().enumerate().rev() {
+        for step in self.steps.iter().rev() {
+            let (index, layer) = (step.start, &mut self.layers[step.start]);
             let start = self.profile.is_some().then(Instant::now);
             // Nothing needs the gradient with respect to the images.
             let next = layer
@@ -201,6 +237,19 @@ impl Sequential {
             }
         });
         counts
+    }
+}
+
+/// The pooling window of `layers` when they are a ReLU and then a max pooling.
+fn relu_then_max_pool(layers: Option<&[Box<dyn Layer>]>) -> Option<PoolWindow> {
+    let [relu, pool] = layers? else {
+        return None;
+    };
+    match (relu.spec(), pool.spec()) {
+        (LayerSpec::ReLU, LayerSpec::MaxPool2d { kernel, stride }) => {
+            Some((kernel, stride.unwrap_or(kernel)))
+        }
+        _ => None,
     }
 }
 

@@ -5,11 +5,14 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::NnError;
 use crate::init::{Init, fans, initialize};
-use crate::layer::{Layer, Mode};
+use crate::layer::{Layer, Mode, PoolWindow};
 use crate::layers::expect_dim;
 use crate::param::{Param, fixed, fixed_mut, weight_and_bias, weight_and_bias_mut};
 use crate::spec::{LayerSpec, PaddingSpec};
-use tensor::{Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, conv2d_backward, conv2d_forward};
+use tensor::{
+    Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, Pool2dDims, conv2d_backward, conv2d_forward,
+    conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward,
+};
 
 /// The hyper-parameters of a [`Conv2d`], apart from its weights.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -61,6 +64,9 @@ impl Conv2dConfig {
             bias,
             buffers: Conv2dBuffers::default(),
             forward_dims: None,
+            fused_pool: None,
+            pool_dims: None,
+            argmax: Array4::zeros((0, 0, 0, 0)),
         })
     }
 }
@@ -76,6 +82,12 @@ pub struct Conv2d {
     /// The dimensions of the last training forward pass; `None` when there is nothing to
     /// differentiate.
     forward_dims: Option<Conv2dDims>,
+    /// The max pooling window this layer computes with the ReLU after it, when fused.
+    fused_pool: Option<PoolWindow>,
+    /// The pooling of the last fused training forward pass.
+    pool_dims: Option<Pool2dDims>,
+    /// Where each pooled maximum came from, in the last fused forward pass.
+    argmax: Array4<u32>,
 }
 
 impl Conv2d {
@@ -125,19 +137,48 @@ impl Layer for Conv2d {
             Some(b) => Some(fixed::<Ix1>(&b.value, "Conv2d bias")?),
             None => None,
         };
-        let mut y = Array4::zeros(dims.output_shape());
-        conv2d_forward(
-            &dims,
-            x.view(),
-            weight,
-            bias,
-            &mut self.buffers,
-            match mode {
-                Mode::Train => Backward::Needed,
-                Mode::Eval => Backward::NotNeeded,
-            },
-            y.view_mut(),
-        )?;
+        let backward = match mode {
+            Mode::Train => Backward::Needed,
+            Mode::Eval => Backward::NotNeeded,
+        };
+        let y = match self.fused_pool {
+            None => {
+                let mut y = Array4::zeros(dims.output_shape());
+                let buffers = &mut self.buffers;
+                conv2d_forward(
+                    &dims,
+                    x.view(),
+                    weight,
+                    bias,
+                    buffers,
+                    backward,
+                    y.view_mut(),
+                )?;
+                self.pool_dims = None;
+                y
+            }
+            Some((kernel, stride)) => {
+                let pool = Pool2dDims::new(dims.output_shape(), kernel, stride)
+                    .map_err(|e| self.shape_error(format!("the fused max pooling: {e}")))?;
+                let mut y = Array4::zeros(pool.output_shape());
+                if self.argmax.shape() != pool.output_shape() {
+                    self.argmax = Array4::zeros(pool.output_shape());
+                }
+                conv2d_relu_max_pool_forward(
+                    &dims,
+                    &pool,
+                    x.view(),
+                    weight,
+                    bias,
+                    &mut self.buffers,
+                    backward,
+                    y.view_mut(),
+                    self.argmax.view_mut(),
+                )?;
+                self.pool_dims = Some(pool);
+                y
+            }
+        };
         self.forward_dims = (mode == Mode::Train).then_some(dims);
         Ok(y.into_dyn())
     }
@@ -159,12 +200,29 @@ impl Layer for Conv2d {
             input: dx.as_mut().map(|dx| dx.view_mut()),
         };
         let weight = fixed::<Ix4>(&self.weight.value, "Conv2d weight")?;
-        conv2d_backward(&dims, weight, dy.view(), &mut self.buffers, grads)?;
+        match &self.pool_dims {
+            None => conv2d_backward(&dims, weight, dy.view(), &mut self.buffers, grads)?,
+            Some(pool) => conv2d_relu_max_pool_backward(
+                &dims,
+                pool,
+                weight,
+                dy.view(),
+                self.argmax.view(),
+                &mut self.buffers,
+                grads,
+            )?,
+        }
         self.weight.has_grad = true;
         if let Some(b) = &mut self.bias {
             b.has_grad = true;
         }
         Ok(dx.map(Array4::into_dyn))
+    }
+
+    fn fuse_relu_max_pool(&mut self, pool: Option<PoolWindow>) -> bool {
+        self.fused_pool = pool;
+        self.forward_dims = None;
+        true
     }
 
     fn params(&self) -> Vec<(&'static str, &Param)> {
