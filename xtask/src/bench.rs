@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Write the table into docs/benchmarks.md (between its `cargo xtask bench` markers).
     #[arg(long)]
     write: bool,
+    /// Also print where each preset's training step goes: time per layer, forward and
+    /// backward, from the trainer's internal profiler.
+    #[arg(long)]
+    profile: bool,
     /// The dataset.
     #[arg(long, value_name = "DIR", default_value_os_t = workspace().join("data/mnist"))]
     data_dir: PathBuf,
@@ -85,7 +89,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "--batches",
                     &batches,
                 ])
-                .args(["--warmup", &warmup, "--data-dir", &data, "--json"]),
+                .args(["--warmup", &warmup, "--data-dir", &data, "--json"])
+                .args(args.profile.then_some("--profile")),
         )?;
         let torch = match &python {
             Some(python) => Some(json_line(
@@ -97,7 +102,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         rows.push((model.clone(), ours, torch));
     }
-    let table = table(&rows, &args);
+    let mut table = table(&rows, &args);
+    if args.profile {
+        for (model, ours, _) in &rows {
+            table += &format!("\nProfile of {model} (milliseconds per training batch):\n\n");
+            table += ours["profile_table"].as_str().unwrap_or("(no profile)\n");
+        }
+    }
     println!("{table}");
     if args.write {
         let path = root.join("docs/benchmarks.md");

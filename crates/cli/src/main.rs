@@ -467,6 +467,9 @@ fn bench_command(args: &BenchArgs) -> Result<()> {
         value["peak_rss_mb"] = serde_json::json!(peak);
         value["threads"] = serde_json::json!(threads);
         value["date"] = serde_json::json!(cli::utc_timestamp());
+        if let Some(rows) = &result.profile {
+            value["profile_table"] = serde_json::json!(cli::profile_table(rows));
+        }
         println!("{value}");
     } else {
         println!(
