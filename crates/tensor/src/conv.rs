@@ -177,6 +177,13 @@ impl Conv2dDims {
         self.in_channels * self.kernel_h * self.kernel_w
     }
 
+    /// The input channel and kernel tap `(c, kh, kw)` of row `r` of an unfolded image.
+    pub fn tap_of_row(&self, r: usize) -> (usize, usize, usize) {
+        let taps = self.kernel_h * self.kernel_w;
+        let tap = r % taps;
+        (r / taps, tap / self.kernel_w, tap % self.kernel_w)
+    }
+
     /// OH*OW: the output pixels per channel, the columns of an unfolded image.
     pub fn out_pixels(&self) -> usize {
         self.out_h() * self.out_w()
@@ -436,8 +443,9 @@ fn forward(
     Ok(())
 }
 
-/// ReLU and max pooling of one image's convolution output `conv [O, OH*OW]` into `y` and
-/// `argmax` `[O, PH, PW]`, both in standard layout.
+/// ReLU and max pooling of one image's convolution output `conv [O, OH*OW]` (a slice of
+/// `gathered_out`, whose rows are contiguous) into `y` and `argmax` `[O, PH, PW]`, both in
+/// standard layout.
 fn relu_max_pool_image(
     pool: &Pool2dDims,
     conv: ArrayView2<'_, f32>,
@@ -457,9 +465,9 @@ fn relu_max_pool_image(
         .zip(argmax.chunks_exact_mut(out_len));
     for (row, (y, argmax)) in conv.outer_iter().zip(planes) {
         let row = row
-            .as_slice()
-            .map_or_else(|| row.to_vec().into(), Cow::Borrowed);
-        max_pool_plane(pool, &row, y, argmax, |v| v.max(0.0));
+            .to_slice()
+            .unwrap_or_else(|| unreachable!("rows of `gathered_out` are contiguous"));
+        max_pool_plane(pool, row, y, argmax, |v| v.max(0.0));
         for (y, a) in y.iter().zip(argmax.iter_mut()) {
             if *y <= 0.0 {
                 *a = NO_GRADIENT;
@@ -569,11 +577,7 @@ impl ChunkGrad<'_> {
     /// it as it is.
     fn conv_view(&self, j: usize, o: usize, pixels: usize) -> Option<ArrayView2<'_, f32>> {
         match self {
-            ChunkGrad::Conv(dy) => Some(
-                dy.index_axis(Axis(0), j)
-                    .into_shape_with_order((o, pixels))
-                    .unwrap_or_else(|e| unreachable!("standard layout: {e}")),
-            ),
+            ChunkGrad::Conv(dy) => Some(image_of(dy, j, o, pixels)),
             ChunkGrad::Pooled(..) => None,
         }
     }
@@ -583,11 +587,9 @@ impl ChunkGrad<'_> {
     /// back at its argmax.
     fn write_conv_grad(&self, j: usize, mut out: ArrayViewMut2<'_, f32>) {
         match self {
-            ChunkGrad::Conv(..) => {
+            ChunkGrad::Conv(dy) => {
                 let (o, pixels) = out.dim();
-                if let Some(dy) = self.conv_view(j, o, pixels) {
-                    out.assign(&dy);
-                }
+                out.assign(&image_of(dy, j, o, pixels));
             }
             ChunkGrad::Pooled(dy, argmax) => {
                 let (dy, argmax) = (dy.index_axis(Axis(0), j), argmax.index_axis(Axis(0), j));
@@ -775,11 +777,7 @@ pub fn im2col(dims: &Conv2dDims, x: ArrayView3<'_, f32>, mut cols: ArrayViewMut2
         .unwrap_or_else(|| unreachable!("as_standard_layout gives a contiguous array"));
     let plane_len = dims.in_h * dims.in_w;
     for (r, mut row) in cols.outer_iter_mut().enumerate() {
-        let (c, tap) = (
-            r / (dims.kernel_h * dims.kernel_w),
-            r % (dims.kernel_h * dims.kernel_w),
-        );
-        let (kh, kw) = (tap / dims.kernel_w, tap % dims.kernel_w);
+        let (c, kh, kw) = dims.tap_of_row(r);
         let plane = &x[c * plane_len..(c + 1) * plane_len];
         match row.as_slice_mut() {
             Some(out) => unfold_tap(dims, plane, kh, kw, out),
@@ -847,13 +845,11 @@ pub fn col2im(dims: &Conv2dDims, dcols: ArrayView2<'_, f32>, mut dx: ArrayViewMu
 fn fold_taps(dims: &Conv2dDims, dcols: ArrayView2<'_, f32>, dx: &mut [f32]) {
     dx.fill(0.0);
     let (plane_len, ow_count) = (dims.in_h * dims.in_w, dims.out_w());
-    let taps = dims.kernel_h * dims.kernel_w;
     for (r, row) in dcols.outer_iter().enumerate() {
         let row = row
             .as_slice()
-            .map_or_else(|| row.to_vec().into(), std::borrow::Cow::Borrowed);
-        let (c, tap) = (r / taps, r % taps);
-        let (kh, kw) = (tap / dims.kernel_w, tap % dims.kernel_w);
+            .map_or_else(|| row.to_vec().into(), Cow::Borrowed);
+        let (c, kh, kw) = dims.tap_of_row(r);
         let plane = &mut dx[c * plane_len..(c + 1) * plane_len];
         let (lo, hi) = valid_outputs(kw, dims.pad_left, dims.stride_w, dims.in_w, ow_count);
         for (oh, grad) in row.chunks_exact(ow_count).enumerate() {
@@ -902,6 +898,18 @@ fn valid_outputs(
         None => 0,
     };
     (lo, hi.max(lo))
+}
+
+/// Image j of a standard-layout `[B, O, OH, OW]` array as `[O, OH*OW]`.
+fn image_of<'a>(
+    a: &'a ArrayView4<'_, f32>,
+    j: usize,
+    o: usize,
+    pixels: usize,
+) -> ArrayView2<'a, f32> {
+    a.index_axis(Axis(0), j)
+        .into_shape_with_order((o, pixels))
+        .unwrap_or_else(|e| unreachable!("standard layout: {e}"))
 }
 
 /// One image of the output, `[O, OH, OW]` in standard layout, as `[O, OH*OW]`.

@@ -77,6 +77,11 @@ impl Pool2dDims {
         (self.in_w - self.kernel_w) / self.stride_w + 1
     }
 
+    /// Where window (oh, ow) starts in its input plane, as `ih * W + iw`.
+    pub fn window_corner(&self, oh: usize, ow: usize) -> usize {
+        oh * self.stride_h * self.in_w + ow * self.stride_w
+    }
+
     /// `[N, C, H, W]`.
     pub fn input_shape(&self) -> [usize; 4] {
         [self.batch, self.channels, self.in_h, self.in_w]
@@ -106,10 +111,10 @@ pub fn max_pool2d_forward(
         });
     }
     let x = x.as_standard_layout();
-    let x = planes(&x, dims.in_h * dims.in_w);
+    let x = elements(&x);
     let out_len = dims.out_h() * dims.out_w();
-    let y = planes_mut(OP, "output", &mut y, out_len)?;
-    let argmax = planes_mut(OP, "argmax", &mut argmax, out_len)?;
+    let y = elements_mut(OP, "output", &mut y)?;
+    let argmax = elements_mut(OP, "argmax", &mut argmax)?;
     x.par_chunks(dims.in_h * dims.in_w)
         .zip(y.par_chunks_mut(out_len))
         .zip(argmax.par_chunks_mut(out_len))
@@ -162,7 +167,7 @@ fn max_pool_windows(
         .zip(argmax.chunks_exact_mut(out_w))
     {
         for ((ow, o), a) in out.iter_mut().enumerate().zip(argmax.iter_mut()) {
-            let corner = oh * dims.stride_h * dims.in_w + ow * dims.stride_w;
+            let corner = dims.window_corner(oh, ow);
             let mut best_at = corner;
             let mut best = value(plane[corner]);
             for kh in 0..kernel_h {
@@ -202,8 +207,8 @@ pub fn max_pool2d_backward(
     }
     let out_len = dims.out_h() * dims.out_w();
     let (dy, argmax) = (dy.as_standard_layout(), argmax.as_standard_layout());
-    let (dy, argmax) = (planes(&dy, out_len), planes(&argmax, out_len));
-    let dx = planes_mut(OP, "input gradient", &mut dx, plane_len)?;
+    let (dy, argmax) = (elements(&dy), elements(&argmax));
+    let dx = elements_mut(OP, "input gradient", &mut dx)?;
     dx.par_chunks_mut(plane_len)
         .zip(dy.par_chunks(out_len))
         .zip(argmax.par_chunks(out_len))
@@ -228,15 +233,15 @@ pub fn avg_pool2d_forward(
     let scale = 1.0 / (dims.kernel_h * dims.kernel_w) as f32;
     let (plane_len, out_w) = (dims.in_h * dims.in_w, dims.out_w());
     let x = x.as_standard_layout();
-    let x = planes(&x, plane_len);
-    let y = planes_mut(OP, "output", &mut y, dims.out_h() * out_w)?;
+    let x = elements(&x);
+    let y = elements_mut(OP, "output", &mut y)?;
     x.par_chunks(plane_len)
         .zip(y.par_chunks_mut(dims.out_h() * out_w))
         .with_min_len(MIN_PLANES_PER_TASK)
         .for_each(|(plane, out)| {
             for (oh, out) in out.chunks_exact_mut(out_w).enumerate() {
                 for (ow, o) in out.iter_mut().enumerate() {
-                    let corner = oh * dims.stride_h * dims.in_w + ow * dims.stride_w;
+                    let corner = dims.window_corner(oh, ow);
                     let sum: f32 = (0..dims.kernel_h)
                         .map(|kh| {
                             let row = corner + kh * dims.in_w;
@@ -261,8 +266,8 @@ pub fn avg_pool2d_backward(
     let scale = 1.0 / (dims.kernel_h * dims.kernel_w) as f32;
     let (plane_len, out_w) = (dims.in_h * dims.in_w, dims.out_w());
     let dy = dy.as_standard_layout();
-    let dy = planes(&dy, dims.out_h() * out_w);
-    let dx = planes_mut(OP, "input gradient", &mut dx, plane_len)?;
+    let dy = elements(&dy);
+    let dx = elements_mut(OP, "input gradient", &mut dx)?;
     dx.par_chunks_mut(plane_len)
         .zip(dy.par_chunks(dims.out_h() * out_w))
         .with_min_len(MIN_PLANES_PER_TASK)
@@ -270,7 +275,7 @@ pub fn avg_pool2d_backward(
             dx.fill(0.0);
             for (oh, dy) in dy.chunks_exact(out_w).enumerate() {
                 for (ow, &g) in dy.iter().enumerate() {
-                    let corner = oh * dims.stride_h * dims.in_w + ow * dims.stride_w;
+                    let corner = dims.window_corner(oh, ow);
                     for kh in 0..dims.kernel_h {
                         let row = corner + kh * dims.in_w;
                         for v in &mut dx[row..row + dims.kernel_w] {
@@ -287,27 +292,19 @@ pub fn avg_pool2d_backward(
 /// smaller tasks would cost more to schedule than to run.
 const MIN_PLANES_PER_TASK: usize = 16;
 
-/// A standard-layout array's elements, to be cut into planes of `plane_len`.
-fn planes<'a, T>(a: &'a ndarray::CowArray<'_, T, ndarray::Ix4>, plane_len: usize) -> &'a [T] {
-    let all = a
-        .as_slice()
-        .unwrap_or_else(|| unreachable!("as_standard_layout gives a contiguous array"));
-    debug_assert!(plane_len == 0 || all.len() % plane_len == 0);
-    all
+/// A standard-layout array's elements, which the kernels cut into planes.
+fn elements<'a, T>(a: &'a ndarray::CowArray<'_, T, ndarray::Ix4>) -> &'a [T] {
+    a.as_slice()
+        .unwrap_or_else(|| unreachable!("as_standard_layout gives a contiguous array"))
 }
 
 /// An output's elements, which must be in standard layout.
-fn planes_mut<'a, T>(
+fn elements_mut<'a, T>(
     op: &'static str,
     operand: &'static str,
     a: &'a mut ArrayViewMut4<'_, T>,
-    plane_len: usize,
 ) -> Result<&'a mut [T], TensorError> {
-    let all = a
-        .as_slice_mut()
-        .ok_or(TensorError::Layout { op, operand })?;
-    debug_assert!(plane_len == 0 || all.len() % plane_len == 0);
-    Ok(all)
+    a.as_slice_mut().ok_or(TensorError::Layout { op, operand })
 }
 
 /// `y [N, C]` = the mean of each input plane `x [N, C, H, W]`.

@@ -144,13 +144,12 @@ impl Layer for Conv2d {
         let y = match self.fused_pool {
             None => {
                 let mut y = Array4::zeros(dims.output_shape());
-                let buffers = &mut self.buffers;
                 conv2d_forward(
                     &dims,
                     x.view(),
                     weight,
                     bias,
-                    buffers,
+                    &mut self.buffers,
                     backward,
                     y.view_mut(),
                 )?;
