@@ -1,7 +1,9 @@
 //! Any image of a digit (PNG, JPEG) brought to MNIST's form the way MNIST itself was made:
 //! grayscale, white ink on black (inverted when the background is light), cropped to the ink,
 //! scaled to fit a 20x20 box keeping the aspect ratio, and placed in 28x28 with its centre of
-//! mass at the centre.
+//! mass at the centre. An image that is already 28x28 (as MNIST's own images, and what Keras
+//! tutorials feed a model) is only inverted if its background is light: cropping and scaling it
+//! again would blur a digit that is already in form.
 
 use std::path::Path;
 
@@ -50,6 +52,14 @@ pub fn to_mnist_form(gray: &GrayImage) -> Result<Array2<u8>, String> {
         let v = gray.get_pixel(x, y)[0];
         Luma([if light_background { 255 - v } else { v }])
     });
+    if (w, h) == (28, 28) {
+        if ink.pixels().all(|p| p[0] <= INK_THRESHOLD) {
+            return Err("no digit found: the image is blank".into());
+        }
+        return Ok(Array2::from_shape_fn((28, 28), |(r, c)| {
+            ink.get_pixel(c as u32, r as u32)[0]
+        }));
+    }
 
     let inked = |x: u32, y: u32| ink.get_pixel(x, y)[0] > INK_THRESHOLD;
     let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
@@ -137,6 +147,17 @@ mod tests {
         );
         // Ink is white on black, as in MNIST.
         assert_eq!(digit[(0, 0)], 0);
+    }
+
+    #[test]
+    fn a_28x28_image_is_taken_as_it_is_or_inverted() {
+        let mnist_like = GrayImage::from_fn(28, 28, |x, y| Luma([((x * 7 + y * 3) % 200) as u8]));
+        let as_is = to_mnist_form(&mnist_like).unwrap();
+        assert_eq!(as_is[(2, 5)], mnist_like.get_pixel(5, 2)[0]);
+        assert_eq!(as_is[(27, 1)], mnist_like.get_pixel(1, 27)[0]);
+        let paper = GrayImage::from_fn(28, 28, |x, _| Luma([if x == 14 { 0 } else { 255 }]));
+        let inverted = to_mnist_form(&paper).unwrap();
+        assert_eq!((inverted[(3, 14)], inverted[(3, 13)]), (255, 0));
     }
 
     #[test]
