@@ -15,6 +15,8 @@ use ndarray::{
 
 use ndarray::parallel::prelude::*;
 
+mod direct;
+
 use crate::error::{TensorError, expect_shape};
 use crate::gemm::sgemm_unchecked;
 use crate::pool::{Pool2dDims, max_pool_plane};
@@ -189,6 +191,12 @@ impl Conv2dDims {
         self.out_h() * self.out_w()
     }
 
+    /// Whether the convolution is computed directly (stride 1 and a receptive field of at most
+    /// 32 values, where im2col + GEMM is slow) rather than by im2col + GEMM.
+    pub fn computed_directly(&self) -> bool {
+        direct::applies(self)
+    }
+
     /// Floating-point operations of the forward pass, 2*N*O*OH*OW*C*KH*KW (multiply and add).
     pub fn forward_flops(&self) -> u64 {
         2 * (self.batch * self.out_channels * self.out_pixels() * self.patch_len()) as u64
@@ -220,7 +228,17 @@ pub struct Conv2dBuffers {
     /// `[chunks, C*KH*KW, B*OH*OW]` (or one image's `OH*OW` columns when images are not
     /// gathered): the unfolded input gradient; empty when no input gradient is wanted.
     dcols: Array3<f32>,
-    /// The dimensions `cols` was made for, so backward can tell it matches.
+    /// `[chunks, B * padded image]`: for convolutions computed directly (stride 1, short
+    /// receptive fields), the forward pass's zero-padded input, kept for backward instead of
+    /// `cols`; empty otherwise.
+    padded: Array2<f32>,
+    /// `[chunks, OH*WP]` (rounded up): one output or output-gradient plane in the padded width,
+    /// scratch for the direct convolution.
+    padded_plane: Array2<f32>,
+    /// `[chunks, padded image]`: one image's input gradient in the padded layout, scratch for
+    /// the direct convolution when an input gradient is wanted.
+    padded_dx: Array2<f32>,
+    /// The dimensions `cols` (or `padded`) was made for, so backward can tell it matches.
     dims: Option<Conv2dDims>,
 }
 
@@ -353,10 +371,16 @@ fn forward(
     if let Some(bias) = &bias {
         expect_shape(op, "bias", bias.shape(), &[dims.out_channels])?;
     }
+    buffers.dims = keep_columns.then_some(*dims);
+    if dims.computed_directly() {
+        forward_direct(dims, x, weight, bias, buffers, keep_columns, outputs);
+        return Ok(());
+    }
     let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
     let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
+    resize(&mut buffers.padded, (0, 0));
     // Small images are unfolded side by side, up to GATHER_MAX_IMAGES at a time, and multiplied
     // in one wide GEMM into `gathered_out`; large ones get one GEMM per image. The plain
     // convolution of large images goes straight into y; everything else is copied or pooled
@@ -375,7 +399,6 @@ fn forward(
         (0, 0)
     };
     resize(&mut buffers.gathered_out, (chunks, out_rows, out_len));
-    buffers.dims = keep_columns.then_some(*dims);
 
     let fill_bias = |mut y: ArrayViewMut2<'_, f32>| match &bias {
         Some(bias) => {
@@ -443,6 +466,76 @@ fn forward(
     Ok(())
 }
 
+/// The forward pass of a convolution that [`Conv2dDims::computed_directly`] applies to: each image is zero-padded
+/// (and kept, for backward, when `keep_padded`) and convolved directly.
+fn forward_direct(
+    dims: &Conv2dDims,
+    x: ArrayView4<'_, f32>,
+    weight: ArrayView2<'_, f32>,
+    bias: Option<ArrayView1<'_, f32>>,
+    buffers: &mut Conv2dBuffers,
+    keep_padded: bool,
+    outputs: Vec<ChunkOutput<'_>>,
+) {
+    let layout = direct::PaddedLayout::new(dims);
+    let (o, pixels) = (dims.out_channels, dims.out_pixels());
+    let per_chunk = images_per_chunk(dims.batch);
+    let chunks = dims.batch.div_ceil(per_chunk);
+    let kept_images = if keep_padded { per_chunk } else { 1 };
+    let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
+    let staged = if pooled { (o, pixels) } else { (0, 0) };
+    resize(&mut buffers.cols, (0, 0, 0));
+    resize(
+        &mut buffers.padded,
+        (chunks, kept_images * layout.image_len),
+    );
+    resize(&mut buffers.padded_plane, (chunks, layout.wide_len));
+    resize(&mut buffers.gathered_out, (chunks, staged.0, staged.1));
+    let weight = weight.as_standard_layout();
+    let weight = contiguous(&weight);
+    let bias = bias.map(|b| b.to_vec());
+    buffers
+        .padded
+        .outer_iter_mut()
+        .into_par_iter()
+        .zip(buffers.padded_plane.outer_iter_mut())
+        .zip(buffers.gathered_out.outer_iter_mut())
+        .zip(x.axis_chunks_iter(Axis(0), per_chunk))
+        .zip(outputs)
+        .for_each(|((((mut padded, mut plane), mut staged), x), mut output)| {
+            let padded = contiguous_mut(&mut padded);
+            let plane = contiguous_mut(&mut plane);
+            for (j, x) in x.outer_iter().enumerate() {
+                let slot = if keep_padded { j } else { 0 };
+                let padded = &mut padded[slot * layout.image_len..(slot + 1) * layout.image_len];
+                direct::pad_image(dims, &layout, x, padded);
+                let mut conv = |out: &mut [f32]| {
+                    direct::forward_image(
+                        dims,
+                        &layout,
+                        padded,
+                        weight,
+                        bias.as_deref(),
+                        plane,
+                        out,
+                    )
+                };
+                match &mut output {
+                    ChunkOutput::Conv(y) => conv(contiguous_mut(&mut y.index_axis_mut(Axis(0), j))),
+                    ChunkOutput::ReluMaxPool(pool, y, argmax) => {
+                        conv(contiguous_mut(&mut staged));
+                        relu_max_pool_image(
+                            pool,
+                            staged.view(),
+                            y.index_axis_mut(Axis(0), j),
+                            argmax.index_axis_mut(Axis(0), j),
+                        );
+                    }
+                }
+            }
+        });
+}
+
 /// ReLU and max pooling of one image's convolution output `conv [O, OH*OW]` (a slice of
 /// `gathered_out`, whose rows are contiguous) into `y` and `argmax` `[O, PH, PW]`, both in
 /// standard layout.
@@ -469,9 +562,8 @@ fn relu_max_pool_image(
             .unwrap_or_else(|| unreachable!("rows of `gathered_out` are contiguous"));
         max_pool_plane(pool, row, y, argmax, |v| v.max(0.0));
         for (y, a) in y.iter().zip(argmax.iter_mut()) {
-            if *y <= 0.0 {
-                *a = NO_GRADIENT;
-            }
+            // A select, not a branch: the loop vectorizes.
+            *a = if *y <= 0.0 { NO_GRADIENT } else { *a };
         }
     }
 }
@@ -539,16 +631,20 @@ pub fn conv2d_relu_max_pool_backward(
     expect_shape(OP, "output gradient", dy.shape(), &pool.output_shape())?;
     expect_shape(OP, "argmax", argmax.shape(), &pool.output_shape())?;
     let pixels = dims.out_pixels();
-    if let Some(&bad) = argmax
+    let (dy, argmax) = (dy.as_standard_layout(), argmax.as_standard_layout());
+    let outside = |&a: &u32| a != NO_GRADIENT && a as usize >= pixels;
+    // One flat pass without early exit (so that it vectorizes) to check, a second only to name
+    // the culprit.
+    if contiguous(&argmax)
         .iter()
-        .find(|&&a| a != NO_GRADIENT && a as usize >= pixels)
+        .fold(false, |found, a| found | outside(a))
     {
+        let bad = argmax.iter().copied().find(outside).unwrap_or_default();
         return Err(TensorError::Shape {
             op: OP,
             detail: format!("argmax {bad} is outside the {pixels}-pixel output plane"),
         });
     }
-    let (dy, argmax) = (dy.as_standard_layout(), argmax.as_standard_layout());
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dy
         .axis_chunks_iter(Axis(0), per_chunk)
@@ -608,9 +704,10 @@ impl ChunkGrad<'_> {
                         .unwrap_or_else(|| unreachable!("rows of `wide` are contiguous"));
                     row.fill(0.0);
                     for (&g, &at) in dy.iter().zip(argmax) {
-                        if at != NO_GRADIENT {
-                            row[at as usize] += g;
-                        }
+                        // Without a branch, which would be mispredicted on about half of the
+                        // windows: a window without gradient adds 0 to pixel 0.
+                        let passes = at != NO_GRADIENT;
+                        row[if passes { at as usize } else { 0 }] += if passes { g } else { 0.0 };
                     }
                 }
             }
@@ -651,17 +748,135 @@ fn backward(
     if let Some(dx) = &dx {
         expect_shape(op, "input gradient", dx.shape(), &dims.input_shape())?;
     }
+    let (o, patch) = (dims.out_channels, dims.patch_len());
+    let per_chunk = images_per_chunk(dims.batch);
+    let chunks = dims.batch.div_ceil(per_chunk);
+    resize(&mut buffers.partial_dw, (chunks, o, patch));
+    resize(&mut buffers.partial_db, (chunks, o));
+    let mut dx = dx;
+    let dx_chunks: Vec<Option<ArrayViewMut4<'_, f32>>> = match dx.as_mut() {
+        Some(dx) => dx
+            .axis_chunks_iter_mut(Axis(0), per_chunk)
+            .map(Some)
+            .collect(),
+        None => (0..chunks).map(|_| None).collect(),
+    };
+    if dims.computed_directly() {
+        backward_direct(dims, weight, chunk_grads, buffers, dx_chunks);
+    } else {
+        backward_by_im2col(dims, weight, chunk_grads, buffers, dx_chunks);
+    }
+    let mut dw = into_matrix_checked(op, "weight gradient", dw, o, patch)?;
+    for pdw in buffers.partial_dw.outer_iter() {
+        dw += &pdw;
+    }
+    if let Some(mut db) = db {
+        for pdb in buffers.partial_db.outer_iter() {
+            db += &pdb;
+        }
+    }
+    Ok(())
+}
+
+/// The per-chunk gradients of a convolution that [`Conv2dDims::computed_directly`] applies to, from the padded
+/// input its forward pass kept: into `partial_dw` and `partial_db`, and onto `dx_chunks`.
+fn backward_direct(
+    dims: &Conv2dDims,
+    weight: ArrayView2<'_, f32>,
+    chunk_grads: Vec<ChunkGrad<'_>>,
+    buffers: &mut Conv2dBuffers,
+    mut dx_chunks: Vec<Option<ArrayViewMut4<'_, f32>>>,
+) {
+    let layout = direct::PaddedLayout::new(dims);
+    let (o, pixels) = (dims.out_channels, dims.out_pixels());
+    let chunks = chunk_grads.len();
+    let pooled = matches!(chunk_grads.first(), Some(ChunkGrad::Pooled(..)));
+    let unpooled = if pooled { (o, pixels) } else { (0, 0) };
+    let dx_len = if dx_chunks.iter().any(Option::is_some) {
+        layout.image_len
+    } else {
+        0
+    };
+    resize(&mut buffers.wide, (chunks, unpooled.0, unpooled.1));
+    resize(&mut buffers.padded_plane, (chunks, layout.wide_len));
+    resize(&mut buffers.padded_dx, (chunks, dx_len));
+    let weight = weight.as_standard_layout();
+    let weight = contiguous(&weight);
+    let Conv2dBuffers {
+        wide,
+        partial_dw,
+        partial_db,
+        padded,
+        padded_plane,
+        padded_dx,
+        ..
+    } = buffers;
+    partial_dw
+        .outer_iter_mut()
+        .into_par_iter()
+        .zip(partial_db.outer_iter_mut())
+        .zip(padded.outer_iter())
+        .zip(wide.outer_iter_mut())
+        .zip(chunk_grads)
+        .zip(dx_chunks.par_iter_mut())
+        .zip(padded_plane.outer_iter_mut())
+        .zip(padded_dx.outer_iter_mut())
+        .for_each(
+            |(((((((mut pdw, mut pdb), padded), mut wide), dy), dx), mut plane), mut padded_dx)| {
+                pdw.fill(0.0);
+                pdb.fill(0.0);
+                let (pdw, pdb) = (contiguous_mut(&mut pdw), contiguous_mut(&mut pdb));
+                let plane = contiguous_mut(&mut plane);
+                let padded_dx = contiguous_mut(&mut padded_dx);
+                let padded = contiguous(&padded);
+                for j in 0..dy.images() {
+                    let grad = match dy.conv_view(j, o, pixels) {
+                        Some(grad) => grad,
+                        None => {
+                            dy.write_conv_grad(j, wide.view_mut());
+                            wide.view()
+                        }
+                    };
+                    let image = &padded[j * layout.image_len..(j + 1) * layout.image_len];
+                    let dx = dx
+                        .as_mut()
+                        .map(|dx| (&mut *padded_dx, dx.index_axis_mut(Axis(0), j)));
+                    direct::backward_image(
+                        dims,
+                        &layout,
+                        image,
+                        weight,
+                        contiguous(&grad),
+                        plane,
+                        pdw,
+                        pdb,
+                        dx,
+                    );
+                }
+            },
+        );
+}
+
+/// The per-chunk gradients of a convolution computed by im2col + GEMM, from the unfolded input
+/// its forward pass kept: into `partial_dw` and `partial_db`, and onto `dx_chunks`.
+fn backward_by_im2col(
+    dims: &Conv2dDims,
+    weight: ArrayView2<'_, f32>,
+    chunk_grads: Vec<ChunkGrad<'_>>,
+    buffers: &mut Conv2dBuffers,
+    mut dx_chunks: Vec<Option<ArrayViewMut4<'_, f32>>>,
+) {
     let pooled = matches!(chunk_grads.first(), Some(ChunkGrad::Pooled(..)));
     let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
     let per_chunk = images_per_chunk(dims.batch);
-    let chunks = dims.batch.div_ceil(per_chunk);
+    let chunks = chunk_grads.len();
     // Images with few output pixels are gathered side by side into `wide` (see below); the
     // others are used one at a time and need only one image's worth of `dcols` (and of `wide`,
     // when their gradient must be unpooled first). A buffer the pass does not use is sized to
     // nothing.
     let gather = pixels < WIDE_GEMM_MAX_PIXELS;
     let images_at_once = if gather { per_chunk } else { 1 };
-    let dcols_len = if dx.is_some() {
+    let dcols_len = if dx_chunks.iter().any(Option::is_some) {
         images_at_once * pixels
     } else {
         0
@@ -671,8 +886,6 @@ fn backward(
         (false, true) => (o, pixels),
         (false, false) => (0, 0),
     };
-    resize(&mut buffers.partial_dw, (chunks, o, patch));
-    resize(&mut buffers.partial_db, (chunks, o));
     resize(&mut buffers.dcols, (chunks, patch, dcols_len));
     resize(&mut buffers.wide, (chunks, wide_rows, wide_len));
     let Conv2dBuffers {
@@ -683,15 +896,6 @@ fn backward(
         dcols,
         ..
     } = buffers;
-    let mut dx = dx;
-    let mut dx_chunks: Vec<Option<ArrayViewMut4<'_, f32>>> = match dx.as_mut() {
-        Some(dx) => dx
-            .axis_chunks_iter_mut(Axis(0), per_chunk)
-            .map(Some)
-            .collect(),
-        None => (0..chunks).map(|_| None).collect(),
-    };
-
     // Per chunk: dW_k [O, C*KH*KW] = dy * cols^T and db_k [O] = row sums of dy over the chunk's
     // images; dcols [C*KH*KW, OH*OW] = W^T * dy[n], folded back onto dx[n] by col2im.
     // Images with few output pixels are first gathered side by side into `wide`, so dW_k is one
@@ -756,16 +960,6 @@ fn backward(
                 }
             },
         );
-    let mut dw = into_matrix_checked(op, "weight gradient", dw, o, patch)?;
-    for pdw in partial_dw.outer_iter() {
-        dw += &pdw;
-    }
-    if let Some(mut db) = db {
-        for pdb in partial_db.outer_iter() {
-            db += &pdb;
-        }
-    }
-    Ok(())
 }
 
 /// Unfolds one image `x [C, H, W]` into `cols [C*KH*KW, OH*OW]`: row `(c, kh, kw)` holds, for
@@ -810,11 +1004,7 @@ fn unfold_tap(dims: &Conv2dDims, plane: &[f32], kh: usize, kw: usize, out: &mut 
         let input = &plane[ih * dims.in_w..(ih + 1) * dims.in_w];
         let first = lo * dims.stride_w + kw - dims.pad_left;
         if dims.stride_w == 1 {
-            // A loop rather than copy_from_slice: runs are short (11 values for conv 32->64),
-            // and an inlined vector loop beats a call to memcpy for each.
-            for (o, &v) in out[lo..hi].iter_mut().zip(&input[first..first + (hi - lo)]) {
-                *o = v;
-            }
+            copy_short(&input[first..first + (hi - lo)], &mut out[lo..hi]);
         } else {
             let taken = input[first..].iter().step_by(dims.stride_w);
             for (o, &v) in out[lo..hi].iter_mut().zip(taken) {
@@ -871,6 +1061,20 @@ fn fold_taps(dims: &Conv2dDims, dcols: ArrayView2<'_, f32>, dx: &mut [f32]) {
                 }
             }
         }
+    }
+}
+
+/// Copies a short run (an image row) without a call to `memcpy`, which for rows of 26 values
+/// costs more than the copy: whole vectors of 8, then one value at a time.
+#[inline(always)]
+fn copy_short(from: &[f32], to: &mut [f32]) {
+    let (mut from, mut to) = (from.chunks_exact(8), to.chunks_exact_mut(8));
+    for (t, f) in (&mut to).zip(&mut from) {
+        let f: &[f32; 8] = f.try_into().unwrap_or_else(|_| unreachable!("chunks of 8"));
+        t.copy_from_slice(f);
+    }
+    for (t, &f) in to.into_remainder().iter_mut().zip(from.remainder()) {
+        *t = f;
     }
 }
 
@@ -943,6 +1147,26 @@ fn into_matrix_checked<'a>(
 ) -> Result<ArrayViewMut2<'a, f32>, TensorError> {
     a.into_shape_with_order((rows, cols))
         .map_err(|_| TensorError::Layout { op, operand })
+}
+
+/// The elements of an array in standard layout, which the caller checked or made.
+fn contiguous<T, S, D>(a: &ndarray::ArrayBase<S, D>) -> &[T]
+where
+    S: ndarray::Data<Elem = T>,
+    D: ndarray::Dimension,
+{
+    a.as_slice()
+        .unwrap_or_else(|| unreachable!("standard layout was checked or made"))
+}
+
+/// The elements of a mutable array in standard layout, which the caller checked or made.
+fn contiguous_mut<T, S, D>(a: &mut ndarray::ArrayBase<S, D>) -> &mut [T]
+where
+    S: ndarray::DataMut<Elem = T>,
+    D: ndarray::Dimension,
+{
+    a.as_slice_mut()
+        .unwrap_or_else(|| unreachable!("standard layout was checked or made"))
 }
 
 /// Gives `buffer` this shape, reallocating only when the shape changed.

@@ -133,8 +133,11 @@ pub(crate) fn max_pool_plane(
     argmax: &mut [u32],
     value: impl Fn(f32) -> f32,
 ) {
-    // The 2x2 windows of every reference model get a copy with the window unrolled.
-    if (dims.kernel_h, dims.kernel_w) == (2, 2) {
+    // The 2x2 windows of every reference model get a copy with the window unrolled, and
+    // without overlap, one written so that it vectorizes.
+    if (dims.kernel_h, dims.kernel_w, dims.stride_h, dims.stride_w) == (2, 2, 2, 2) {
+        max_pool_2x2_tiles(dims, plane, out, argmax, value);
+    } else if (dims.kernel_h, dims.kernel_w) == (2, 2) {
         max_pool_windows(dims, 2, 2, plane, out, argmax, value);
     } else {
         max_pool_windows(
@@ -146,6 +149,43 @@ pub(crate) fn max_pool_plane(
             argmax,
             value,
         );
+    }
+}
+
+/// [`max_pool_plane`] with 2x2 windows moved by 2: each output row reads two input rows in
+/// pairs of values, with no index arithmetic inside the loop.
+#[inline(always)]
+fn max_pool_2x2_tiles(
+    dims: &Pool2dDims,
+    plane: &[f32],
+    out: &mut [f32],
+    argmax: &mut [u32],
+    value: impl Fn(f32) -> f32,
+) {
+    let (in_w, out_w) = (dims.in_w, dims.out_w());
+    let below = in_w as u32;
+    for ((oh, out), argmax) in out
+        .chunks_exact_mut(out_w)
+        .enumerate()
+        .zip(argmax.chunks_exact_mut(out_w))
+    {
+        let corner = 2 * oh * in_w;
+        let top = &plane[corner..corner + 2 * out_w];
+        let bottom = &plane[corner + in_w..corner + in_w + 2 * out_w];
+        let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+        for (ow, ((o, a), (t, b))) in out.iter_mut().zip(argmax.iter_mut()).zip(pairs).enumerate() {
+            // Scan order, first maximum wins, a NaN wins: as the general loop below.
+            let mut best = value(t[0]);
+            let mut at = 0;
+            for (v, offset) in [(t[1], 1), (b[0], below), (b[1], below + 1)] {
+                let v = value(v);
+                let wins = v > best || (v.is_nan() && !best.is_nan());
+                best = if wins { v } else { best };
+                at = if wins { offset } else { at };
+            }
+            *o = best;
+            *a = (corner + 2 * ow) as u32 + at;
+        }
     }
 }
 

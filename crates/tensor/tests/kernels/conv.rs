@@ -24,7 +24,8 @@ fn any_padding() -> impl Strategy<Value = Padding> {
 }
 
 /// Runs forward and backward on one random case and compares all four results with the
-/// reference; returns without checking when the configuration is (rightly) refused.
+/// reference; returns without checking when the configuration is (rightly) refused. `path`,
+/// when given, is whether the case must be computed directly (else by im2col + GEMM).
 #[allow(clippy::too_many_arguments)]
 fn check_against_reference(
     input: (usize, usize, usize, usize),
@@ -35,6 +36,7 @@ fn check_against_reference(
     with_bias: bool,
     strided_input: bool,
     seed: u64,
+    path: Option<bool>,
 ) -> Result<(), TestCaseError> {
     let (n, c, h, w) = input;
     let dims = Conv2dDims::new(
@@ -45,6 +47,9 @@ fn check_against_reference(
         padding,
     );
     let dims = match dims {
+        Ok(dims) if path.is_some_and(|direct| dims.computed_directly() != direct) => {
+            panic!("{dims:?} is not computed by the path under test ({path:?})")
+        }
         Ok(dims) => dims,
         Err(TensorError::Config { .. }) => {
             // Only a kernel larger than the padded input may be refused.
@@ -135,7 +140,27 @@ proptest! {
         strided_input in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, strided_input, seed)?;
+        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, strided_input, seed, None)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    #[test]
+    fn direct_convolution_matches_the_direct_reference(
+        // Stride 1 and receptive fields of up to 32 values (1x5x5, 3x3x3, 2x4x4, ...): the
+        // direct path, up to a first layer's 28x28 images.
+        input in (1usize..20, 1usize..4, 1usize..30, 1usize..30),
+        out_channels in 1usize..7,
+        kernel in (1usize..6, 1usize..6),
+        padding in any_padding(),
+        with_bias in any::<bool>(),
+        strided_input in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        prop_assume!(input.1 * kernel.0 * kernel.1 <= 32);
+        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, strided_input, seed, Some(true))?;
     }
 }
 
@@ -144,15 +169,16 @@ proptest! {
 
     #[test]
     fn conv_on_large_images_matches_the_direct_reference(
-        // 256 output pixels or more per image: the backward pass's per-image path.
-        input in (1usize..12, 1usize..3, 17usize..24, 17usize..24),
+        // 256 output pixels or more per image: the backward pass's per-image path (with
+        // receptive fields of more than 32 values, which are not computed directly).
+        input in (1usize..12, 9usize..12, 17usize..24, 17usize..24),
         out_channels in 1usize..4,
-        kernel in (1usize..3, 1usize..3),
+        kernel in (2usize..3, 2usize..3),
         padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],
         with_bias in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, false, seed)?;
+        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, false, seed, Some(false))?;
     }
 }
 
@@ -284,7 +310,15 @@ fn impossible_configurations_and_shapes_are_errors() {
 
 #[test]
 fn inference_forward_gives_the_same_bits_and_keeps_nothing_for_backward() {
-    let dims = Conv2dDims::new([19, 3, 9, 9], 4, [3, 3], [1, 1], Padding::Same).unwrap();
+    // Three input channels are computed directly, four by im2col + GEMM.
+    for channels in [3, 4] {
+        inference_forward_matches_training_forward(channels);
+    }
+}
+
+fn inference_forward_matches_training_forward(channels: usize) {
+    let dims = Conv2dDims::new([19, channels, 9, 9], 4, [3, 3], [1, 1], Padding::Same).unwrap();
+    assert_eq!(dims.computed_directly(), channels == 3);
     let mut values = Values::new(21);
     let x = values.array4(dims.input_shape());
     let w = values.array4(dims.weight_shape());

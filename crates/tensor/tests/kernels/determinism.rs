@@ -8,10 +8,24 @@ use tensor::{
 
 use crate::reference::Values;
 
-/// Every output of a conv + pool forward and backward, and a large GEMM, as bits.
+/// Every output of a conv + pool forward and backward (one computed by im2col + GEMM, one
+/// directly), and a large GEMM, as bits.
 fn run_everything() -> Vec<u32> {
     let mut values = Values::new(11);
-    let dims = Conv2dDims::new([19, 8, 12, 12], 16, [3, 3], [1, 1], Padding::Same).unwrap();
+    let mut bits = conv_and_pool(&mut values, 8);
+    bits.extend(conv_and_pool(&mut values, 1));
+
+    let a = values.array2((300, 170));
+    let bm = values.array2((170, 260));
+    let mut c = Array2::zeros((300, 260));
+    gemm_parallel(1.0, a.view(), bm.view(), 0.0, c.view_mut()).unwrap();
+    bits.extend(c.iter().map(|v| v.to_bits()));
+    bits
+}
+
+/// The outputs of a 3x3 conv of `channels` channels and a 2x2 max pool, forward and backward.
+fn conv_and_pool(values: &mut Values, channels: usize) -> Vec<u32> {
+    let dims = Conv2dDims::new([19, channels, 12, 12], 16, [3, 3], [1, 1], Padding::Same).unwrap();
     let x = values.array4(dims.input_shape());
     let w = values.array4(dims.weight_shape());
     let b = values.array1(16);
@@ -52,16 +66,10 @@ fn run_everything() -> Vec<u32> {
     )
     .unwrap();
 
-    let a = values.array2((300, 170));
-    let bm = values.array2((170, 260));
-    let mut c = Array2::zeros((300, 260));
-    gemm_parallel(1.0, a.view(), bm.view(), 0.0, c.view_mut()).unwrap();
-
     y.iter()
         .chain(&dw)
         .chain(&db)
         .chain(&dx)
-        .chain(&c)
         .map(|v| v.to_bits())
         .collect()
 }

@@ -144,7 +144,8 @@ proptest! {
     #[test]
     fn fused_conv_relu_pool_gives_the_bits_of_the_three_kernels(
         // Up to 19 images of up to 20x20: both the gathered (small) and per-image paths.
-        input in (1usize..20, 1usize..4, 2usize..21, 2usize..21),
+        // Few channels are computed directly, many by im2col + GEMM (for kernels over 1x1).
+        input in (1usize..20, prop_oneof![1usize..4, 12usize..16], 2usize..21, 2usize..21),
         out_channels in 1usize..5,
         kernel in 1usize..4,
         padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],

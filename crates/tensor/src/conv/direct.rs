@@ -1,0 +1,364 @@
+//! Direct convolution for stride 1 and short receptive fields (at most [`MAX_PATCH`] values,
+//! e.g. a first layer's 1x3x3 or 1x5x5): each output plane is a sum of shifted input planes.
+//!
+//! Why not im2col + GEMM there: im2col writes every input value KH*KW times, and a GEMM whose
+//! inner dimension is 9 or 25 spends its time packing, not multiplying (conv 1->32 on 28x28 ran
+//! at a fifth of the GEMM ceiling). Summing shifted planes reads each image once.
+//!
+//! The trick that keeps the loops long: an image is zero-padded into rows of the padded width
+//! WP, and an output plane is computed over `OH * WP` positions as if it too were WP wide. Then
+//! kernel tap (kh, kw) is one flat shift by `kh * WP + kw`, every loop runs over a whole plane,
+//! and the `WP - OW` extra columns of each row are discarded (forward) or held at zero (backward).
+
+use ndarray::{ArrayView3, ArrayViewMut3};
+
+use super::{Conv2dDims, copy_short};
+
+/// The longest receptive field (C*KH*KW) convolved directly: at 27 (three channels, 3x3) GEMM is
+/// still starved; conv 6->16 5x5 (150) runs faster as im2col + GEMM.
+pub(crate) const MAX_PATCH: usize = 32;
+
+/// A multiple of every strip of outputs computed at once (four vector registers: 32 or 64).
+const STRIP: usize = 64;
+
+/// Taps whose weight gradients are summed in one pass over an output-gradient plane: one
+/// vector register of partial sums each, nine of them (a 3x3 kernel in one pass, 5x5 in three)
+/// leaving registers for the operands.
+const TAP_BLOCK: usize = 9;
+
+/// [`MAX_PATCH`] rounded up to whole tap blocks.
+const SHIFT_SLOTS: usize = MAX_PATCH.div_ceil(TAP_BLOCK) * TAP_BLOCK;
+
+/// Whether [`Conv2dDims`] describes a convolution computed directly rather than by im2col.
+pub(crate) fn applies(dims: &Conv2dDims) -> bool {
+    dims.stride_h == 1 && dims.stride_w == 1 && dims.patch_len() <= MAX_PATCH
+}
+
+/// Sizes of the padded layout of one image.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PaddedLayout {
+    /// WP = W + pad_left + pad_right.
+    width: usize,
+    /// HP * WP.
+    plane: usize,
+    /// `OH * WP` rounded up to whole strips: the length of one output plane in padded width.
+    pub(crate) wide_len: usize,
+    /// `C * HP * WP` and enough zeros after it that every shifted read of a strip is in bounds.
+    pub(crate) image_len: usize,
+}
+
+impl PaddedLayout {
+    /// The padded layout for these dimensions.
+    pub(crate) fn new(dims: &Conv2dDims) -> Self {
+        let width = dims.in_w + dims.pad_left + dims.pad_right;
+        let height = dims.in_h + dims.pad_top + dims.pad_bottom;
+        let plane = height * width;
+        let used = dims.out_h() * width;
+        let wide_len = used.div_ceil(STRIP) * STRIP;
+        // The last channel is read up to (wide_len - 1) + (KH - 1) * WP + (KW - 1), and
+        // used + (KH - 1) * WP = HP * WP: so `wide_len - used + KW - 1` zeros past the planes.
+        let image_len = dims.in_channels * plane + (wide_len - used) + dims.kernel_w - 1;
+        PaddedLayout {
+            width,
+            plane,
+            wide_len,
+            image_len,
+        }
+    }
+
+    /// The flat shift of each receptive-field value (c, kh, kw), in weight order.
+    fn shifts(&self, dims: &Conv2dDims) -> impl Iterator<Item = usize> {
+        let (width, plane) = (self.width, self.plane);
+        (0..dims.patch_len()).map(move |r| {
+            let (c, kh, kw) = dims.tap_of_row(r);
+            c * plane + kh * width + kw
+        })
+    }
+}
+
+/// Copies `x [C, H, W]` into `padded` (`image_len` values) inside its zero border.
+pub(crate) fn pad_image(
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    x: ArrayView3<'_, f32>,
+    padded: &mut [f32],
+) {
+    padded.fill(0.0);
+    for (c, channel) in x.outer_iter().enumerate() {
+        for (h, row) in channel.outer_iter().enumerate() {
+            let start = c * layout.plane + (h + dims.pad_top) * layout.width + dims.pad_left;
+            for (out, &v) in padded[start..start + dims.in_w].iter_mut().zip(row.iter()) {
+                *out = v;
+            }
+        }
+    }
+}
+
+/// Defines `$name`, which runs `$body` compiled for the best instruction set the CPU has: with
+/// AVX-512 (16 lanes) or AVX2 (8 lanes) and FMA, else the baseline target without FMA.
+macro_rules! dispatched {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident;) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512($($arg: $ty),*) {
+                    $body::<Fused, 16>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) {
+                    $body::<Fused, 8>($($arg),*)
+                }
+                // SAFETY: each function runs only on a CPU found to have the features it is
+                // compiled for.
+                #[allow(unsafe_code)]
+                match Isa::detected() {
+                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    Isa::Baseline => {}
+                }
+            }
+            $body::<Separate, 8>($($arg),*)
+        }
+    };
+}
+
+dispatched! {
+    /// The convolution of one padded image: `out [O, OH*OW] = W [O, C*KH*KW] (*) padded
+    /// (+ bias)`, using `wide` (`wide_len` values) as scratch.
+    fn forward_image(
+        dims: &Conv2dDims,
+        layout: &PaddedLayout,
+        padded: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        wide: &mut [f32],
+        out: &mut [f32],
+    ) => forward_image_body;
+}
+
+dispatched! {
+    /// The gradients of one image: `dW [O, C*KH*KW] += dy (*) padded`, `db [O] += sums of dy`,
+    /// and, when `dx` is given, `dx [C, H, W] = W^T (*) dy`, using `padded_dx` (`image_len`
+    /// values) as scratch. `grad` is `dy [O, OH*OW]`; `wide` (`wide_len` values) is scratch.
+    fn backward_image(
+        dims: &Conv2dDims,
+        layout: &PaddedLayout,
+        padded: &[f32],
+        weight: &[f32],
+        grad: &[f32],
+        wide: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        dx: Option<(&mut [f32], ArrayViewMut3<'_, f32>)>,
+    ) => backward_image_body;
+}
+
+/// The vector instruction sets the bodies are compiled for.
+#[cfg(target_arch = "x86_64")]
+enum Isa {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Isa {
+    /// The best one this CPU has (the standard library caches the answer).
+    fn detected() -> Self {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx2") && has!("fma") {
+            Isa::Avx512
+        } else if has!("avx2") && has!("fma") {
+            Isa::Avx2
+        } else {
+            Isa::Baseline
+        }
+    }
+}
+
+/// A multiply-add, fused into one rounding or not: the bodies are generic over it so that one
+/// source compiles both to FMA instructions and to the baseline target.
+trait MulAdd {
+    /// `a * b + c`.
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// One rounding: the FMA instruction, for targets that have it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Fused;
+
+/// Two roundings: for the baseline target, where a fused multiply-add is a slow library call.
+struct Separate;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn forward_image_body<M: MulAdd, const LANES: usize>(
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    padded: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    wide: &mut [f32],
+    out: &mut [f32],
+) {
+    let patch = dims.patch_len();
+    let (ow, pixels) = (dims.out_w(), dims.out_pixels());
+    let mut shifts = [0usize; MAX_PATCH];
+    for (slot, shift) in shifts.iter_mut().zip(layout.shifts(dims)) {
+        *slot = shift;
+    }
+    let shifts = &shifts[..patch];
+    for (o, (taps, out)) in weight
+        .chunks_exact(patch)
+        .zip(out.chunks_exact_mut(pixels))
+        .enumerate()
+    {
+        let start = bias.map_or(0.0, |b| b[o]);
+        // Four vector registers of outputs at a time, summed over every tap before they are
+        // stored. (`wide_len` is a multiple of every strip length.)
+        for (s, strip) in wide.chunks_exact_mut(4 * LANES).enumerate() {
+            let base = s * 4 * LANES;
+            let mut acc = [[start; LANES]; 4];
+            for (&w, &shift) in taps.iter().zip(shifts) {
+                let x = &padded[base + shift..base + shift + 4 * LANES];
+                for (acc, x) in acc.iter_mut().zip(x.chunks_exact(LANES)) {
+                    for (a, &v) in acc.iter_mut().zip(x) {
+                        *a = M::mul_add(w, v, *a);
+                    }
+                }
+            }
+            for (strip, acc) in strip.chunks_exact_mut(LANES).zip(&acc) {
+                strip.copy_from_slice(acc);
+            }
+        }
+        for (out, row) in out.chunks_exact_mut(ow).zip(wide.chunks(layout.width)) {
+            copy_short(&row[..ow], out);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_image_body<M: MulAdd, const LANES: usize>(
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    padded: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    wide: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    mut dx: Option<(&mut [f32], ArrayViewMut3<'_, f32>)>,
+) {
+    let patch = dims.patch_len();
+    let (ow, pixels) = (dims.out_w(), dims.out_pixels());
+    // Shifts in blocks of TAP_BLOCK; the last block is filled up with shift 0, whose sums are
+    // computed (the block is unrolled whole) and dropped.
+    let mut shifts = [0usize; SHIFT_SLOTS];
+    for (slot, shift) in shifts.iter_mut().zip(layout.shifts(dims)) {
+        *slot = shift;
+    }
+    if let Some((padded_dx, _)) = dx.as_mut() {
+        padded_dx.fill(0.0);
+    }
+    wide.fill(0.0);
+    for (o, ((grad, dw), db)) in grad
+        .chunks_exact(pixels)
+        .zip(dw.chunks_exact_mut(patch))
+        .zip(db.iter_mut())
+        .enumerate()
+    {
+        // dy in padded width; the extra columns stay zero, so they add nothing below.
+        for (row, grad) in wide.chunks_mut(layout.width).zip(grad.chunks_exact(ow)) {
+            copy_short(grad, &mut row[..ow]);
+        }
+        *db += lane_sum::<M, LANES>(wide);
+        for (dw, &shift) in dw.iter_mut().zip(&shifts) {
+            // Four vector registers of partial sums, so that the multiply-adds of one strip
+            // do not wait for each other.
+            let x = &padded[shift..shift + layout.wide_len];
+            let mut acc = [[0.0f32; LANES]; 4];
+            for (g, x) in wide.chunks_exact(4 * LANES).zip(x.chunks_exact(4 * LANES)) {
+                for ((acc, g), x) in acc
+                    .iter_mut()
+                    .zip(g.chunks_exact(LANES))
+                    .zip(x.chunks_exact(LANES))
+                {
+                    for ((a, &g), &v) in acc.iter_mut().zip(g).zip(x) {
+                        *a = M::mul_add(g, v, *a);
+                    }
+                }
+            }
+            let [a, b, c, d] = acc;
+            let mut lanes = [0.0f32; LANES];
+            for (l, (((a, b), c), d)) in lanes.iter_mut().zip(a.iter().zip(b).zip(c).zip(d)) {
+                *l = (a + b) + (c + d);
+            }
+            *dw += tree_sum(&lanes);
+        }
+        if let Some((padded_dx, _)) = dx.as_mut() {
+            let taps = &weight[o * patch..(o + 1) * patch];
+            for (&w, &shift) in taps.iter().zip(&shifts) {
+                let target = &mut padded_dx[shift..shift + layout.wide_len];
+                for (t, &g) in target.iter_mut().zip(wide.iter()) {
+                    *t = M::mul_add(w, g, *t);
+                }
+            }
+        }
+    }
+    if let Some((padded_dx, mut dx)) = dx {
+        for (c, mut channel) in dx.outer_iter_mut().enumerate() {
+            for (h, mut row) in channel.outer_iter_mut().enumerate() {
+                let start = c * layout.plane + (h + dims.pad_top) * layout.width + dims.pad_left;
+                for (v, &g) in row.iter_mut().zip(&padded_dx[start..start + dims.in_w]) {
+                    *v = g;
+                }
+            }
+        }
+    }
+}
+
+/// The sum of `values` (a multiple of LANES long) in LANES running sums, added up in a fixed
+/// order at the end: a sequential sum cannot be vectorized.
+#[inline(always)]
+fn lane_sum<M: MulAdd, const LANES: usize>(values: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for chunk in values.chunks_exact(LANES) {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    tree_sum(&acc)
+}
+
+/// The sum of a block of partial sums, in a fixed pairwise order.
+#[inline(always)]
+fn tree_sum<const LANES: usize>(lanes: &[f32; LANES]) -> f32 {
+    let mut half = *lanes;
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            half[i] += half[i + n];
+        }
+    }
+    half[0]
+}
