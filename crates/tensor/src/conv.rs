@@ -9,13 +9,14 @@
 //! the bits are the same whatever the number of threads.
 
 use ndarray::{
-    Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1, ArrayViewMut2,
-    ArrayViewMut3, ArrayViewMut4, Axis, Zip, s,
+    Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewMut1,
+    ArrayViewMut2, ArrayViewMut3, ArrayViewMut4, Axis, Zip, s,
 };
 
 use ndarray::parallel::prelude::*;
 
 mod direct;
+mod scatter;
 
 use crate::error::{TensorError, expect_shape};
 use crate::gemm::sgemm_unchecked;
@@ -228,6 +229,22 @@ pub struct Conv2dBuffers {
     /// `[chunks, C*KH*KW, B*OH*OW]` (or one image's `OH*OW` columns when images are not
     /// gathered): the unfolded input gradient; empty when no input gradient is wanted.
     dcols: Array3<f32>,
+    /// `[chunks, B * HP*WP*C]`: the forward pass's input, zero-padded and channels last, for a
+    /// backward pass that scatters a sparse output gradient (im2col convolutions only).
+    /// (Each of these channels-last buffers holds `scatter::ALIGN_SLACK` extra values, to be
+    /// used from a 64-byte boundary.)
+    channels_last: Array2<f32>,
+    /// `[O * KH*KW*C]`: the weight channels last, for the same.
+    weight_channels_last: Array1<f32>,
+    /// `[chunks, O * KH*KW*C]`: each chunk's scattered weight-gradient sum, channels last.
+    partial_dw_channels_last: Array2<f32>,
+    /// `[chunks, HP*WP*C]`: one image's scattered input gradient, channels last.
+    dx_channels_last: Array2<f32>,
+    /// `[chunks, OH*OW]`: where the nonzero gradients of one output channel are (as receptive
+    /// field corners in a channels-last image), scratch for the scatter.
+    scatter_corners: Array2<usize>,
+    /// `[chunks, OH*OW]`: their values, scratch for the scatter.
+    scatter_values: Array2<f32>,
     /// `[chunks, B * padded image]`: for convolutions computed directly (stride 1, short
     /// receptive fields), the forward pass's zero-padded input, kept for backward instead of
     /// `cols`; empty otherwise.
@@ -238,6 +255,8 @@ pub struct Conv2dBuffers {
     /// `[chunks, padded image]`: one image's input gradient in the padded layout, scratch for
     /// the direct convolution when an input gradient is wanted.
     padded_dx: Array2<f32>,
+    /// Whether `cols` holds the whole batch's unfolded input (else only the last group's).
+    cols_kept: bool,
     /// The dimensions `cols` (or `padded`) was made for, so backward can tell it matches.
     dims: Option<Conv2dDims>,
 }
@@ -264,10 +283,11 @@ const MAX_CHUNKS: usize = 8;
 /// than it gains (conv 1->32 on 28x28, 676 pixels, 47 -> 25 GFLOP/s).
 const WIDE_GEMM_MAX_PIXELS: usize = 256;
 
-/// At most this many gathered images go into one forward GEMM: for conv 32->64 on 13x13, 8
-/// images make a 1.1 MB packed operand that stays in L2; a whole chunk of a 1000-image
-/// evaluation batch (125 images) would not, and would need 17 MB of columns.
-const GATHER_MAX_IMAGES: usize = 8;
+/// At most this many gathered images go into one forward GEMM: for conv 32->64 on 13x13, 4
+/// images make 0.55 MB of columns, which with GEMM's packed copy stay in a 2 MB L2 (8 did not:
+/// with cold caches, as inside a model, forward took 2.4-2.5 ms instead of 2.0-2.2); a whole
+/// chunk of a 1000-image evaluation batch (125 images) would need 17 MB.
+const GATHER_MAX_IMAGES: usize = 4;
 
 /// Images per chunk: a function of N alone, never of the thread count, so the summation order
 /// of the gradients (and so their bits) never depends on scheduling.
@@ -391,7 +411,13 @@ fn forward(
     } else {
         1
     };
-    let kept_images = if keep_columns { per_chunk } else { group };
+    // A pooled output's gradient is sparse, and its backward pass scatters it from the
+    // channels-last input (see `scatter`) instead of multiplying the unfolded input: then only
+    // one group's columns are needed, and they stay in cache. (Should the gradient turn out
+    // dense, the backward pass unfolds the input again.)
+    let keep_cols = keep_columns && !pooled;
+    buffers.cols_kept = keep_cols;
+    let kept_images = if keep_cols { per_chunk } else { group };
     resize(&mut buffers.cols, (chunks, patch, kept_images * pixels));
     let (out_rows, out_len) = if gather || pooled {
         (o, group * pixels)
@@ -399,6 +425,13 @@ fn forward(
         (0, 0)
     };
     resize(&mut buffers.gathered_out, (chunks, out_rows, out_len));
+    // For a backward pass that scatters a sparse output gradient, the input channels last.
+    let channels_last = if keep_columns {
+        per_chunk * scatter::image_len(dims) + scatter::ALIGN_SLACK
+    } else {
+        0
+    };
+    resize(&mut buffers.channels_last, (chunks, channels_last));
 
     let fill_bias = |mut y: ArrayViewMut2<'_, f32>| match &bias {
         Some(bias) => {
@@ -415,54 +448,64 @@ fn forward(
         .outer_iter_mut()
         .into_par_iter()
         .zip(buffers.gathered_out.outer_iter_mut())
+        .zip(buffers.channels_last.outer_iter_mut())
         .zip(x.axis_chunks_iter(Axis(0), per_chunk))
         .zip(outputs)
-        .for_each(|(((mut cols, mut out), x), mut output)| {
-            for (g, x) in x.axis_chunks_iter(Axis(0), group).enumerate() {
-                let first = if keep_columns { g * group * pixels } else { 0 };
-                let images = x.len_of(Axis(0));
-                let used = images * pixels;
-                let mut cols = cols.slice_mut(s![.., first..first + used]);
-                for (j, x) in x.outer_iter().enumerate() {
-                    im2col(
-                        dims,
-                        x,
-                        cols.slice_mut(s![.., j * pixels..(j + 1) * pixels]),
-                    );
-                }
-                let here = s![g * group..g * group + images, .., .., ..];
-                if let ChunkOutput::Conv(y) = &mut output
-                    && !gather
-                {
-                    // y[n] [O, OH*OW] = W [O, C*KH*KW] * cols [C*KH*KW, OH*OW] (+ bias).
-                    let mut y = image_matrix(y.index_axis_mut(Axis(0), g), o, pixels);
-                    let beta = fill_bias(y.view_mut());
-                    sgemm_unchecked(1.0, &weight, &cols.view(), beta, y.view_mut());
-                    continue;
-                }
-                // out [O, G*OH*OW] = W [O, C*KH*KW] * cols [C*KH*KW, G*OH*OW] (+ bias).
-                let mut out = out.slice_mut(s![.., ..used]);
-                let beta = fill_bias(out.view_mut());
-                sgemm_unchecked(1.0, &weight, &cols.view(), beta, out.view_mut());
-                let image = |j: usize| out.slice(s![.., j * pixels..(j + 1) * pixels]);
-                match &mut output {
-                    ChunkOutput::Conv(y) => {
-                        for (j, y) in y.slice_mut(here).outer_iter_mut().enumerate() {
-                            image_matrix(y, o, pixels).assign(&image(j));
-                        }
-                    }
-                    ChunkOutput::ReluMaxPool(pool, y, argmax) => {
-                        let mut y = y.slice_mut(here);
-                        let mut argmax = argmax.slice_mut(here);
-                        for (j, (y, argmax)) in
-                            y.outer_iter_mut().zip(argmax.outer_iter_mut()).enumerate()
-                        {
-                            relu_max_pool_image(pool, image(j), y, argmax);
-                        }
+        .for_each(
+            |((((mut cols, mut out), mut channels_last), x), mut output)| {
+                if keep_columns {
+                    let images = scatter::aligned_mut(contiguous_mut(&mut channels_last));
+                    let len = scatter::image_len(dims);
+                    for (x, image) in x.outer_iter().zip(images.chunks_exact_mut(len)) {
+                        scatter::to_channels_last(dims, x, image);
                     }
                 }
-            }
-        });
+                for (g, x) in x.axis_chunks_iter(Axis(0), group).enumerate() {
+                    let first = if keep_cols { g * group * pixels } else { 0 };
+                    let images = x.len_of(Axis(0));
+                    let used = images * pixels;
+                    let mut cols = cols.slice_mut(s![.., first..first + used]);
+                    for (j, x) in x.outer_iter().enumerate() {
+                        im2col(
+                            dims,
+                            x,
+                            cols.slice_mut(s![.., j * pixels..(j + 1) * pixels]),
+                        );
+                    }
+                    let here = s![g * group..g * group + images, .., .., ..];
+                    if let ChunkOutput::Conv(y) = &mut output
+                        && !gather
+                    {
+                        // y[n] [O, OH*OW] = W [O, C*KH*KW] * cols [C*KH*KW, OH*OW] (+ bias).
+                        let mut y = image_matrix(y.index_axis_mut(Axis(0), g), o, pixels);
+                        let beta = fill_bias(y.view_mut());
+                        sgemm_unchecked(1.0, &weight, &cols.view(), beta, y.view_mut());
+                        continue;
+                    }
+                    // out [O, G*OH*OW] = W [O, C*KH*KW] * cols [C*KH*KW, G*OH*OW] (+ bias).
+                    let mut out = out.slice_mut(s![.., ..used]);
+                    let beta = fill_bias(out.view_mut());
+                    sgemm_unchecked(1.0, &weight, &cols.view(), beta, out.view_mut());
+                    let image = |j: usize| out.slice(s![.., j * pixels..(j + 1) * pixels]);
+                    match &mut output {
+                        ChunkOutput::Conv(y) => {
+                            for (j, y) in y.slice_mut(here).outer_iter_mut().enumerate() {
+                                image_matrix(y, o, pixels).assign(&image(j));
+                            }
+                        }
+                        ChunkOutput::ReluMaxPool(pool, y, argmax) => {
+                            let mut y = y.slice_mut(here);
+                            let mut argmax = argmax.slice_mut(here);
+                            for (j, (y, argmax)) in
+                                y.outer_iter_mut().zip(argmax.outer_iter_mut()).enumerate()
+                            {
+                                relu_max_pool_image(pool, image(j), y, argmax);
+                            }
+                        }
+                    }
+                }
+            },
+        );
     Ok(())
 }
 
@@ -888,19 +931,82 @@ fn backward_by_im2col(
     };
     resize(&mut buffers.dcols, (chunks, patch, dcols_len));
     resize(&mut buffers.wide, (chunks, wide_rows, wide_len));
+    let dx_cl_len = if dcols_len > 0 {
+        scatter::image_len(dims) + scatter::ALIGN_SLACK
+    } else {
+        0
+    };
+    resize(
+        &mut buffers.weight_channels_last,
+        o * patch + scatter::ALIGN_SLACK,
+    );
+    resize(
+        &mut buffers.partial_dw_channels_last,
+        (chunks, o * patch + scatter::ALIGN_SLACK),
+    );
+    resize(&mut buffers.dx_channels_last, (chunks, dx_cl_len));
+    resize(&mut buffers.scatter_corners, (chunks, pixels));
+    resize(&mut buffers.scatter_values, (chunks, pixels));
+    let weight_std = weight.as_standard_layout();
+    scatter::weight_to_channels_last(
+        dims,
+        contiguous(&weight_std),
+        scatter::aligned_mut(contiguous_mut(&mut buffers.weight_channels_last)),
+    );
+    let cols_kept = buffers.cols_kept;
     let Conv2dBuffers {
         cols,
         wide,
         partial_dw,
         partial_db,
         dcols,
+        channels_last,
+        weight_channels_last,
+        partial_dw_channels_last,
+        dx_channels_last,
+        scatter_corners,
+        scatter_values,
         ..
     } = buffers;
+    let weight_cl = &scatter::aligned(contiguous(weight_channels_last))[..o * patch];
+    let scatters: Vec<scatter::ChunkScatter<'_>> = channels_last
+        .outer_iter()
+        .zip(partial_dw_channels_last.outer_iter_mut())
+        .zip(dx_channels_last.outer_iter_mut())
+        .zip(scatter_corners.outer_iter_mut())
+        .zip(scatter_values.outer_iter_mut())
+        .map(
+            |((((images, dw), dx), corners), values)| scatter::ChunkScatter {
+                images: scatter::aligned(
+                    images
+                        .to_slice()
+                        .unwrap_or_else(|| unreachable!("rows of a new array are contiguous")),
+                ),
+                dw: &mut scatter::aligned_mut(
+                    dw.into_slice()
+                        .unwrap_or_else(|| unreachable!("rows of a new array are contiguous")),
+                )[..o * patch],
+                dx: scatter::aligned_mut(
+                    dx.into_slice()
+                        .unwrap_or_else(|| unreachable!("rows of a new array are contiguous")),
+                ),
+                corners: corners
+                    .into_slice()
+                    .unwrap_or_else(|| unreachable!("rows of a new array are contiguous")),
+                values: values
+                    .into_slice()
+                    .unwrap_or_else(|| unreachable!("rows of a new array are contiguous")),
+            },
+        )
+        .collect();
     // Per chunk: dW_k [O, C*KH*KW] = dy * cols^T and db_k [O] = row sums of dy over the chunk's
     // images; dcols [C*KH*KW, OH*OW] = W^T * dy[n], folded back onto dx[n] by col2im.
     // Images with few output pixels are first gathered side by side into `wide`, so dW_k is one
     // GEMM with a long inner dimension (B*OH*OW); images with many are used one at a time,
     // which saves the gather's pass over memory. The choice depends on the shape alone.
+    // A sparse gradient (behind ReLU and pooling) is scattered instead (see `scatter`), decided
+    // for each gathered chunk or large image by its count of nonzeros: the data, never the
+    // thread count, so the bits stay the same for the same data.
     partial_dw
         .outer_iter_mut()
         .into_par_iter()
@@ -910,8 +1016,9 @@ fn backward_by_im2col(
         .zip(chunk_grads)
         .zip(dx_chunks.par_iter_mut())
         .zip(dcols.outer_iter_mut())
+        .zip(scatters)
         .for_each(
-            |((((((mut pdw, mut pdb), cols), mut wide), dy), dx), mut dcols)| {
+            |(((((((mut pdw, mut pdb), cols), mut wide), dy), dx), mut dcols), mut scatter)| {
                 let images = dy.images();
                 if gather {
                     for j in 0..images {
@@ -919,16 +1026,22 @@ fn backward_by_im2col(
                     }
                     let used = images * pixels;
                     let wide = wide.slice(s![.., ..used]);
-                    sgemm_unchecked(
-                        1.0,
-                        &wide,
-                        &cols.slice(s![.., ..used]).t(),
-                        0.0,
-                        pdw.view_mut(),
-                    );
                     Zip::from(&mut pdb)
                         .and(wide.rows())
                         .for_each(|b, row| *b = row.sum());
+                    if scatter::pays(scatter::nonzeros(&wide), wide.len()) {
+                        scatter.dw.fill(0.0);
+                        for j in 0..images {
+                            let grad = wide.slice(s![.., j * pixels..(j + 1) * pixels]);
+                            let dx = dx.as_mut().map(|dx| dx.index_axis_mut(Axis(0), j));
+                            scatter.image(dims, weight_cl, j, grad, dx);
+                        }
+                        pdw.fill(0.0);
+                        scatter::add_from_channels_last(dims, scatter.dw, contiguous_mut(&mut pdw));
+                        return;
+                    }
+                    let cols = chunk_columns(dims, cols, cols_kept, scatter.images, 0, images);
+                    sgemm_unchecked(1.0, &wide, &cols.t(), 0.0, pdw.view_mut());
                     if let Some(dx) = dx.as_mut() {
                         let mut dcols = dcols.slice_mut(s![.., ..used]);
                         sgemm_unchecked(1.0, &weight.t(), &wide, 0.0, dcols.view_mut());
@@ -938,6 +1051,8 @@ fn backward_by_im2col(
                     }
                 } else {
                     pdb.fill(0.0);
+                    pdw.fill(0.0);
+                    scatter.dw.fill(0.0);
                     for j in 0..images {
                         let grad = match dy.conv_view(j, o, pixels) {
                             Some(grad) => grad,
@@ -946,20 +1061,55 @@ fn backward_by_im2col(
                                 wide.view()
                             }
                         };
-                        let block = cols.slice(s![.., j * pixels..(j + 1) * pixels]);
-                        let beta = if j == 0 { 0.0 } else { 1.0 };
-                        sgemm_unchecked(1.0, &grad, &block.t(), beta, pdw.view_mut());
                         Zip::from(&mut pdb)
                             .and(grad.rows())
                             .for_each(|b, row| *b += row.sum());
-                        if let Some(dx) = dx.as_mut() {
+                        let dx = dx.as_mut().map(|dx| dx.index_axis_mut(Axis(0), j));
+                        if scatter::pays(scatter::nonzeros(&grad), grad.len()) {
+                            scatter.image(dims, weight_cl, j, grad, dx);
+                            continue;
+                        }
+                        let block = chunk_columns(dims, cols, cols_kept, scatter.images, j, 1);
+                        sgemm_unchecked(1.0, &grad, &block.t(), 1.0, pdw.view_mut());
+                        if let Some(dx) = dx {
                             sgemm_unchecked(1.0, &weight.t(), &grad, 0.0, dcols.view_mut());
-                            col2im(dims, dcols.view(), dx.index_axis_mut(Axis(0), j));
+                            col2im(dims, dcols.view(), dx);
                         }
                     }
+                    scatter::add_from_channels_last(dims, scatter.dw, contiguous_mut(&mut pdw));
                 }
             },
         );
+}
+
+/// The unfolded input of `count` images of a chunk from its image `first`,
+/// `[C*KH*KW, count*OH*OW]`: the columns the forward pass kept, or, when it kept only its
+/// channels-last copy of the input (`images`), unfolded again from that.
+fn chunk_columns<'a>(
+    dims: &Conv2dDims,
+    cols: ArrayView2<'a, f32>,
+    kept: bool,
+    images: &[f32],
+    first: usize,
+    count: usize,
+) -> ndarray::CowArray<'a, f32, ndarray::Ix2> {
+    let pixels = dims.out_pixels();
+    if kept {
+        return cols
+            .slice_move(s![.., first * pixels..(first + count) * pixels])
+            .into();
+    }
+    let len = scatter::image_len(dims);
+    let mut unfolded = Array2::zeros((dims.patch_len(), count * pixels));
+    for j in 0..count {
+        let image = &images[(first + j) * len..(first + j + 1) * len];
+        im2col(
+            dims,
+            scatter::image_view(dims, image),
+            unfolded.slice_mut(s![.., j * pixels..(j + 1) * pixels]),
+        );
+    }
+    unfolded.into()
 }
 
 /// Unfolds one image `x [C, H, W]` into `cols [C*KH*KW, OH*OW]`: row `(c, kh, kw)` holds, for
@@ -1064,17 +1214,23 @@ fn fold_taps(dims: &Conv2dDims, dcols: ArrayView2<'_, f32>, dx: &mut [f32]) {
     }
 }
 
-/// Copies a short run (an image row) without a call to `memcpy`, which for rows of 26 values
-/// costs more than the copy: whole vectors of 8, then one value at a time.
+/// Copies a short run (an image row) without a call to `memcpy`, which for rows of 11 or 26
+/// values costs more than the copy: in copies of 8 values (one vector each), the last one
+/// overlapping the one before rather than ending in a loop over single values.
 #[inline(always)]
 fn copy_short(from: &[f32], to: &mut [f32]) {
-    let (mut from, mut to) = (from.chunks_exact(8), to.chunks_exact_mut(8));
-    for (t, f) in (&mut to).zip(&mut from) {
-        let f: &[f32; 8] = f.try_into().unwrap_or_else(|_| unreachable!("chunks of 8"));
-        t.copy_from_slice(f);
+    let n = from.len().min(to.len());
+    if n < 8 {
+        to[..n].copy_from_slice(&from[..n]);
+        return;
     }
-    for (t, &f) in to.into_remainder().iter_mut().zip(from.remainder()) {
-        *t = f;
+    let mut i = 0;
+    while i + 8 <= n {
+        to[i..i + 8].copy_from_slice(&from[i..i + 8]);
+        i += 8;
+    }
+    if i < n {
+        to[n - 8..n].copy_from_slice(&from[n - 8..n]);
     }
 }
 
@@ -1170,12 +1326,14 @@ where
 }
 
 /// Gives `buffer` this shape, reallocating only when the shape changed.
-fn resize<D: ndarray::Dimension>(buffer: &mut ndarray::Array<f32, D>, shape: D::Pattern)
+fn resize<T, D>(buffer: &mut ndarray::Array<T, D>, shape: D::Pattern)
 where
+    T: Clone + Default,
+    D: ndarray::Dimension,
     D::Pattern: ndarray::IntoDimension<Dim = D>,
 {
     let dim = ndarray::IntoDimension::into_dimension(shape);
     if buffer.raw_dim() != dim {
-        *buffer = ndarray::Array::zeros(dim);
+        *buffer = ndarray::Array::from_elem(dim, T::default());
     }
 }

@@ -18,6 +18,7 @@ mod conv;
 mod error;
 mod gemm;
 mod pool;
+mod simd;
 mod softmax;
 
 pub use activation::{

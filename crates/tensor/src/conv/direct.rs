@@ -13,6 +13,7 @@
 use ndarray::{ArrayView3, ArrayViewMut3};
 
 use super::{Conv2dDims, copy_short};
+use crate::simd::{MulAdd, dispatched};
 
 /// The longest receptive field (C*KH*KW) convolved directly: at 27 (three channels, 3x3) GEMM is
 /// still starved; conv 6->16 5x5 (150) runs faster as im2col + GEMM.
@@ -94,39 +95,6 @@ pub(crate) fn pad_image(
     }
 }
 
-/// Defines `$name`, which runs `$body` compiled for the best instruction set the CPU has: with
-/// AVX-512 (16 lanes) or AVX2 (8 lanes) and FMA, else the baseline target without FMA.
-macro_rules! dispatched {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident;) => {
-        $(#[$doc])*
-        #[allow(clippy::too_many_arguments)]
-        pub(crate) fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx512($($arg: $ty),*) {
-                    $body::<Fused, 16>($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx2($($arg: $ty),*) {
-                    $body::<Fused, 8>($($arg),*)
-                }
-                // SAFETY: each function runs only on a CPU found to have the features it is
-                // compiled for.
-                #[allow(unsafe_code)]
-                match Isa::detected() {
-                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
-                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
-                    Isa::Baseline => {}
-                }
-            }
-            $body::<Separate, 8>($($arg),*)
-        }
-    };
-}
-
 dispatched! {
     /// The convolution of one padded image: `out [O, OH*OW] = W [O, C*KH*KW] (*) padded
     /// (+ bias)`, using `wide` (`wide_len` values) as scratch.
@@ -156,57 +124,6 @@ dispatched! {
         db: &mut [f32],
         dx: Option<(&mut [f32], ArrayViewMut3<'_, f32>)>,
     ) => backward_image_body;
-}
-
-/// The vector instruction sets the bodies are compiled for.
-#[cfg(target_arch = "x86_64")]
-enum Isa {
-    Avx512,
-    Avx2,
-    Baseline,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Isa {
-    /// The best one this CPU has (the standard library caches the answer).
-    fn detected() -> Self {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx2") && has!("fma") {
-            Isa::Avx512
-        } else if has!("avx2") && has!("fma") {
-            Isa::Avx2
-        } else {
-            Isa::Baseline
-        }
-    }
-}
-
-/// A multiply-add, fused into one rounding or not: the bodies are generic over it so that one
-/// source compiles both to FMA instructions and to the baseline target.
-trait MulAdd {
-    /// `a * b + c`.
-    fn mul_add(a: f32, b: f32, c: f32) -> f32;
-}
-
-/// One rounding: the FMA instruction, for targets that have it.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-struct Fused;
-
-/// Two roundings: for the baseline target, where a fused multiply-add is a slow library call.
-struct Separate;
-
-impl MulAdd for Fused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-
-impl MulAdd for Separate {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
 }
 
 #[inline(always)]

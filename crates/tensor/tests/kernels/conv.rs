@@ -25,7 +25,9 @@ fn any_padding() -> impl Strategy<Value = Padding> {
 
 /// Runs forward and backward on one random case and compares all four results with the
 /// reference; returns without checking when the configuration is (rightly) refused. `path`,
-/// when given, is whether the case must be computed directly (else by im2col + GEMM).
+/// when given, is whether the case must be computed directly (else by im2col + GEMM). A
+/// `sparse` output gradient (one entry in seven nonzero, as behind ReLU and pooling) takes the
+/// backward pass that scatters nonzeros instead of multiplying.
 #[allow(clippy::too_many_arguments)]
 fn check_against_reference(
     input: (usize, usize, usize, usize),
@@ -37,6 +39,7 @@ fn check_against_reference(
     strided_input: bool,
     seed: u64,
     path: Option<bool>,
+    sparse: bool,
 ) -> Result<(), TestCaseError> {
     let (n, c, h, w) = input;
     let dims = Conv2dDims::new(
@@ -96,7 +99,14 @@ fn check_against_reference(
     assert_close("y", y.view(), expected.view(), bound.view());
 
     // Parameter gradients accumulate onto what is there; the input gradient is overwritten.
-    let dy = values.array4(dims.output_shape());
+    let mut dy = values.array4(dims.output_shape());
+    if sparse {
+        for (i, v) in dy.iter_mut().enumerate() {
+            if (i * 5 + seed as usize) % 7 != 0 {
+                *v = 0.0;
+            }
+        }
+    }
     let dw_before = values.array4(dims.weight_shape());
     let db_before = values.array1(out_channels);
     let mut dw = dw_before.clone();
@@ -139,8 +149,9 @@ proptest! {
         with_bias in any::<bool>(),
         strided_input in any::<bool>(),
         seed in any::<u64>(),
+        sparse in any::<bool>(),
     ) {
-        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, strided_input, seed, None)?;
+        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, strided_input, seed, None, sparse)?;
     }
 }
 
@@ -160,7 +171,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         prop_assume!(input.1 * kernel.0 * kernel.1 <= 32);
-        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, strided_input, seed, Some(true))?;
+        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, strided_input, seed, Some(true), false)?;
     }
 }
 
@@ -177,8 +188,9 @@ proptest! {
         padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],
         with_bias in any::<bool>(),
         seed in any::<u64>(),
+        sparse in any::<bool>(),
     ) {
-        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, false, seed, Some(false))?;
+        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, false, seed, Some(false), sparse)?;
     }
 }
 

@@ -1,0 +1,94 @@
+//! Kernels compiled for the vector instructions the CPU has, chosen at run time: the build
+//! targets baseline x86-64 (no AVX, no FMA) so that its binaries run anywhere, while the hot
+//! loops of the direct convolution want AVX-512 or AVX2 with FMA. A kernel body is written once,
+//! generic over [`MulAdd`] and its vector width, and [`dispatched!`] compiles it per instruction
+//! set behind one safe function.
+
+/// Defines `$name`, which runs `$body` compiled for the best instruction set the CPU has: with
+/// AVX-512 (16 lanes) or AVX2 (8 lanes) and FMA, else the baseline target without FMA.
+macro_rules! dispatched {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident;) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512($($arg: $ty),*) {
+                    $body::<$crate::simd::Fused, 16>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) {
+                    $body::<$crate::simd::Fused, 8>($($arg),*)
+                }
+                // SAFETY: each function runs only on a CPU found to have the features it is
+                // compiled for.
+                #[allow(unsafe_code)]
+                match $crate::simd::Isa::detected() {
+                    $crate::simd::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::simd::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::simd::Isa::Baseline => {}
+                }
+            }
+            $body::<$crate::simd::Separate, 8>($($arg),*)
+        }
+    };
+}
+
+pub(crate) use dispatched;
+
+/// The vector instruction sets the bodies are compiled for.
+#[cfg(target_arch = "x86_64")]
+pub(crate) enum Isa {
+    /// AVX-512F with FMA: 16 lanes.
+    Avx512,
+    /// AVX2 with FMA: 8 lanes.
+    Avx2,
+    /// Neither: the target's baseline (SSE2 on x86-64).
+    Baseline,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Isa {
+    /// The best one this CPU has (the standard library caches the answer).
+    pub(crate) fn detected() -> Self {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx2") && has!("fma") {
+            Isa::Avx512
+        } else if has!("avx2") && has!("fma") {
+            Isa::Avx2
+        } else {
+            Isa::Baseline
+        }
+    }
+}
+
+/// A multiply-add, fused into one rounding or not: the bodies are generic over it so that one
+/// source compiles both to FMA instructions and to the baseline target.
+pub(crate) trait MulAdd {
+    /// `a * b + c`.
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// One rounding: the FMA instruction, for targets that have it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct Fused;
+
+/// Two roundings: for the baseline target, where a fused multiply-add is a slow library call.
+pub(crate) struct Separate;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
