@@ -337,6 +337,10 @@ fn check_learning_rate(lr: f32) -> Result<(), NnError> {
     }
 }
 
+/// Parameters at least this large are updated on all threads (elementwise, so the bits are the
+/// same): two-conv's 1600x128 weight takes 0.2 ms on one thread.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
 /// One parameter's update, elementwise; `t` is the 1-based step.
 fn update(
     rule: Rule,
@@ -354,7 +358,9 @@ fn update(
             weight_decay,
         } => {
             if let [buf] = slots {
-                Zip::from(p).and(grad).and(buf).for_each(|p, &g, b| {
+                let parallel = p.len() >= PARALLEL_MIN_ELEMENTS;
+                let zip = Zip::from(p).and(grad).and(buf);
+                let update = |p: &mut f32, &g: &f32, b: &mut f32| {
                     let g = g + weight_decay * *p;
                     *b = if t == 1 {
                         g
@@ -363,7 +369,12 @@ fn update(
                     };
                     let step = if nesterov { g + momentum * *b } else { *b };
                     *p -= lr * step;
-                });
+                };
+                if parallel {
+                    zip.par_for_each(update);
+                } else {
+                    zip.for_each(update);
+                }
             } else {
                 Zip::from(p)
                     .and(grad)
@@ -384,21 +395,24 @@ fn update(
             let bias2 = 1.0 - f64::from(beta2).powi(t as i32);
             let step_size = (f64::from(lr) / bias1) as f32;
             let bias2_sqrt = bias2.sqrt() as f32;
-            Zip::from(p)
-                .and(grad)
-                .and(m)
-                .and(v)
-                .for_each(|p, &g, m, v| {
-                    let g = if decoupled {
-                        *p *= 1.0 - lr * weight_decay;
-                        g
-                    } else {
-                        g + weight_decay * *p
-                    };
-                    *m = beta1 * *m + (1.0 - beta1) * g;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    *p -= step_size * *m / (v.sqrt() / bias2_sqrt + eps);
-                });
+            let parallel = p.len() >= PARALLEL_MIN_ELEMENTS;
+            let zip = Zip::from(p).and(grad).and(m).and(v);
+            let update = |p: &mut f32, &g: &f32, m: &mut f32, v: &mut f32| {
+                let g = if decoupled {
+                    *p *= 1.0 - lr * weight_decay;
+                    g
+                } else {
+                    g + weight_decay * *p
+                };
+                *m = beta1 * *m + (1.0 - beta1) * g;
+                *v = beta2 * *v + (1.0 - beta2) * g * g;
+                *p -= step_size * *m / (v.sqrt() / bias2_sqrt + eps);
+            };
+            if parallel {
+                zip.par_for_each(update);
+            } else {
+                zip.for_each(update);
+            }
         }
         Rule::RmsProp {
             alpha,
