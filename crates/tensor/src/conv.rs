@@ -283,11 +283,12 @@ const MAX_CHUNKS: usize = 8;
 /// than it gains (conv 1->32 on 28x28, 676 pixels, 47 -> 25 GFLOP/s).
 const WIDE_GEMM_MAX_PIXELS: usize = 256;
 
-/// At most this many gathered images go into one forward GEMM: for conv 32->64 on 13x13, 4
-/// images make 0.55 MB of columns, which with GEMM's packed copy stay in a 2 MB L2 (8 did not:
-/// with cold caches, as inside a model, forward took 2.4-2.5 ms instead of 2.0-2.2); a whole
-/// chunk of a 1000-image evaluation batch (125 images) would need 17 MB.
-const GATHER_MAX_IMAGES: usize = 4;
+/// At most this many bytes of gathered columns go into one forward GEMM, so that they and
+/// GEMM's packed copy of them stay in a 2 MB L2: 4 images of conv 32->64 on 13x13 (0.55 MB;
+/// 8 images, 1.1 MB, made forward 2.4-2.5 ms instead of 2.0-2.2 with the cold caches of a
+/// model), 10 of conv 6->16 on 14x14. A whole chunk of a 1000-image evaluation batch (125
+/// images) would need 17 MB.
+const GATHER_MAX_BYTES: usize = 640 << 10;
 
 /// Images per chunk: a function of N alone, never of the thread count, so the summation order
 /// of the gradients (and so their bits) never depends on scheduling.
@@ -401,13 +402,13 @@ fn forward(
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
     resize(&mut buffers.padded, (0, 0));
-    // Small images are unfolded side by side, up to GATHER_MAX_IMAGES at a time, and multiplied
+    // Small images are unfolded side by side, up to GATHER_MAX_BYTES at a time, and multiplied
     // in one wide GEMM into `gathered_out`; large ones get one GEMM per image. The plain
     // convolution of large images goes straight into y; everything else is copied or pooled
     // from `gathered_out`. Without a backward pass to come, only one group's columns are kept.
     let gather = pixels < WIDE_GEMM_MAX_PIXELS;
     let group = if gather {
-        per_chunk.min(GATHER_MAX_IMAGES)
+        (GATHER_MAX_BYTES / (patch * pixels * size_of::<f32>())).clamp(1, per_chunk)
     } else {
         1
     };
