@@ -220,16 +220,83 @@ fn scatter_image_body<M: MulAdd, const LANES: usize>(
                 corner = row_start;
             }
         }
-        for (&corner, &g) in corners[..count].iter().zip(&values[..count]) {
+        let (corners, values) = (&corners[..count], &values[..count]);
+        // Runs of whole vectors (C = 32) sum dW strip by strip in registers; other runs
+        // (lenet5's 6x5 = 30) would end in single values, each a chain of dependent
+        // multiply-adds, and are scattered instead. The sums are the same either way.
+        let in_registers = run % LANES == 0;
+        if in_registers {
+            for (dw, kh) in dw.chunks_exact_mut(run).zip(0..) {
+                add_fields::<M, LANES>(corners, values, x_cl, kh * row_len, dw);
+            }
+        }
+        for (&corner, &g) in corners.iter().zip(values) {
             for ((dw, w), kh) in dw.chunks_exact_mut(run).zip(w.chunks_exact(run)).zip(0..) {
                 let at = corner + kh * row_len;
-                axpy::<M, LANES>(g, &x_cl[at..at + run], dw);
+                if !in_registers {
+                    axpy::<M, LANES>(g, &x_cl[at..at + run], dw);
+                }
                 if let Some(dx) = dx_cl.as_mut() {
                     axpy::<M, LANES>(g, w, &mut dx[at..at + run]);
                 }
             }
         }
     }
+}
+
+/// `dw += sum_i values[i] * x[corners[i] + offset..][..dw.len()]` for `dw` a whole number of
+/// vectors long, strip by strip with each strip's sums held in registers across all the
+/// nonzeros, so that a multiply-add loads one operand and stores nothing (scattering each
+/// product onto dw would load two and store one). Every value of dw still sums in the order of
+/// the nonzeros.
+#[inline(always)]
+fn add_fields<M: MulAdd, const LANES: usize>(
+    corners: &[usize],
+    values: &[f32],
+    x: &[f32],
+    offset: usize,
+    dw: &mut [f32],
+) {
+    let done = add_strips::<M, LANES, 4>(corners, values, x, offset, dw, 0);
+    let done = add_strips::<M, LANES, 2>(corners, values, x, offset, dw, done);
+    let done = add_strips::<M, LANES, 1>(corners, values, x, offset, dw, done);
+    debug_assert_eq!(done, dw.len());
+}
+
+/// [`add_fields`] over the whole strips of `V` vectors of `LANES` in `dw[start..]`; returns
+/// where they end.
+#[inline(always)]
+fn add_strips<M: MulAdd, const LANES: usize, const V: usize>(
+    corners: &[usize],
+    values: &[f32],
+    x: &[f32],
+    offset: usize,
+    dw: &mut [f32],
+    start: usize,
+) -> usize {
+    let mut start = start;
+    for strip in dw[start..].chunks_exact_mut(V * LANES) {
+        let mut acc = [[0.0f32; LANES]; V];
+        for (acc, strip) in acc.iter_mut().zip(strip.chunks_exact(LANES)) {
+            acc.copy_from_slice(strip);
+        }
+        for (&corner, &g) in corners.iter().zip(values) {
+            let at = corner + offset + start;
+            for (acc, x) in acc
+                .iter_mut()
+                .zip(x[at..at + V * LANES].chunks_exact(LANES))
+            {
+                for (a, &x) in acc.iter_mut().zip(x) {
+                    *a = M::mul_add(g, x, *a);
+                }
+            }
+        }
+        for (acc, strip) in acc.iter().zip(strip.chunks_exact_mut(LANES)) {
+            strip.copy_from_slice(acc);
+        }
+        start += V * LANES;
+    }
+    start
 }
 
 /// `y += a * x` one whole vector at a time (a fixed-length inner loop, so each is one

@@ -156,6 +156,24 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn scattering_over_many_channels_matches_the_direct_reference(
+        // 16 or 32 channels: kernel rows of whole vectors (KW*C a multiple of 16), whose
+        // weight gradient the scatter sums in registers.
+        input in (1usize..10, prop_oneof![Just(16usize), Just(32)], 3usize..9, 3usize..9),
+        out_channels in 1usize..5,
+        kernel in (1usize..4, 1usize..4),
+        stride in (1usize..3, 1usize..3),
+        padding in any_padding(),
+        seed in any::<u64>(),
+    ) {
+        check_against_reference(input, out_channels, kernel, stride, padding, true, false, seed, None, true)?;
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(100))]
 
     #[test]
