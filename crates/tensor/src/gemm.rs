@@ -7,7 +7,7 @@
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use crate::error::TensorError;
-use crate::simd::{MulAdd, dispatched};
+use crate::simd::{MulAdd, dispatched, dot};
 
 /// Below this many multiply-adds a GEMM runs on one thread: splitting costs more than it saves.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
@@ -168,35 +168,7 @@ fn row_times_columns_body<M: MulAdd, const LANES: usize>(
         let column = column
             .to_slice()
             .unwrap_or_else(|| unreachable!("columns were checked to be contiguous"));
-        // Four vectors of partial sums, so that the multiply-adds do not wait for each other;
-        // added up in a fixed order.
-        let mut acc = [[0.0f32; LANES]; 4];
-        let (xs, cs) = (x.chunks_exact(4 * LANES), column.chunks_exact(4 * LANES));
-        let (x_tail, column_tail) = (xs.remainder(), cs.remainder());
-        for (x, column) in xs.zip(cs) {
-            for ((acc, x), column) in acc
-                .iter_mut()
-                .zip(x.chunks_exact(LANES))
-                .zip(column.chunks_exact(LANES))
-            {
-                for ((a, &x), &w) in acc.iter_mut().zip(x).zip(column) {
-                    *a = M::mul_add(x, w, *a);
-                }
-            }
-        }
-        let [a0, a1, a2, a3] = acc;
-        let mut lanes = [0.0f32; LANES];
-        for (l, (((a0, a1), a2), a3)) in lanes.iter_mut().zip(a0.iter().zip(&a1).zip(&a2).zip(&a3))
-        {
-            *l = (a0 + a1) + (a2 + a3);
-        }
-        let mut sum = 0.0f32;
-        for &l in &lanes {
-            sum += l;
-        }
-        for (&x, &w) in x_tail.iter().zip(column_tail) {
-            sum = M::mul_add(x, w, sum);
-        }
+        let sum = dot::<M, LANES>(x, column);
         *c = if beta == 0.0 {
             alpha * sum
         } else {

@@ -1,6 +1,7 @@
 //! Kernels compiled for the vector instructions the CPU has, chosen at run time: the build
 //! targets baseline x86-64 (no AVX, no FMA) so that its binaries run anywhere, while the hot
-//! loops of the direct convolution want AVX-512 or AVX2 with FMA. A kernel body is written once,
+//! loops of our own kernels (direct and scattered convolution, single-row GEMM) want AVX-512
+//! or AVX2 with FMA. A kernel body is written once,
 //! generic over [`MulAdd`] and its vector width, and [`dispatched!`] compiles it per instruction
 //! set behind one safe function.
 
@@ -91,4 +92,48 @@ impl MulAdd for Separate {
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
     }
+}
+
+/// `sum_i x[i] * y[i]` over the common length: four vectors of partial sums (so that the
+/// multiply-adds do not wait for each other), added up in a fixed order, then the tail.
+#[inline(always)]
+pub(crate) fn dot<M: MulAdd, const LANES: usize>(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [[0.0f32; LANES]; 4];
+    let (xs, ys) = (x.chunks_exact(4 * LANES), y.chunks_exact(4 * LANES));
+    let (x_tail, y_tail) = (xs.remainder(), ys.remainder());
+    for (x, y) in xs.zip(ys) {
+        for ((acc, x), y) in acc
+            .iter_mut()
+            .zip(x.chunks_exact(LANES))
+            .zip(y.chunks_exact(LANES))
+        {
+            for ((a, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+                *a = M::mul_add(x, y, *a);
+            }
+        }
+    }
+    let [a, b, c, d] = acc;
+    let mut lanes = [0.0f32; LANES];
+    for (l, (((a, b), c), d)) in lanes.iter_mut().zip(a.iter().zip(&b).zip(&c).zip(&d)) {
+        *l = (a + b) + (c + d);
+    }
+    let mut sum = tree_sum(&lanes);
+    for (&x, &y) in x_tail.iter().zip(y_tail) {
+        sum = M::mul_add(x, y, sum);
+    }
+    sum
+}
+
+/// The sum of a vector's lanes, in a fixed pairwise order.
+#[inline(always)]
+pub(crate) fn tree_sum<const LANES: usize>(lanes: &[f32; LANES]) -> f32 {
+    let mut half = *lanes;
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            half[i] += half[i + n];
+        }
+    }
+    half[0]
 }

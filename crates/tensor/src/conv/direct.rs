@@ -13,7 +13,7 @@
 use ndarray::{ArrayView3, ArrayViewMut3};
 
 use super::{Conv2dDims, copy_short};
-use crate::simd::{MulAdd, dispatched};
+use crate::simd::{MulAdd, dispatched, dot, tree_sum};
 
 /// The longest receptive field (C*KH*KW) convolved directly: at 27 (three channels, 3x3) GEMM is
 /// still starved; conv 6->16 5x5 (150) runs faster as im2col + GEMM.
@@ -209,27 +209,7 @@ fn backward_image_body<M: MulAdd, const LANES: usize>(
         }
         *db += lane_sum::<M, LANES>(wide);
         for (dw, &shift) in dw.iter_mut().zip(&shifts) {
-            // Four vector registers of partial sums, so that the multiply-adds of one strip
-            // do not wait for each other.
-            let x = &padded[shift..shift + layout.wide_len];
-            let mut acc = [[0.0f32; LANES]; 4];
-            for (g, x) in wide.chunks_exact(4 * LANES).zip(x.chunks_exact(4 * LANES)) {
-                for ((acc, g), x) in acc
-                    .iter_mut()
-                    .zip(g.chunks_exact(LANES))
-                    .zip(x.chunks_exact(LANES))
-                {
-                    for ((a, &g), &v) in acc.iter_mut().zip(g).zip(x) {
-                        *a = M::mul_add(g, v, *a);
-                    }
-                }
-            }
-            let [a, b, c, d] = acc;
-            let mut lanes = [0.0f32; LANES];
-            for (l, (((a, b), c), d)) in lanes.iter_mut().zip(a.iter().zip(b).zip(c).zip(d)) {
-                *l = (a + b) + (c + d);
-            }
-            *dw += tree_sum(&lanes);
+            *dw += dot::<M, LANES>(wide, &padded[shift..shift + layout.wide_len]);
         }
         if let Some((padded_dx, _)) = dx.as_mut() {
             let taps = &weight[o * patch..(o + 1) * patch];
@@ -264,18 +244,4 @@ fn lane_sum<M: MulAdd, const LANES: usize>(values: &[f32]) -> f32 {
         }
     }
     tree_sum(&acc)
-}
-
-/// The sum of a block of partial sums, in a fixed pairwise order.
-#[inline(always)]
-fn tree_sum<const LANES: usize>(lanes: &[f32; LANES]) -> f32 {
-    let mut half = *lanes;
-    let mut n = LANES;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            half[i] += half[i + n];
-        }
-    }
-    half[0]
 }
