@@ -40,29 +40,45 @@ macro_rules! dispatched {
 
 pub(crate) use dispatched;
 
-/// The vector instruction sets the bodies are compiled for.
+/// The vector instruction sets the bodies are compiled for, narrowest first.
 #[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
-    /// AVX-512F with FMA: 16 lanes.
-    Avx512,
+    /// Neither of the below: the target's baseline (SSE2 on x86-64).
+    Baseline,
     /// AVX2 with FMA: 8 lanes.
     Avx2,
-    /// Neither: the target's baseline (SSE2 on x86-64).
-    Baseline,
+    /// AVX-512F with FMA: 16 lanes.
+    Avx512,
 }
+
+/// The environment variable that caps the instruction set: `avx2` or `baseline` (anything else
+/// means no cap). For running the tests of the narrower kernels on a wider CPU, and for
+/// reproducing another machine's bits. It can only lower the choice, never enable features
+/// the CPU lacks.
+pub const ISA_CAP_VARIABLE: &str = "TENSOR_ISA";
 
 #[cfg(target_arch = "x86_64")]
 impl Isa {
-    /// The best one this CPU has (the standard library caches the answer).
+    /// The best one this CPU has, capped by [`ISA_CAP_VARIABLE`] (decided once per process).
     pub(crate) fn detected() -> Self {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx2") && has!("fma") {
-            Isa::Avx512
-        } else if has!("avx2") && has!("fma") {
-            Isa::Avx2
-        } else {
-            Isa::Baseline
-        }
+        static CHOICE: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            use std::arch::is_x86_feature_detected as has;
+            let best = if has!("avx512f") && has!("avx2") && has!("fma") {
+                Isa::Avx512
+            } else if has!("avx2") && has!("fma") {
+                Isa::Avx2
+            } else {
+                Isa::Baseline
+            };
+            let cap = match std::env::var(ISA_CAP_VARIABLE).as_deref() {
+                Ok("baseline") => Isa::Baseline,
+                Ok("avx2") => Isa::Avx2,
+                _ => Isa::Avx512,
+            };
+            best.min(cap)
+        })
     }
 }
 
