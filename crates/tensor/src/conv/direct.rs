@@ -22,14 +22,6 @@ pub(crate) const MAX_PATCH: usize = 32;
 /// A multiple of every strip of outputs computed at once (four vector registers: 32 or 64).
 const STRIP: usize = 64;
 
-/// Taps whose weight gradients are summed in one pass over an output-gradient plane: one
-/// vector register of partial sums each, nine of them (a 3x3 kernel in one pass, 5x5 in three)
-/// leaving registers for the operands.
-const TAP_BLOCK: usize = 9;
-
-/// [`MAX_PATCH`] rounded up to whole tap blocks.
-const SHIFT_SLOTS: usize = MAX_PATCH.div_ceil(TAP_BLOCK) * TAP_BLOCK;
-
 /// Whether [`Conv2dDims`] describes a convolution computed directly rather than by im2col.
 pub(crate) fn applies(dims: &Conv2dDims) -> bool {
     dims.stride_h == 1 && dims.stride_w == 1 && dims.patch_len() <= MAX_PATCH
@@ -67,13 +59,15 @@ impl PaddedLayout {
         }
     }
 
-    /// The flat shift of each receptive-field value (c, kh, kw), in weight order.
-    fn shifts(&self, dims: &Conv2dDims) -> impl Iterator<Item = usize> {
-        let (width, plane) = (self.width, self.plane);
-        (0..dims.patch_len()).map(move |r| {
+    /// The flat shift of each receptive-field value (c, kh, kw), in weight order (the first
+    /// `C*KH*KW` entries; a fixed-size table, so that the kernels need no allocation).
+    fn shifts(&self, dims: &Conv2dDims) -> [usize; MAX_PATCH] {
+        let mut shifts = [0; MAX_PATCH];
+        for (r, shift) in shifts.iter_mut().enumerate().take(dims.patch_len()) {
             let (c, kh, kw) = dims.tap_of_row(r);
-            c * plane + kh * width + kw
-        })
+            *shift = c * self.plane + kh * self.width + kw;
+        }
+        shifts
     }
 }
 
@@ -138,10 +132,7 @@ fn forward_image_body<M: MulAdd, const LANES: usize>(
 ) {
     let patch = dims.patch_len();
     let (ow, pixels) = (dims.out_w(), dims.out_pixels());
-    let mut shifts = [0usize; MAX_PATCH];
-    for (slot, shift) in shifts.iter_mut().zip(layout.shifts(dims)) {
-        *slot = shift;
-    }
+    let shifts = layout.shifts(dims);
     let shifts = &shifts[..patch];
     for (o, (taps, out)) in weight
         .chunks_exact(patch)
@@ -187,12 +178,8 @@ fn backward_image_body<M: MulAdd, const LANES: usize>(
 ) {
     let patch = dims.patch_len();
     let (ow, pixels) = (dims.out_w(), dims.out_pixels());
-    // Shifts in blocks of TAP_BLOCK; the last block is filled up with shift 0, whose sums are
-    // computed (the block is unrolled whole) and dropped.
-    let mut shifts = [0usize; SHIFT_SLOTS];
-    for (slot, shift) in shifts.iter_mut().zip(layout.shifts(dims)) {
-        *slot = shift;
-    }
+    let shifts = layout.shifts(dims);
+    let shifts = &shifts[..patch];
     if let Some((padded_dx, _)) = dx.as_mut() {
         padded_dx.fill(0.0);
     }
@@ -208,12 +195,12 @@ fn backward_image_body<M: MulAdd, const LANES: usize>(
             copy_short(grad, &mut row[..ow]);
         }
         *db += lane_sum::<M, LANES>(wide);
-        for (dw, &shift) in dw.iter_mut().zip(&shifts) {
+        for (dw, &shift) in dw.iter_mut().zip(shifts) {
             *dw += dot::<M, LANES>(wide, &padded[shift..shift + layout.wide_len]);
         }
         if let Some((padded_dx, _)) = dx.as_mut() {
             let taps = &weight[o * patch..(o + 1) * patch];
-            for (&w, &shift) in taps.iter().zip(&shifts) {
+            for (&w, &shift) in taps.iter().zip(shifts) {
                 let target = &mut padded_dx[shift..shift + layout.wide_len];
                 for (t, &g) in target.iter_mut().zip(wide.iter()) {
                     *t = M::mul_add(w, g, *t);
