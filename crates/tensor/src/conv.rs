@@ -145,14 +145,24 @@ impl Conv2dDims {
         })
     }
 
-    /// OH = (H + pad_top + pad_bottom - KH) / stride_h + 1.
-    pub fn out_h(&self) -> usize {
-        (self.in_h + self.pad_top + self.pad_bottom - self.kernel_h) / self.stride_h + 1
+    /// HP = H + pad_top + pad_bottom: the height of the zero-padded input.
+    pub fn padded_h(&self) -> usize {
+        self.in_h + self.pad_top + self.pad_bottom
     }
 
-    /// OW = (W + pad_left + pad_right - KW) / stride_w + 1.
+    /// WP = W + pad_left + pad_right: the width of the zero-padded input.
+    pub fn padded_w(&self) -> usize {
+        self.in_w + self.pad_left + self.pad_right
+    }
+
+    /// OH = (HP - KH) / stride_h + 1.
+    pub fn out_h(&self) -> usize {
+        (self.padded_h() - self.kernel_h) / self.stride_h + 1
+    }
+
+    /// OW = (WP - KW) / stride_w + 1.
     pub fn out_w(&self) -> usize {
-        (self.in_w + self.pad_left + self.pad_right - self.kernel_w) / self.stride_w + 1
+        (self.padded_w() - self.kernel_w) / self.stride_w + 1
     }
 
     /// `[N, C, H, W]`.
@@ -510,8 +520,8 @@ fn forward(
     Ok(())
 }
 
-/// The forward pass of a convolution that [`Conv2dDims::computed_directly`] applies to: each image is zero-padded
-/// (and kept, for backward, when `keep_padded`) and convolved directly.
+/// The forward pass of a convolution [`Conv2dDims::computed_directly`]: each image is
+/// zero-padded (and kept, for backward, when `keep_padded`) and convolved directly.
 fn forward_direct(
     dims: &Conv2dDims,
     x: ArrayView4<'_, f32>,
@@ -822,7 +832,7 @@ fn backward(
     Ok(())
 }
 
-/// The per-chunk gradients of a convolution that [`Conv2dDims::computed_directly`] applies to, from the padded
+/// The per-chunk gradients of a convolution [`Conv2dDims::computed_directly`], from the padded
 /// input its forward pass kept: into `partial_dw` and `partial_db`, and onto `dx_chunks`.
 fn backward_direct(
     dims: &Conv2dDims,

@@ -43,9 +43,8 @@ pub(crate) struct PaddedLayout {
 impl PaddedLayout {
     /// The padded layout for these dimensions.
     pub(crate) fn new(dims: &Conv2dDims) -> Self {
-        let width = dims.in_w + dims.pad_left + dims.pad_right;
-        let height = dims.in_h + dims.pad_top + dims.pad_bottom;
-        let plane = height * width;
+        let width = dims.padded_w();
+        let plane = dims.padded_h() * width;
         let used = dims.out_h() * width;
         let wide_len = used.div_ceil(STRIP) * STRIP;
         // The last channel is read up to (wide_len - 1) + (KH - 1) * WP + (KW - 1), and

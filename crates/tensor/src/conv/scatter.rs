@@ -48,20 +48,12 @@ pub(crate) fn nonzeros(grad: &ArrayView2<'_, f32>) -> usize {
 
 /// Values in one zero-padded channels-last image `[HP, WP, C]`.
 pub(crate) fn image_len(dims: &Conv2dDims) -> usize {
-    padded_h(dims) * padded_w(dims) * dims.in_channels
-}
-
-fn padded_h(dims: &Conv2dDims) -> usize {
-    dims.in_h + dims.pad_top + dims.pad_bottom
-}
-
-fn padded_w(dims: &Conv2dDims) -> usize {
-    dims.in_w + dims.pad_left + dims.pad_right
+    dims.padded_h() * dims.padded_w() * dims.in_channels
 }
 
 /// Where input pixel (h, w) of `x [C, H, W]` starts in the padded channels-last image.
 fn pixel_start(dims: &Conv2dDims, h: usize, w: usize) -> usize {
-    ((h + dims.pad_top) * padded_w(dims) + w + dims.pad_left) * dims.in_channels
+    ((h + dims.pad_top) * dims.padded_w() + w + dims.pad_left) * dims.in_channels
 }
 
 /// Writes `x [C, H, W]` into `out` (`image_len` values) as a zero-padded `[HP, WP, C]` image.
@@ -82,7 +74,7 @@ pub(crate) fn to_channels_last(dims: &Conv2dDims, x: ArrayView3<'_, f32>, out: &
 pub(crate) fn image_view<'a>(dims: &Conv2dDims, image: &'a [f32]) -> ArrayView3<'a, f32> {
     use ndarray::ShapeBuilder;
     let shape = (dims.in_channels, dims.in_h, dims.in_w);
-    let strides = (1, padded_w(dims) * dims.in_channels, dims.in_channels);
+    let strides = (1, dims.padded_w() * dims.in_channels, dims.in_channels);
     ArrayView3::from_shape(shape.strides(strides), &image[pixel_start(dims, 0, 0)..])
         .unwrap_or_else(|e| unreachable!("the interior lies inside the padded image: {e}"))
 }
@@ -195,7 +187,7 @@ fn scatter_image_body<M: MulAdd, const LANES: usize>(
 ) {
     let patch = dims.patch_len();
     let run = dims.kernel_w * dims.in_channels;
-    let row_len = padded_w(dims) * dims.in_channels;
+    let row_len = dims.padded_w() * dims.in_channels;
     let ow_count = dims.out_w();
     let step_w = dims.stride_w * dims.in_channels;
     let step_h = dims.stride_h * row_len;
