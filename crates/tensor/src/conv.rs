@@ -16,6 +16,7 @@ use ndarray::{
 use ndarray::parallel::prelude::*;
 
 mod direct;
+mod implicit;
 mod scatter;
 
 use crate::error::{TensorError, expect_shape};
@@ -265,6 +266,11 @@ pub struct Conv2dBuffers {
     /// `[chunks, padded image]`: one image's input gradient in the padded layout, scratch for
     /// the direct convolution when an input gradient is wanted.
     padded_dx: Array2<f32>,
+    /// `[KH*KW*C * O]`: the weight packed for the implicit-GEMM forward pass.
+    weight_by_tap: Array1<f32>,
+    /// `[chunks, OH*OW * O]`: one image's output channels last, from the implicit-GEMM
+    /// forward pass, before it is transposed.
+    out_channels_last: Array2<f32>,
     /// Whether `cols` holds the whole batch's unfolded input (else only the last group's).
     cols_kept: bool,
     /// The dimensions `cols` (or `padded`) was made for, so backward can tell it matches.
@@ -408,6 +414,10 @@ fn forward(
         return Ok(());
     }
     let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
+    if implicit::applies(dims) {
+        forward_implicit(dims, x, weight, bias, buffers, keep_columns, outputs);
+        return Ok(());
+    }
     let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
@@ -588,6 +598,99 @@ fn forward_direct(
                 }
             }
         });
+}
+
+/// The forward pass of a convolution [`implicit::applies`] to: each image is copied channels
+/// last (and kept, for a backward pass that scatters, when `keep_columns`), convolved by the
+/// implicit GEMM and transposed into NCHW order. The backward pass of a plain convolution
+/// (whose gradient is dense) multiplies the unfolded input, which is then kept too.
+fn forward_implicit(
+    dims: &Conv2dDims,
+    x: ArrayView4<'_, f32>,
+    weight: ArrayView2<'_, f32>,
+    bias: Option<ArrayView1<'_, f32>>,
+    buffers: &mut Conv2dBuffers,
+    keep_columns: bool,
+    outputs: Vec<ChunkOutput<'_>>,
+) {
+    let (o, pixels) = (dims.out_channels, dims.out_pixels());
+    let per_chunk = images_per_chunk(dims.batch);
+    let chunks = dims.batch.div_ceil(per_chunk);
+    let image_len = scatter::image_len(dims);
+    let kept_images = if keep_columns { per_chunk } else { 1 };
+    let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
+    let staged = if pooled { (o, pixels) } else { (0, 0) };
+    let keep_cols = keep_columns && !pooled;
+    buffers.cols_kept = keep_cols;
+    // (The backward pass zips over the chunks of `cols`: an entry per chunk, empty or not.)
+    let cols_len = if keep_cols { per_chunk * pixels } else { 0 };
+    resize(&mut buffers.cols, (chunks, dims.patch_len(), cols_len));
+    resize(&mut buffers.padded, (0, 0));
+    resize(
+        &mut buffers.channels_last,
+        (chunks, kept_images * image_len + scatter::ALIGN_SLACK),
+    );
+    resize(
+        &mut buffers.out_channels_last,
+        (chunks, pixels * o + scatter::ALIGN_SLACK),
+    );
+    resize(&mut buffers.gathered_out, (chunks, staged.0, staged.1));
+    resize(
+        &mut buffers.weight_by_tap,
+        o * dims.patch_len() + scatter::ALIGN_SLACK,
+    );
+    let weight = weight.as_standard_layout();
+    implicit::pack_weight(
+        dims,
+        contiguous(&weight),
+        scatter::aligned_mut(contiguous_mut(&mut buffers.weight_by_tap)),
+    );
+    let weight = &scatter::aligned(contiguous(&buffers.weight_by_tap))[..o * dims.patch_len()];
+    let bias = bias.map(|b| b.to_vec());
+    buffers
+        .channels_last
+        .outer_iter_mut()
+        .into_par_iter()
+        .zip(buffers.out_channels_last.outer_iter_mut())
+        .zip(buffers.gathered_out.outer_iter_mut())
+        .zip(buffers.cols.outer_iter_mut())
+        .zip(x.axis_chunks_iter(Axis(0), per_chunk))
+        .zip(outputs)
+        .for_each(
+            |(((((mut images, mut out_cl), mut staged), mut cols), x), mut output)| {
+                let images = scatter::aligned_mut(contiguous_mut(&mut images));
+                let out_cl = &mut scatter::aligned_mut(contiguous_mut(&mut out_cl))[..pixels * o];
+                for (j, x) in x.outer_iter().enumerate() {
+                    if keep_cols {
+                        im2col(
+                            dims,
+                            x,
+                            cols.slice_mut(s![.., j * pixels..(j + 1) * pixels]),
+                        );
+                    }
+                    let slot = if keep_columns { j } else { 0 };
+                    let image = &mut images[slot * image_len..(slot + 1) * image_len];
+                    scatter::to_channels_last(dims, x, image);
+                    implicit::forward_image(dims, image, weight, bias.as_deref(), out_cl);
+                    match &mut output {
+                        ChunkOutput::Conv(y) => implicit::transpose_into(
+                            dims,
+                            out_cl,
+                            contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
+                        ),
+                        ChunkOutput::ReluMaxPool(pool, y, argmax) => {
+                            implicit::transpose_into(dims, out_cl, contiguous_mut(&mut staged));
+                            relu_max_pool_image(
+                                pool,
+                                staged.view(),
+                                y.index_axis_mut(Axis(0), j),
+                                argmax.index_axis_mut(Axis(0), j),
+                            );
+                        }
+                    }
+                }
+            },
+        );
 }
 
 /// ReLU and max pooling of one image's convolution output `conv [O, OH*OW]` (a slice of

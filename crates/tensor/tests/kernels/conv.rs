@@ -212,6 +212,27 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn implicit_gemm_convolution_matches_the_direct_reference(
+        // Output channels in whole blocks of 64 (the implicit-GEMM forward pass), receptive
+        // fields of more than 32 values (9 to 11 channels, 2x2 to 3x3 kernels), both strides.
+        input in (1usize..6, 9usize..12, 2usize..9, 2usize..9),
+        out_channels in prop_oneof![Just(64usize), Just(128)],
+        kernel in (2usize..4, 2usize..4),
+        stride in (1usize..3, 1usize..3),
+        padding in any_padding(),
+        with_bias in any::<bool>(),
+        strided_input in any::<bool>(),
+        seed in any::<u64>(),
+        sparse in any::<bool>(),
+    ) {
+        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, strided_input, seed, Some(false), sparse)?;
+    }
+}
+
 #[test]
 fn a_hand_computed_convolution() {
     // x = [[1,2,3],[4,5,6],[7,8,9]], kernel [[1,0],[0,-1]], bias 0.5, valid, stride 1:
@@ -340,19 +361,27 @@ fn impossible_configurations_and_shapes_are_errors() {
 
 #[test]
 fn inference_forward_gives_the_same_bits_and_keeps_nothing_for_backward() {
-    // Three input channels are computed directly, four by im2col + GEMM.
-    for channels in [3, 4] {
-        inference_forward_matches_training_forward(channels);
+    // Three input channels are computed directly, four by im2col + GEMM, four into 64 output
+    // channels by the implicit GEMM.
+    for (channels, out_channels) in [(3, 4), (4, 4), (4, 64)] {
+        inference_forward_matches_training_forward(channels, out_channels);
     }
 }
 
-fn inference_forward_matches_training_forward(channels: usize) {
-    let dims = Conv2dDims::new([19, channels, 9, 9], 4, [3, 3], [1, 1], Padding::Same).unwrap();
+fn inference_forward_matches_training_forward(channels: usize, out_channels: usize) {
+    let dims = Conv2dDims::new(
+        [19, channels, 9, 9],
+        out_channels,
+        [3, 3],
+        [1, 1],
+        Padding::Same,
+    )
+    .unwrap();
     assert_eq!(dims.computed_directly(), channels == 3);
     let mut values = Values::new(21);
     let x = values.array4(dims.input_shape());
     let w = values.array4(dims.weight_shape());
-    let b = values.array1(4);
+    let b = values.array1(out_channels);
     let run = |backward| {
         let mut buffers = Conv2dBuffers::default();
         let mut y = Array4::from_elem(dims.output_shape(), f32::NAN);

@@ -8,12 +8,13 @@ use tensor::{
 
 use crate::reference::Values;
 
-/// Every output of a conv + pool forward and backward (one computed by im2col + GEMM, one
-/// directly), and a large GEMM, as bits.
+/// Every output of a conv + pool forward and backward (computed by im2col + GEMM, directly and
+/// by the implicit GEMM), and a large GEMM, as bits.
 fn run_everything() -> Vec<u32> {
     let mut values = Values::new(11);
-    let mut bits = conv_and_pool(&mut values, 8);
-    bits.extend(conv_and_pool(&mut values, 1));
+    let mut bits = conv_and_pool(&mut values, 8, 16);
+    bits.extend(conv_and_pool(&mut values, 1, 16));
+    bits.extend(conv_and_pool(&mut values, 8, 64));
 
     let a = values.array2((300, 170));
     let bm = values.array2((170, 260));
@@ -23,12 +24,20 @@ fn run_everything() -> Vec<u32> {
     bits
 }
 
-/// The outputs of a 3x3 conv of `channels` channels and a 2x2 max pool, forward and backward.
-fn conv_and_pool(values: &mut Values, channels: usize) -> Vec<u32> {
-    let dims = Conv2dDims::new([19, channels, 12, 12], 16, [3, 3], [1, 1], Padding::Same).unwrap();
+/// The outputs of a 3x3 conv of `channels` channels into `outputs` and a 2x2 max pool, forward
+/// and backward.
+fn conv_and_pool(values: &mut Values, channels: usize, outputs: usize) -> Vec<u32> {
+    let dims = Conv2dDims::new(
+        [19, channels, 12, 12],
+        outputs,
+        [3, 3],
+        [1, 1],
+        Padding::Same,
+    )
+    .unwrap();
     let x = values.array4(dims.input_shape());
     let w = values.array4(dims.weight_shape());
-    let b = values.array1(16);
+    let b = values.array1(outputs);
     let mut buffers = Conv2dBuffers::default();
     let mut y = Array4::zeros(dims.output_shape());
     conv2d_forward(
@@ -51,7 +60,7 @@ fn conv_and_pool(values: &mut Values, channels: usize) -> Vec<u32> {
     max_pool2d_backward(&pool, dpooled.view(), argmax.view(), dy.view_mut()).unwrap();
 
     let mut dw = Array4::zeros(dims.weight_shape());
-    let mut db = Array1::zeros(16);
+    let mut db = Array1::zeros(outputs);
     let mut dx = Array4::zeros(dims.input_shape());
     conv2d_backward(
         &dims,

@@ -1,0 +1,138 @@
+//! Implicit-GEMM forward convolution for many output channels: the GEMM `out = cols^T * W^T`
+//! reads its rows of `cols` straight from a zero-padded channels-last image instead of an
+//! unfolded copy of it.
+//!
+//! Why: im2col writes every input value KH*KW times (9 for 3x3) and the GEMM then packs that
+//! copy once more; on conv 32->64 they were a seventh of a training step, bound by stores.
+//! Channels last, kernel row kh of a receptive field is `KW*C` consecutive values, so an output
+//! pixel's row of `cols` is KH runs of the image, read in place.
+//!
+//! The kernel keeps a tile of ROWS output pixels by 4 vector registers of output channels in
+//! registers (6 x 64 on AVX-512: 24 of its 32 registers), and for each receptive-field value
+//! loads 4 vectors of weights and broadcasts ROWS input values: 24 multiply-adds per 10 loads.
+//! Its output is channels last, `[OH*OW, O]`, and is transposed after.
+
+use super::Conv2dDims;
+use crate::simd::{MulAdd, dispatched};
+
+/// Output channels computed at once: four vector registers of the widest instruction set.
+/// The output channels must be a multiple of it.
+const CHANNEL_BLOCK: usize = 64;
+
+/// Whether [`Conv2dDims`] has an output channel count the kernel covers, and a receptive field
+/// long enough that im2col + GEMM would be the alternative (not a direct convolution).
+pub(crate) fn applies(dims: &Conv2dDims) -> bool {
+    dims.out_channels % CHANNEL_BLOCK == 0 && !dims.computed_directly()
+}
+
+/// Writes `weight [O, C*KH*KW]` (rows in (c, kh, kw) order) into `out` as `[KH, KW, C, O]`:
+/// the weights of one receptive-field value for every output channel, consecutive.
+pub(crate) fn pack_weight(dims: &Conv2dDims, weight: &[f32], out: &mut [f32]) {
+    let (o_count, patch) = (dims.out_channels, dims.patch_len());
+    for (o, w) in weight.chunks_exact(patch).enumerate() {
+        for (r, &v) in w.iter().enumerate() {
+            let (c, kh, kw) = dims.tap_of_row(r);
+            out[((kh * dims.kernel_w + kw) * dims.in_channels + c) * o_count + o] = v;
+        }
+    }
+}
+
+/// Writes `out_cl [OH*OW, O]` into `out [O, OH*OW]`.
+pub(crate) fn transpose_into(dims: &Conv2dDims, out_cl: &[f32], out: &mut [f32]) {
+    let (o_count, pixels) = (dims.out_channels, dims.out_pixels());
+    for (o, row) in out.chunks_exact_mut(pixels).enumerate() {
+        for (v, pixel) in row.iter_mut().zip(out_cl.chunks_exact(o_count)) {
+            *v = pixel[o];
+        }
+    }
+}
+
+dispatched! {
+    /// The convolution of one zero-padded channels-last image `[HP, WP, C]`:
+    /// `out_cl [OH*OW, O] = cols^T * weight (+ bias)`, with `weight` packed by [`pack_weight`].
+    fn forward_image(
+        dims: &Conv2dDims,
+        image: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        out_cl: &mut [f32],
+    ) => forward_image_body;
+}
+
+#[inline(always)]
+fn forward_image_body<M: MulAdd, const LANES: usize>(
+    dims: &Conv2dDims,
+    image: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out_cl: &mut [f32],
+) {
+    // 4 * ROWS accumulators, 4 weight vectors and a broadcast value must fit the registers:
+    // 32 with AVX-512, 16 with AVX2 (where the weights can be read from memory by the FMA).
+    if LANES >= 16 {
+        tiles::<M, LANES, 6>(dims, image, weight, bias, out_cl);
+    } else {
+        tiles::<M, LANES, 3>(dims, image, weight, bias, out_cl);
+    }
+}
+
+/// Vector registers of output channels per tile.
+const VECTORS: usize = 4;
+
+#[inline(always)]
+fn tiles<M: MulAdd, const LANES: usize, const ROWS: usize>(
+    dims: &Conv2dDims,
+    image: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out_cl: &mut [f32],
+) {
+    let o_count = dims.out_channels;
+    let block = VECTORS * LANES;
+    let run = dims.kernel_w * dims.in_channels;
+    let row_step = dims.padded_w() * dims.in_channels;
+    let (pixels, ow) = (dims.out_pixels(), dims.out_w());
+    let weight_row = run * o_count;
+    for first in (0..pixels).step_by(ROWS) {
+        // Where each pixel's receptive field starts; a last, partial tile repeats its last
+        // pixel (computed, not stored).
+        let bases: [usize; ROWS] = std::array::from_fn(|r| {
+            let p = (first + r).min(pixels - 1);
+            ((p / ow) * dims.stride_h * dims.padded_w() + (p % ow) * dims.stride_w)
+                * dims.in_channels
+        });
+        for ob in (0..o_count).step_by(block) {
+            let mut acc = [[[0.0f32; LANES]; VECTORS]; ROWS];
+            if let Some(bias) = bias {
+                let bias = &bias[ob..ob + block];
+                for acc in &mut acc {
+                    for (acc, b) in acc.iter_mut().zip(bias.chunks_exact(LANES)) {
+                        acc.copy_from_slice(b);
+                    }
+                }
+            }
+            for kh in 0..dims.kernel_h {
+                let weights = &weight[kh * weight_row..(kh + 1) * weight_row];
+                let xs: [&[f32]; ROWS] =
+                    std::array::from_fn(|r| &image[bases[r] + kh * row_step..][..run]);
+                for (i, w) in (0..run).zip(weights.chunks_exact(o_count)) {
+                    let w = &w[ob..][..block];
+                    for (acc, x) in acc.iter_mut().zip(&xs) {
+                        let v = x[i];
+                        for (acc, w) in acc.iter_mut().zip(w.chunks_exact(LANES)) {
+                            for (a, &w) in acc.iter_mut().zip(w) {
+                                *a = M::mul_add(v, w, *a);
+                            }
+                        }
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(pixels - first) {
+                let out = &mut out_cl[(first + r) * o_count + ob..][..block];
+                for (out, acc) in out.chunks_exact_mut(LANES).zip(acc) {
+                    out.copy_from_slice(acc);
+                }
+            }
+        }
+    }
+}
