@@ -7,17 +7,18 @@
 //! Channels last, kernel row kh of a receptive field is `KW*C` consecutive values, so an output
 //! pixel's row of `cols` is KH runs of the image, read in place.
 //!
-//! The kernel keeps a tile of ROWS output pixels by 4 vector registers of output channels in
-//! registers (6 x 64 on AVX-512: 24 of its 32 registers), and for each receptive-field value
+//! The kernel keeps a tile of ROWS output pixels by up to 4 vector registers of output channels
+//! in registers (6 x 64 on AVX-512: 24 of its 32 registers), and for each receptive-field value
 //! loads 4 vectors of weights and broadcasts ROWS input values: 24 multiply-adds per 10 loads.
-//! Its output is channels last, `[OH*OW, O]`, and is transposed after.
+//! Fewer output channels (16 or 32) take taller tiles of fewer vectors. Its output is channels
+//! last, `[OH*OW, O]`, and is transposed after.
 
 use super::Conv2dDims;
 use crate::simd::{MulAdd, dispatched};
 
-/// Output channels computed at once: four vector registers of the widest instruction set.
-/// The output channels must be a multiple of it.
-const CHANNEL_BLOCK: usize = 64;
+/// The output channels must be a multiple of this: one vector register of the widest
+/// instruction set, two of AVX2's.
+const CHANNEL_BLOCK: usize = 16;
 
 /// Whether [`Conv2dDims`] has an output channel count the kernel covers, and a receptive field
 /// long enough that im2col + GEMM would be the alternative (not a direct convolution).
@@ -67,20 +68,32 @@ fn forward_image_body<M: MulAdd, const LANES: usize>(
     bias: Option<&[f32]>,
     out_cl: &mut [f32],
 ) {
-    // 4 * ROWS accumulators, 4 weight vectors and a broadcast value must fit the registers:
-    // 32 with AVX-512, 16 with AVX2 (where the weights can be read from memory by the FMA).
-    if LANES >= 16 {
-        tiles::<M, LANES, 6>(dims, image, weight, bias, out_cl);
+    // VECTORS * ROWS accumulators, the weight vectors and a broadcast value must fit the
+    // vector registers: 32 with AVX-512, 16 with AVX2 (where the weights can be read from
+    // memory by the FMA). And the ROWS pointers into the image must fit the 16 general
+    // registers: 24 rows of one vector ran 2.8x slower than 8 (conv 6->16, spilled pointers).
+    // Eight accumulators are enough to cover the FMA's latency.
+    let o_count = dims.out_channels;
+    let wide = LANES >= 16;
+    if o_count % (4 * LANES) == 0 {
+        if wide {
+            tiles::<M, LANES, 6, 4>(dims, image, weight, bias, out_cl);
+        } else {
+            tiles::<M, LANES, 3, 4>(dims, image, weight, bias, out_cl);
+        }
+    } else if o_count % (2 * LANES) == 0 {
+        if wide {
+            tiles::<M, LANES, 8, 2>(dims, image, weight, bias, out_cl);
+        } else {
+            tiles::<M, LANES, 6, 2>(dims, image, weight, bias, out_cl);
+        }
     } else {
-        tiles::<M, LANES, 3>(dims, image, weight, bias, out_cl);
+        tiles::<M, LANES, 8, 1>(dims, image, weight, bias, out_cl);
     }
 }
 
-/// Vector registers of output channels per tile.
-const VECTORS: usize = 4;
-
 #[inline(always)]
-fn tiles<M: MulAdd, const LANES: usize, const ROWS: usize>(
+fn tiles<M: MulAdd, const LANES: usize, const ROWS: usize, const VECTORS: usize>(
     dims: &Conv2dDims,
     image: &[f32],
     weight: &[f32],

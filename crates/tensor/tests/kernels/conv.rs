@@ -217,10 +217,11 @@ proptest! {
 
     #[test]
     fn implicit_gemm_convolution_matches_the_direct_reference(
-        // Output channels in whole blocks of 64 (the implicit-GEMM forward pass), receptive
-        // fields of more than 32 values (9 to 11 channels, 2x2 to 3x3 kernels), both strides.
+        // Output channels in blocks of 16 (the implicit-GEMM forward pass: tiles of one, two
+        // and four vector registers of channels), receptive fields of more than 32 values (9 to
+        // 11 channels, 2x2 to 3x3 kernels), both strides.
         input in (1usize..6, 9usize..12, 2usize..9, 2usize..9),
-        out_channels in prop_oneof![Just(64usize), Just(128)],
+        out_channels in prop_oneof![Just(16usize), Just(32), Just(48), Just(64), Just(128)],
         kernel in (2usize..4, 2usize..4),
         stride in (1usize..3, 1usize..3),
         padding in any_padding(),
