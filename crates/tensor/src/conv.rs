@@ -254,8 +254,11 @@ pub struct Conv2dBuffers {
     /// `[chunks, OH*OW]`: where the nonzero gradients of one output channel are (as receptive
     /// field corners in a channels-last image), scratch for the scatter.
     scatter_corners: Array2<usize>,
-    /// `[chunks, OH*OW]`: their values, scratch for the scatter.
+    /// `[chunks, O*OH*OW]`: their values, scratch for the scatter.
     scatter_values: Array2<f32>,
+    /// `[chunks, scatter::lists_len]`: where the nonzero gradients are, scratch for the
+    /// scatter.
+    scatter_lists: Array2<u32>,
     /// `[chunks, B * padded image]`: for convolutions computed directly (stride 1, short
     /// receptive fields), the forward pass's zero-padded input, kept for backward instead of
     /// `cols`; empty otherwise.
@@ -1060,7 +1063,11 @@ fn backward_by_im2col(
     );
     resize(&mut buffers.dx_channels_last, (chunks, dx_cl_len));
     resize(&mut buffers.scatter_corners, (chunks, pixels));
-    resize(&mut buffers.scatter_values, (chunks, pixels));
+    resize(&mut buffers.scatter_values, (chunks, o * pixels));
+    resize(
+        &mut buffers.scatter_lists,
+        (chunks, scatter::lists_len(dims)),
+    );
     let weight_std = weight.as_standard_layout();
     scatter::weight_to_channels_last(
         dims,
@@ -1080,6 +1087,7 @@ fn backward_by_im2col(
         dx_channels_last,
         scatter_corners,
         scatter_values,
+        scatter_lists,
         ..
     } = buffers;
     let weight_cl = &scatter::aligned(contiguous(weight_channels_last))[..o * patch];
@@ -1089,8 +1097,9 @@ fn backward_by_im2col(
         .zip(dx_channels_last.outer_iter_mut())
         .zip(scatter_corners.outer_iter_mut())
         .zip(scatter_values.outer_iter_mut())
+        .zip(scatter_lists.outer_iter_mut())
         .map(
-            |((((images, dw), dx), corners), values)| scatter::ChunkScatter {
+            |(((((images, dw), dx), corners), values), lists)| scatter::ChunkScatter {
                 images: scatter::aligned(
                     images
                         .to_slice()
@@ -1108,6 +1117,9 @@ fn backward_by_im2col(
                     .into_slice()
                     .unwrap_or_else(|| unreachable!("rows of a new array are contiguous")),
                 values: values
+                    .into_slice()
+                    .unwrap_or_else(|| unreachable!("rows of a new array are contiguous")),
+                lists: lists
                     .into_slice()
                     .unwrap_or_else(|| unreachable!("rows of a new array are contiguous")),
             },

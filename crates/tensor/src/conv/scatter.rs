@@ -129,8 +129,17 @@ pub(crate) struct ChunkScatter<'a> {
     pub(crate) dx: &'a mut [f32],
     /// `OH*OW` values of scratch for the nonzero gradients' receptive-field corners.
     pub(crate) corners: &'a mut [usize],
-    /// `OH*OW` values of scratch for the nonzero gradients.
+    /// `O*OH*OW` values of scratch for the nonzero gradients.
     pub(crate) values: &'a mut [f32],
+    /// [`lists_len`] values of scratch for where the nonzero gradients are.
+    pub(crate) lists: &'a mut [u32],
+}
+
+/// The scratch [`ChunkScatter::lists`] holds: the nonzeros of each output channel, the same
+/// sorted by pixel, where each pixel's start and each channel's end.
+pub(crate) fn lists_len(dims: &Conv2dDims) -> usize {
+    let entries = dims.out_channels * dims.out_pixels();
+    2 * entries + dims.out_pixels() + 1 + dims.out_channels
 }
 
 impl ChunkScatter<'_> {
@@ -151,7 +160,7 @@ impl ChunkScatter<'_> {
             dx_cl.fill(0.0);
             dx_cl
         });
-        let scratch = (&mut *self.corners, &mut *self.values);
+        let scratch = (&mut *self.corners, &mut *self.values, &mut *self.lists);
         scatter_image(dims, grad, x, weight_cl, self.dw, dx_cl, scratch);
         if let Some(dx) = dx {
             from_channels_last(dims, self.dx, dx);
@@ -171,7 +180,7 @@ dispatched! {
         weight_cl: &[f32],
         dw_cl: &mut [f32],
         dx_cl: Option<&mut [f32]>,
-        scratch: (&mut [usize], &mut [f32]),
+        scratch: (&mut [usize], &mut [f32], &mut [u32]),
     ) => scatter_image_body;
 }
 
@@ -183,10 +192,15 @@ fn scatter_image_body<M: MulAdd, const LANES: usize>(
     weight_cl: &[f32],
     dw_cl: &mut [f32],
     mut dx_cl: Option<&mut [f32]>,
-    (corners, values): (&mut [usize], &mut [f32]),
+    (corners, values, lists): (&mut [usize], &mut [f32], &mut [u32]),
 ) {
     let patch = dims.patch_len();
     let run = dims.kernel_w * dims.in_channels;
+    if run % LANES == 0 {
+        let scratch = (corners, values, lists);
+        scatter_by_lists::<M, LANES>(dims, grad, x_cl, weight_cl, dw_cl, dx_cl, scratch);
+        return;
+    }
     let row_len = dims.padded_w() * dims.in_channels;
     let ow_count = dims.out_w();
     let step_w = dims.stride_w * dims.in_channels;
@@ -213,21 +227,10 @@ fn scatter_image_body<M: MulAdd, const LANES: usize>(
             }
         }
         let (corners, values) = (&corners[..count], &values[..count]);
-        // Runs of whole vectors (C = 32) sum dW strip by strip in registers; other runs
-        // (lenet5's 6x5 = 30) would end in single values, each a chain of dependent
-        // multiply-adds, and are scattered instead. The sums are the same either way.
-        let in_registers = run % LANES == 0;
-        if in_registers {
-            for (dw, kh) in dw.chunks_exact_mut(run).zip(0..) {
-                add_fields::<M, LANES>(corners, values, x_cl, kh * row_len, dw);
-            }
-        }
         for (&corner, &g) in corners.iter().zip(values) {
             for ((dw, w), kh) in dw.chunks_exact_mut(run).zip(w.chunks_exact(run)).zip(0..) {
                 let at = corner + kh * row_len;
-                if !in_registers {
-                    axpy::<M, LANES>(g, &x_cl[at..at + run], dw);
-                }
+                axpy::<M, LANES>(g, &x_cl[at..at + run], dw);
                 if let Some(dx) = dx_cl.as_mut() {
                     axpy::<M, LANES>(g, w, &mut dx[at..at + run]);
                 }
@@ -236,55 +239,177 @@ fn scatter_image_body<M: MulAdd, const LANES: usize>(
     }
 }
 
-/// `dw += sum_i values[i] * x[corners[i] + offset..][..dw.len()]` for `dw` a whole number of
-/// vectors long, strip by strip with each strip's sums held in registers across all the
-/// nonzeros, so that a multiply-add loads one operand and stores nothing (scattering each
-/// product onto dw would load two and store one). Every value of dw still sums in the order of
-/// the nonzeros.
+/// [`scatter_image_body`] for kernel rows of whole vectors (`KW*C` a multiple of LANES, as
+/// for C = 32), summing in registers instead of scattering each product onto memory (which
+/// loads two operands and stores one per multiply-add, and measured 140 cycles a nonzero on
+/// conv 32->64):
+/// - `dW[o] += g * x` over the nonzeros of channel o, strip by strip of a kernel row, each
+///   strip's sums in registers across all of them;
+/// - the input gradient by output pixel: the `g * W[o]` of all the channels with a nonzero
+///   at pixel p summed in registers, then added once onto the receptive field of p.
+///
+/// The nonzeros are listed once per channel (by a scan without branches) and sorted by pixel
+/// with a counting sort; every sum runs in an order fixed by the gradient's values alone.
 #[inline(always)]
-fn add_fields<M: MulAdd, const LANES: usize>(
-    corners: &[usize],
-    values: &[f32],
+fn scatter_by_lists<M: MulAdd, const LANES: usize>(
+    dims: &Conv2dDims,
+    grad: ArrayView2<'_, f32>,
+    x_cl: &[f32],
+    weight_cl: &[f32],
+    dw_cl: &mut [f32],
+    dx_cl: Option<&mut [f32]>,
+    (corners, values, lists): (&mut [usize], &mut [f32], &mut [u32]),
+) {
+    let (o_count, pixels, patch) = (dims.out_channels, dims.out_pixels(), dims.patch_len());
+    let run = dims.kernel_w * dims.in_channels;
+    let row_len = dims.padded_w() * dims.in_channels;
+    let ow = dims.out_w();
+    for (p, corner) in corners[..pixels].iter_mut().enumerate() {
+        *corner = ((p / ow) * dims.stride_h * dims.padded_w() + (p % ow) * dims.stride_w)
+            * dims.in_channels;
+    }
+    let corners = &corners[..pixels];
+    let (by_channel, rest) = lists.split_at_mut(o_count * pixels);
+    let (by_pixel, rest) = rest.split_at_mut(o_count * pixels);
+    let (pixel_starts, channel_ends) = rest.split_at_mut(pixels + 1);
+    pixel_starts.fill(0);
+    let mut end = 0;
+    for ((o, row), dw) in grad
+        .outer_iter()
+        .enumerate()
+        .zip(dw_cl.chunks_exact_mut(patch))
+    {
+        let row = row
+            .to_slice()
+            .unwrap_or_else(|| unreachable!("rows of an output gradient are contiguous"));
+        // Every entry is written and only a nonzero advances the end: no branch to mispredict
+        // on a pooled gradient's random pattern.
+        let start = end;
+        for (p, &g) in row.iter().enumerate() {
+            by_channel[end] = p as u32;
+            end += usize::from(g != 0.0);
+        }
+        channel_ends[o] = end as u32;
+        let nonzeros = &by_channel[start..end];
+        for &p in nonzeros {
+            pixel_starts[p as usize + 1] += 1;
+        }
+        for (dw, kh) in dw.chunks_exact_mut(run).zip(0..) {
+            let fields = |p: u32| (row[p as usize], corners[p as usize] + kh * row_len);
+            add_in_strips::<M, LANES>(nonzeros.iter().map(|&p| fields(p)), x_cl, dw);
+        }
+    }
+    let Some(dx_cl) = dx_cl else {
+        return;
+    };
+    for p in 0..pixels {
+        pixel_starts[p + 1] += pixel_starts[p];
+    }
+    // The counting sort: channel by channel, so each pixel's list is in channel order.
+    let mut start = 0;
+    for (o, (&end, row)) in channel_ends.iter().zip(grad.outer_iter()).enumerate() {
+        for &p in &by_channel[start..end as usize] {
+            let at = pixel_starts[p as usize] as usize;
+            by_pixel[at] = o as u32;
+            values[at] = row[p as usize];
+            pixel_starts[p as usize] += 1;
+        }
+        start = end as usize;
+    }
+    // (Each pixel's start has moved to its end, the next one's start.)
+    let mut start = 0;
+    for (p, &corner) in corners.iter().enumerate() {
+        let end = pixel_starts[p] as usize;
+        let channels = &by_pixel[start..end];
+        let gs = &values[start..end];
+        start = end;
+        if channels.is_empty() {
+            continue;
+        }
+        for kh in 0..dims.kernel_h {
+            let at = corner + kh * row_len;
+            let rows = channels
+                .iter()
+                .zip(gs)
+                .map(|(&o, &g)| (g, o as usize * patch + kh * run));
+            sum_in_strips::<M, LANES>(rows, weight_cl, &mut dx_cl[at..at + run]);
+        }
+    }
+}
+
+/// `dw += sum_i g_i * x[at_i..][..dw.len()]` over `(g_i, at_i)`, for `dw` a whole number of
+/// vectors long: strips of up to 6 vectors whose sums stay in registers, in two sets (even
+/// and odd i, added at the end) so that 8 or more multiply-adds are in flight.
+#[inline(always)]
+fn add_in_strips<M: MulAdd, const LANES: usize>(
+    terms: impl Iterator<Item = (f32, usize)> + Clone,
     x: &[f32],
-    offset: usize,
     dw: &mut [f32],
 ) {
-    let done = add_strips::<M, LANES, 4>(corners, values, x, offset, dw, 0);
-    let done = add_strips::<M, LANES, 2>(corners, values, x, offset, dw, done);
-    let done = add_strips::<M, LANES, 1>(corners, values, x, offset, dw, done);
+    let done = strips::<M, LANES, 6>(terms.clone(), x, dw, 0, true);
+    let done = strips::<M, LANES, 4>(terms.clone(), x, dw, done, true);
+    let done = strips::<M, LANES, 2>(terms.clone(), x, dw, done, true);
+    let done = strips::<M, LANES, 1>(terms, x, dw, done, true);
     debug_assert_eq!(done, dw.len());
 }
 
-/// [`add_fields`] over the whole strips of `V` vectors of `LANES` in `dw[start..]`; returns
+/// `out += sum_i g_i * w[at_i..][..out.len()]`, summed apart from `out` first (so that `out`
+/// is read and written once), strip by strip as in [`add_in_strips`].
+#[inline(always)]
+fn sum_in_strips<M: MulAdd, const LANES: usize>(
+    terms: impl Iterator<Item = (f32, usize)> + Clone,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    let done = strips::<M, LANES, 6>(terms.clone(), w, out, 0, false);
+    let done = strips::<M, LANES, 4>(terms.clone(), w, out, done, false);
+    let done = strips::<M, LANES, 2>(terms.clone(), w, out, done, false);
+    let done = strips::<M, LANES, 1>(terms, w, out, done, false);
+    debug_assert_eq!(done, out.len());
+}
+
+/// The whole strips of `V` vectors of `out[start..]` for [`add_in_strips`] (sums starting from
+/// `out` when `from_out`) or [`sum_in_strips`] (from zero, then added onto `out`); returns
 /// where they end.
 #[inline(always)]
-fn add_strips<M: MulAdd, const LANES: usize, const V: usize>(
-    corners: &[usize],
-    values: &[f32],
-    x: &[f32],
-    offset: usize,
-    dw: &mut [f32],
+fn strips<M: MulAdd, const LANES: usize, const V: usize>(
+    terms: impl Iterator<Item = (f32, usize)> + Clone,
+    source: &[f32],
+    out: &mut [f32],
     start: usize,
+    from_out: bool,
 ) -> usize {
     let mut start = start;
-    for strip in dw[start..].chunks_exact_mut(V * LANES) {
-        let mut acc = [[0.0f32; LANES]; V];
-        for (acc, strip) in acc.iter_mut().zip(strip.chunks_exact(LANES)) {
-            acc.copy_from_slice(strip);
+    for strip in out[start..].chunks_exact_mut(V * LANES) {
+        let mut even = [[0.0f32; LANES]; V];
+        let mut odd = [[0.0f32; LANES]; V];
+        if from_out {
+            for (acc, strip) in even.iter_mut().zip(strip.chunks_exact(LANES)) {
+                acc.copy_from_slice(strip);
+            }
         }
-        for (&corner, &g) in corners.iter().zip(values) {
-            let at = corner + offset + start;
-            for (acc, x) in acc
-                .iter_mut()
-                .zip(x[at..at + V * LANES].chunks_exact(LANES))
-            {
+        let mut terms = terms.clone();
+        while let Some((g, at)) = terms.next() {
+            let x = &source[at + start..][..V * LANES];
+            for (acc, x) in even.iter_mut().zip(x.chunks_exact(LANES)) {
+                for (a, &x) in acc.iter_mut().zip(x) {
+                    *a = M::mul_add(g, x, *a);
+                }
+            }
+            let Some((g, at)) = terms.next() else {
+                break;
+            };
+            let x = &source[at + start..][..V * LANES];
+            for (acc, x) in odd.iter_mut().zip(x.chunks_exact(LANES)) {
                 for (a, &x) in acc.iter_mut().zip(x) {
                     *a = M::mul_add(g, x, *a);
                 }
             }
         }
-        for (acc, strip) in acc.iter().zip(strip.chunks_exact_mut(LANES)) {
-            strip.copy_from_slice(acc);
+        for ((strip, even), odd) in strip.chunks_exact_mut(LANES).zip(&even).zip(&odd) {
+            for ((s, &e), &o) in strip.iter_mut().zip(even).zip(odd) {
+                *s = if from_out { e + o } else { *s + (e + o) };
+            }
         }
         start += V * LANES;
     }
