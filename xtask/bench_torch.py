@@ -1,7 +1,8 @@
 """The same presets as `mnist bench`, in PyTorch, on the same data: one JSON object per case.
 
 Usage: python bench_torch.py DATA_DIR THREADS BATCHES WARMUP MODEL [MODEL ...]
-Run by `cargo xtask bench --compare` with BENCH_PYTHON pointing at a Python that has torch.
+Run by `cargo xtask bench --compare` with BENCH_PYTHON pointing at a Python that has torch;
+prints {"skipped": reason} when it has not.
 """
 
 import gzip
@@ -11,8 +12,13 @@ import sys
 import time
 
 import numpy as np
-import torch
-from torch import nn
+
+try:
+    import torch
+    from torch import nn
+except ImportError as error:
+    print(json.dumps({"skipped": f"no torch: {error}"}), flush=True)
+    sys.exit(0)
 
 
 def idx(path):

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: each preset's training and inference speed in a release build, one
-//! process per case (so peak memory is the case's own), optionally beside PyTorch measured in
-//! the same run on the same data, printed as a Markdown table.
+//! process per case (so peak memory is the case's own), optionally beside PyTorch and Keras
+//! measured in the same run on the same data, printed as a Markdown table.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +23,8 @@ pub struct BenchArgs {
     /// Worker threads for every framework.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Also run the same cases in PyTorch, with the Python in $BENCH_PYTHON.
+    /// Also run the same cases in PyTorch and in Keras (whichever is installed), with the
+    /// Python in $BENCH_PYTHON.
     #[arg(long)]
     compare: bool,
     /// Write the table into docs/benchmarks.md (between its `cargo xtask bench` markers).
@@ -43,6 +44,9 @@ fn workspace() -> PathBuf {
     xtask.parent().unwrap_or(xtask).to_path_buf()
 }
 
+/// The Python scripts that run the presets in other frameworks, in `xtask/`.
+const PEER_SCRIPTS: [&str; 2] = ["bench_torch.py", "bench_keras.py"];
+
 const BEGIN: &str = "<!-- cargo xtask bench: begin -->";
 const END: &str = "<!-- cargo xtask bench: end -->";
 
@@ -60,7 +64,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let python = if args.compare {
         Some(std::env::var("BENCH_PYTHON").context(
-            "--compare needs BENCH_PYTHON=/path/to/python of an environment with torch (pip install torch numpy)",
+            "--compare needs BENCH_PYTHON=/path/to/python of an environment with torch and/or \
+             tensorflow (pip install numpy torch tensorflow-cpu)",
         )?)
     } else {
         None
@@ -92,15 +97,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .args(["--warmup", &warmup, "--data-dir", &data, "--json"])
                 .args(args.profile.then_some("--profile")),
         )?;
-        let torch = match &python {
-            Some(python) => Some(json_line(
-                Command::new(python)
-                    .arg(root.join("xtask/bench_torch.py"))
-                    .args([&data, &threads, &batches, &warmup, model]),
-            )?),
-            None => None,
-        };
-        rows.push((model.clone(), ours, torch));
+        let mut peers = Vec::new();
+        if let Some(python) = &python {
+            for script in PEER_SCRIPTS {
+                let theirs = json_line(
+                    Command::new(python)
+                        .arg(root.join("xtask").join(script))
+                        .args([&data, &threads, &batches, &warmup, model]),
+                )?;
+                match theirs["skipped"].as_str() {
+                    Some(reason) => eprintln!("{script} skipped: {reason}"),
+                    None => peers.push(theirs),
+                }
+            }
+            if peers.is_empty() {
+                bail!("--compare found neither torch nor tensorflow in BENCH_PYTHON ({python})");
+            }
+        }
+        rows.push((model.clone(), ours, peers));
     }
     let mut table = table(&rows, &args);
     if args.profile {
@@ -148,7 +162,7 @@ fn number(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
 }
 
-fn table(rows: &[(String, Value, Option<Value>)], args: &BenchArgs) -> String {
+fn table(rows: &[(String, Value, Vec<Value>)], args: &BenchArgs) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -168,54 +182,44 @@ fn table(rows: &[(String, Value, Option<Value>)], args: &BenchArgs) -> String {
             .and_then(|r| r.1["date"].as_str())
             .unwrap_or("unknown date")
     );
-    let torch = rows.iter().any(|r| r.2.is_some());
-    if torch {
-        let version = rows
-            .iter()
-            .find_map(|r| {
-                r.2.as_ref()
-                    .and_then(|t| t["framework"].as_str().map(String::from))
-            })
-            .unwrap_or_default();
-        out += &format!(
-            "Against {version}. Time ratio: our epoch seconds / theirs (below 1: we train faster). \
-             Throughput ratio: our inference images/s / theirs (above 1: we infer faster).\n\n"
-        );
-        out += "| model | batch | epoch s (ours) | epoch s (PyTorch) | time ratio | inference img/s (ours) | inference img/s (PyTorch) | throughput ratio | latency ms (ours / PyTorch) | peak RSS MB (ours / PyTorch) |\n";
-        out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    let compared = rows.iter().any(|r| !r.2.is_empty());
+    if compared {
+        out += "Time ratio: our epoch seconds / theirs (below 1: we train faster). Throughput \
+                ratio: our inference images/s / theirs (above 1: we infer faster).\n\n";
+        out += "| model | batch | against | epoch s (ours) | epoch s (theirs) | time ratio | inference img/s (ours) | inference img/s (theirs) | throughput ratio | latency ms (ours / theirs) | peak RSS MB (ours / theirs) |\n";
+        out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     } else {
         out += "| model | batch | train img/s | epoch s | inference img/s | latency ms | peak RSS MB |\n";
         out += "| --- | --- | --- | --- | --- | --- | --- |\n";
     }
-    for (model, ours, theirs) in rows {
+    for (model, ours, peers) in rows {
         let batch = ours["batch_size"].as_u64().unwrap_or(0);
-        match theirs {
-            Some(t) => {
-                out += &format!(
-                    "| {model} | {batch} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.2} | {:.3} / {:.3} | {:.0} / {:.0} |\n",
-                    number(ours, "projected_epoch_seconds"),
-                    number(t, "projected_epoch_seconds"),
-                    number(ours, "projected_epoch_seconds") / number(t, "projected_epoch_seconds"),
-                    number(ours, "inference_images_per_second"),
-                    number(t, "inference_images_per_second"),
-                    number(ours, "inference_images_per_second")
-                        / number(t, "inference_images_per_second"),
-                    number(ours, "latency_ms"),
-                    number(t, "latency_ms"),
-                    number(ours, "peak_rss_mb"),
-                    number(t, "peak_rss_mb"),
-                );
-            }
-            None => {
-                out += &format!(
-                    "| {model} | {batch} | {:.0} | {:.1} | {:.0} | {:.3} | {:.0} |\n",
-                    number(ours, "train_images_per_second"),
-                    number(ours, "projected_epoch_seconds"),
-                    number(ours, "inference_images_per_second"),
-                    number(ours, "latency_ms"),
-                    number(ours, "peak_rss_mb"),
-                );
-            }
+        for theirs in peers {
+            out += &format!(
+                "| {model} | {batch} | {} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} | {:.2} | {:.3} / {:.3} | {:.0} / {:.0} |\n",
+                theirs["framework"].as_str().unwrap_or("?"),
+                number(ours, "projected_epoch_seconds"),
+                number(theirs, "projected_epoch_seconds"),
+                number(ours, "projected_epoch_seconds") / number(theirs, "projected_epoch_seconds"),
+                number(ours, "inference_images_per_second"),
+                number(theirs, "inference_images_per_second"),
+                number(ours, "inference_images_per_second")
+                    / number(theirs, "inference_images_per_second"),
+                number(ours, "latency_ms"),
+                number(theirs, "latency_ms"),
+                number(ours, "peak_rss_mb"),
+                number(theirs, "peak_rss_mb"),
+            );
+        }
+        if peers.is_empty() {
+            out += &format!(
+                "| {model} | {batch} | {:.0} | {:.1} | {:.0} | {:.3} | {:.0} |\n",
+                number(ours, "train_images_per_second"),
+                number(ours, "projected_epoch_seconds"),
+                number(ours, "inference_images_per_second"),
+                number(ours, "latency_ms"),
+                number(ours, "peak_rss_mb"),
+            );
         }
     }
     out

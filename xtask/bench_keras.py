@@ -1,0 +1,128 @@
+"""The same presets as `mnist bench`, in Keras (TensorFlow), on the same data: one JSON object per
+case, or {"skipped": reason} when TensorFlow is not installed.
+
+Usage: python bench_keras.py DATA_DIR THREADS BATCHES WARMUP MODEL [MODEL ...]
+Run by `cargo xtask bench --compare` with BENCH_PYTHON pointing at a Python that has tensorflow
+(pip install tensorflow-cpu). Training goes through `model.fit`, as the Keras tutorials do, in one
+call over the warm-up and the timed batches; a callback times the batches after the warm-up, so
+fit's setup and the tracing of its training step are left out. Latency is of a compiled call
+(tf.function), Keras' fastest way to classify one image.
+"""
+
+import gzip
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+try:
+    import keras
+    import tensorflow as tf
+    from keras import layers
+except ImportError as error:
+    print(json.dumps({"skipped": f"no tensorflow: {error}"}), flush=True)
+    sys.exit(0)
+
+
+def idx(path):
+    with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def model(name):
+    if name == "two-conv":
+        body = [layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
+                layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
+                layers.Dense(128, activation="relu"), layers.Dense(10)]
+    elif name == "lenet5":
+        body = [layers.Conv2D(6, 5, padding="same", activation="relu"), layers.MaxPooling2D(2),
+                layers.Conv2D(16, 5, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
+                layers.Dense(120, activation="relu"), layers.Dense(84, activation="relu"),
+                layers.Dense(10)]
+    elif name == "one-conv":
+        body = [layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
+                layers.Dense(100, activation="relu"), layers.Dense(10)]
+    else:
+        raise SystemExit(f"unknown model {name}")
+    return keras.Sequential([keras.Input((28, 28, 1))] + body)
+
+
+class BatchClock(keras.callbacks.Callback):
+    """The time from the start of batch `first` to the end of the last batch."""
+
+    def __init__(self, first):
+        super().__init__()
+        self.first, self.start, self.end = first, None, None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.first:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.end = time.perf_counter()
+
+
+CASES = {  # optimizer and batch size as in `mnist bench`
+    "two-conv": (lambda: keras.optimizers.Adam(1e-3), 64),
+    "lenet5": (lambda: keras.optimizers.SGD(0.01, momentum=0.9), 64),
+    "one-conv": (lambda: keras.optimizers.SGD(0.01), 32),
+}
+
+
+def main():
+    data_dir, threads, batches, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    keras.utils.set_random_seed(1)
+    x = idx(f"{data_dir}/train-images-idx3-ubyte.gz").astype(np.float32) / 255
+    y = idx(f"{data_dir}/train-labels-idx1-ubyte.gz").astype(np.int64)
+    xt = idx(f"{data_dir}/t10k-images-idx3-ubyte.gz").astype(np.float32) / 255
+    mean, std = x.mean(), x.std()
+    x = ((x - mean) / std)[..., None]
+    xt = ((xt - mean) / std)[..., None]
+    for name in sys.argv[5:]:
+        make_optimizer, batch = CASES[name]
+        net = model(name)
+        net.compile(optimizer=make_optimizer(),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        order = np.random.default_rng(1).permutation(len(x))
+        used = order[:(warmup + batches) * batch]
+        clock = BatchClock(warmup)
+        net.fit(x[used], y[used], batch_size=batch, epochs=1, shuffle=False, verbose=0,
+                callbacks=[clock])
+        train_ips = batches * batch / (clock.end - clock.start)
+        net.predict(xt[:1000], batch_size=1000, verbose=0)
+        best = float("inf")
+        for _ in range(3):  # the best of three: predict's own overhead varies
+            start = time.perf_counter()
+            net.predict(xt, batch_size=1000, verbose=0)
+            best = min(best, time.perf_counter() - start)
+        inference_ips = len(xt) / best
+        one = tf.constant(xt[:1])
+        infer = tf.function(lambda t: net(t, training=False))
+        for _ in range(20):
+            infer(one).numpy()
+        times = []
+        for _ in range(200):
+            start = time.perf_counter()
+            infer(one).numpy()
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        print(json.dumps({
+            "model": name, "batch_size": batch, "train_images_per_second": train_ips,
+            "projected_epoch_seconds": 60000 / train_ips, "inference_images_per_second": inference_ips,
+            "latency_ms": times[len(times) // 2],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
+            "framework": f"Keras {keras.__version__} / TensorFlow {tf.__version__}",
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
