@@ -681,6 +681,17 @@ fn forward_implicit(
                             out_cl,
                             contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
                         ),
+                        ChunkOutput::ReluMaxPool(pool, y, argmax)
+                            if (pool.kernel_h, pool.kernel_w, pool.stride_h, pool.stride_w)
+                                == (2, 2, 2, 2) =>
+                        {
+                            implicit::relu_max_pool_2x2(
+                                dims,
+                                out_cl,
+                                contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
+                                contiguous_mut(&mut argmax.index_axis_mut(Axis(0), j)),
+                            );
+                        }
                         ChunkOutput::ReluMaxPool(pool, y, argmax) => {
                             implicit::transpose_into(dims, out_cl, contiguous_mut(&mut staged));
                             relu_max_pool_image(

@@ -149,3 +149,67 @@ fn tiles<M: MulAdd, const LANES: usize, const ROWS: usize, const VECTORS: usize>
         }
     }
 }
+
+dispatched! {
+    /// ReLU and 2x2 max pooling (stride 2) of `out_cl [OH*OW, O]` into `y` and `argmax`
+    /// `[O, PH*PW]`, a vector of channels at a time: the comparisons of
+    /// `relu_max_pool_image` in the same order, so the same bits, without transposing first.
+    fn relu_max_pool_2x2(
+        dims: &Conv2dDims,
+        out_cl: &[f32],
+        y: &mut [f32],
+        argmax: &mut [u32],
+    ) => relu_max_pool_2x2_body;
+}
+
+#[inline(always)]
+fn relu_max_pool_2x2_body<M: MulAdd, const LANES: usize>(
+    dims: &Conv2dDims,
+    out_cl: &[f32],
+    y: &mut [f32],
+    argmax: &mut [u32],
+) {
+    let (o_count, out_w) = (dims.out_channels, dims.out_w());
+    let (pooled_h, pooled_w) = (dims.out_h() / 2, out_w / 2);
+    let windows = pooled_h * pooled_w;
+    let relu = |v: f32| v.max(0.0);
+    for window_h in 0..pooled_h {
+        for window_w in 0..pooled_w {
+            let w = window_h * pooled_w + window_w;
+            let corner = 2 * window_h * out_w + 2 * window_w;
+            let pixel = |p: usize| &out_cl[p * o_count..(p + 1) * o_count];
+            let (top, below) = (corner, corner + out_w);
+            let others = [
+                (top + 1, 1),
+                (below, out_w as u32),
+                (below + 1, out_w as u32 + 1),
+            ];
+            for first in (0..o_count).step_by(LANES) {
+                let mut best = [0.0f32; LANES];
+                let mut at = [0u32; LANES];
+                for (b, &v) in best.iter_mut().zip(&pixel(top)[first..first + LANES]) {
+                    *b = relu(v);
+                }
+                for &(p, offset) in &others {
+                    let values = &pixel(p)[first..first + LANES];
+                    for ((b, a), &v) in best.iter_mut().zip(at.iter_mut()).zip(values) {
+                        // Scan order, first maximum wins, a NaN wins: as `max_pool_plane`.
+                        let v = relu(v);
+                        let wins = v > *b || (v.is_nan() && !b.is_nan());
+                        *b = if wins { v } else { *b };
+                        *a = if wins { offset } else { *a };
+                    }
+                }
+                for (l, (&b, &a)) in best.iter().zip(&at).enumerate() {
+                    let o = first + l;
+                    y[o * windows + w] = b;
+                    argmax[o * windows + w] = if b <= 0.0 {
+                        super::NO_GRADIENT
+                    } else {
+                        corner as u32 + a
+                    };
+                }
+            }
+        }
+    }
+}

@@ -160,6 +160,25 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn fused_implicit_gemm_with_2x2_pooling_gives_the_bits_of_the_three_kernels(
+        // The implicit GEMM (receptive fields over 32 values, output channels in blocks of
+        // 16) pools 2x2 windows moved by 2 channels last, before transposing.
+        input in (1usize..12, 9usize..14, 4usize..16, 4usize..16),
+        out_channels in prop_oneof![Just(16usize), Just(32), Just(64)],
+        kernel in 2usize..4,
+        padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],
+        with_bias in any::<bool>(),
+        input_grad in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        check_fused_matches_unfused(input, out_channels, kernel, padding, (2, 2), with_bias, input_grad, seed)?;
+    }
+}
+
 #[test]
 fn fused_shapes_that_do_not_fit_are_errors() {
     let dims = Conv2dDims::new([2, 1, 8, 8], 3, [3, 3], [1, 1], Padding::Valid).unwrap();
