@@ -556,7 +556,10 @@ fn forward_direct(
         &mut buffers.padded,
         (chunks, kept_images * layout.image_len),
     );
-    resize(&mut buffers.padded_plane, (chunks, layout.wide_len));
+    resize(
+        &mut buffers.padded_plane,
+        (chunks, layout.wide_len + direct::POOL_SLACK),
+    );
     resize(&mut buffers.gathered_out, (chunks, staged.0, staged.1));
     let weight = weight.as_standard_layout();
     let weight = contiguous(&weight);
@@ -576,7 +579,7 @@ fn forward_direct(
                 let slot = if keep_padded { j } else { 0 };
                 let padded = &mut padded[slot * layout.image_len..(slot + 1) * layout.image_len];
                 direct::pad_image(dims, &layout, x, padded);
-                let mut conv = |out: &mut [f32]| {
+                let mut conv = |out: direct::Output<'_>| {
                     direct::forward_image(
                         dims,
                         &layout,
@@ -588,9 +591,20 @@ fn forward_direct(
                     )
                 };
                 match &mut output {
-                    ChunkOutput::Conv(y) => conv(contiguous_mut(&mut y.index_axis_mut(Axis(0), j))),
+                    ChunkOutput::Conv(y) => conv(direct::Output::Plain(contiguous_mut(
+                        &mut y.index_axis_mut(Axis(0), j),
+                    ))),
+                    ChunkOutput::ReluMaxPool(pool, y, argmax)
+                        if (pool.kernel_h, pool.kernel_w, pool.stride_h, pool.stride_w)
+                            == (2, 2, 2, 2) =>
+                    {
+                        conv(direct::Output::ReluMaxPool2x2(
+                            contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
+                            contiguous_mut(&mut argmax.index_axis_mut(Axis(0), j)),
+                        ));
+                    }
                     ChunkOutput::ReluMaxPool(pool, y, argmax) => {
-                        conv(contiguous_mut(&mut staged));
+                        conv(direct::Output::Plain(contiguous_mut(&mut staged)));
                         relu_max_pool_image(
                             pool,
                             staged.view(),

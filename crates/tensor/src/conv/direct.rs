@@ -22,6 +22,10 @@ pub(crate) const MAX_PATCH: usize = 32;
 /// A multiple of every strip of outputs computed at once (four vector registers: 32 or 64).
 const STRIP: usize = 64;
 
+/// Values a plane of [`PaddedLayout::wide_len`] needs after it for [`forward_image`]'s pooling,
+/// whose last vector of windows may read past the plane.
+pub(crate) const POOL_SLACK: usize = 32;
+
 /// Whether [`Conv2dDims`] describes a convolution computed directly rather than by im2col.
 pub(crate) fn applies(dims: &Conv2dDims) -> bool {
     dims.stride_h == 1 && dims.stride_w == 1 && dims.patch_len() <= MAX_PATCH
@@ -88,9 +92,18 @@ pub(crate) fn pad_image(
     }
 }
 
+/// Where [`forward_image`] puts its output.
+pub(crate) enum Output<'a> {
+    /// The convolution, `[O, OH*OW]`.
+    Plain(&'a mut [f32]),
+    /// ReLU and 2x2 max pooling (stride 2) of it, and the argmax of each window, `[O, PH*PW]`
+    /// each: the comparisons of `max_pool_plane` in the same order, so the same bits.
+    ReluMaxPool2x2(&'a mut [f32], &'a mut [u32]),
+}
+
 dispatched! {
     /// The convolution of one padded image: `out [O, OH*OW] = W [O, C*KH*KW] (*) padded
-    /// (+ bias)`, using `wide` (`wide_len` values) as scratch.
+    /// (+ bias)`, or its pooling, using `wide` (`wide_len + POOL_SLACK` values) as scratch.
     fn forward_image(
         dims: &Conv2dDims,
         layout: &PaddedLayout,
@@ -98,7 +111,7 @@ dispatched! {
         weight: &[f32],
         bias: Option<&[f32]>,
         wide: &mut [f32],
-        out: &mut [f32],
+        out: Output<'_>,
     ) => forward_image_body;
 }
 
@@ -127,21 +140,21 @@ fn forward_image_body<M: MulAdd, const LANES: usize>(
     weight: &[f32],
     bias: Option<&[f32]>,
     wide: &mut [f32],
-    out: &mut [f32],
+    mut out: Output<'_>,
 ) {
     let patch = dims.patch_len();
     let (ow, pixels) = (dims.out_w(), dims.out_pixels());
+    let pooled = (dims.out_h() / 2) * (ow / 2);
     let shifts = layout.shifts(dims);
     let shifts = &shifts[..patch];
-    for (o, (taps, out)) in weight
-        .chunks_exact(patch)
-        .zip(out.chunks_exact_mut(pixels))
-        .enumerate()
-    {
+    for (o, taps) in weight.chunks_exact(patch).enumerate() {
         let start = bias.map_or(0.0, |b| b[o]);
         // Four vector registers of outputs at a time, summed over every tap before they are
         // stored. (`wide_len` is a multiple of every strip length.)
-        for (s, strip) in wide.chunks_exact_mut(4 * LANES).enumerate() {
+        for (s, strip) in wide[..layout.wide_len]
+            .chunks_exact_mut(4 * LANES)
+            .enumerate()
+        {
             let base = s * 4 * LANES;
             let mut acc = [[start; LANES]; 4];
             for (&w, &shift) in taps.iter().zip(shifts) {
@@ -156,8 +169,86 @@ fn forward_image_body<M: MulAdd, const LANES: usize>(
                 strip.copy_from_slice(acc);
             }
         }
-        for (out, row) in out.chunks_exact_mut(ow).zip(wide.chunks(layout.width)) {
-            copy_short(&row[..ow], out);
+        match &mut out {
+            Output::Plain(out) => {
+                let out = &mut out[o * pixels..(o + 1) * pixels];
+                for (out, row) in out.chunks_exact_mut(ow).zip(wide.chunks(layout.width)) {
+                    copy_short(&row[..ow], out);
+                }
+            }
+            Output::ReluMaxPool2x2(y, argmax) => relu_max_pool_2x2::<LANES>(
+                dims,
+                layout,
+                wide,
+                &mut y[o * pooled..(o + 1) * pooled],
+                &mut argmax[o * pooled..(o + 1) * pooled],
+            ),
+        }
+    }
+}
+
+/// ReLU and 2x2 max pooling (stride 2) of one output plane in the padded width: LANES windows
+/// of a row at a time, their four pixels gathered into vectors first (a row of 13 windows
+/// would not vectorize), compared in `max_pool_plane`'s order.
+#[inline(always)]
+fn relu_max_pool_2x2<const LANES: usize>(
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    wide: &[f32],
+    y: &mut [f32],
+    argmax: &mut [u32],
+) {
+    let out_w = dims.out_w();
+    let pooled_w = out_w / 2;
+    let relu = |v: f32| v.max(0.0);
+    let rows = y
+        .chunks_exact_mut(pooled_w)
+        .zip(argmax.chunks_exact_mut(pooled_w));
+    for (window_h, (y, argmax)) in rows.enumerate() {
+        let top = &wide[2 * window_h * layout.width..];
+        let below = &top[layout.width..];
+        for (first, (y, argmax)) in (0..)
+            .step_by(LANES)
+            .zip(y.chunks_mut(LANES).zip(argmax.chunks_mut(LANES)))
+        {
+            // A last, partial vector reads past the row's windows (within the plane and its
+            // POOL_SLACK) and stores only its own.
+            let (top, below) = (
+                &top[2 * first..][..2 * LANES],
+                &below[2 * first..][..2 * LANES],
+            );
+            let mut pixels = [[0.0f32; LANES]; 4];
+            for (l, (t, b)) in top.chunks_exact(2).zip(below.chunks_exact(2)).enumerate() {
+                pixels[0][l] = relu(t[0]);
+                pixels[1][l] = relu(t[1]);
+                pixels[2][l] = relu(b[0]);
+                pixels[3][l] = relu(b[1]);
+            }
+            let mut best = pixels[0];
+            let mut at = [0u32; LANES];
+            let offsets = [1, out_w as u32, out_w as u32 + 1];
+            for (values, offset) in pixels[1..].iter().zip(offsets) {
+                for ((best, at), &v) in best.iter_mut().zip(at.iter_mut()).zip(values) {
+                    // Without branches (`|`, not `||`): the loop vectorizes.
+                    let wins = (v > *best) | (v.is_nan() & !best.is_nan());
+                    *best = if wins { v } else { *best };
+                    *at = if wins { offset } else { *at };
+                }
+            }
+            let corner = (2 * window_h * out_w + 2 * first) as u32;
+            for (l, ((y, argmax), (&best, &at))) in y
+                .iter_mut()
+                .zip(argmax.iter_mut())
+                .zip(best.iter().zip(&at))
+                .enumerate()
+            {
+                *y = best;
+                *argmax = if best <= 0.0 {
+                    super::NO_GRADIENT
+                } else {
+                    corner + 2 * l as u32 + at
+                };
+            }
         }
     }
 }
