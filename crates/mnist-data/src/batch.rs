@@ -137,11 +137,20 @@ impl<'a> Batches<'a> {
         {
             let source = images.index_axis(Axis(0), index);
             match &mut self.augmentation {
-                None => {
-                    for (o, &p) in out.iter_mut().zip(source.iter()) {
-                        *o = self.table[usize::from(p)];
+                None => match (out.as_slice_mut(), source.as_slice()) {
+                    // Flat slices when the layouts allow (always, for images this crate
+                    // loaded): the lookup loop then runs without ndarray's index arithmetic.
+                    (Some(out), Some(source)) => {
+                        for (o, &p) in out.iter_mut().zip(source) {
+                            *o = self.table[usize::from(p)];
+                        }
                     }
-                }
+                    _ => {
+                        for (o, &p) in out.iter_mut().zip(source.iter()) {
+                            *o = self.table[usize::from(p)];
+                        }
+                    }
+                },
                 Some((augmentation, rng)) => {
                     // Transform in [0, 1], then standardize.
                     scaled.zip_mut_with(&source, |s, &p| *s = f32::from(p) / 255.0);
