@@ -84,7 +84,24 @@ fn train(args: &TrainArgs) -> Result<()> {
         None => (config_from_args(args)?, args.run_dir.clone(), false),
     };
     start_threads(config.threads)?;
+    on_a_worker(|| train_with(args, config, run_dir, resuming))
+}
 
+/// Runs `work` on a thread of the worker pool and waits for it. From there, a kernel's parallel
+/// loop starts at once and the other workers steal from it; called from outside the pool,
+/// each loop would be sent to the pool while the caller sleeps until it is done, two thread
+/// switches per loop (lenet5 trained at 25k images/s that way, 27.5-29k this way).
+fn on_a_worker<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    rayon::scope(|_| work())
+}
+
+/// [`train`] once the configuration is known.
+fn train_with(
+    args: &TrainArgs,
+    config: TrainConfig,
+    run_dir: Option<std::path::PathBuf>,
+    resuming: bool,
+) -> Result<()> {
     let data = load_dataset(&config.data_dir)?;
     let (train_set, validation) = data
         .train
@@ -304,7 +321,7 @@ fn open_model(path: &Path) -> Result<(Sequential, Normalization)> {
 fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
     let (mut model, normalization) = open_model(&args.model_file)?;
     let data = load_dataset(&args.data.data_dir)?;
-    let result = evaluate(&mut model, &data.test, &normalization)?;
+    let result = on_a_worker(|| evaluate(&mut model, &data.test, &normalization))?;
     if let Some(png) = &args.confusion_png {
         cli::confusion_heatmap(png, &result.confusion)?;
     }
@@ -452,15 +469,17 @@ fn bench_command(args: &BenchArgs) -> Result<()> {
         })?;
     let data = load_dataset(&args.data.data_dir)?;
     let normalization = Normalization::fit(&data.train);
-    let result = cli::bench(
-        &case,
-        &data.train,
-        &data.test,
-        &normalization,
-        args.warmup,
-        args.batches,
-        args.profile,
-    )?;
+    let result = on_a_worker(|| {
+        cli::bench(
+            &case,
+            &data.train,
+            &data.test,
+            &normalization,
+            args.warmup,
+            args.batches,
+            args.profile,
+        )
+    })?;
     let peak = cli::peak_rss_mb();
     if args.json {
         let mut value = serde_json::to_value(&result).context("cannot format the result")?;
