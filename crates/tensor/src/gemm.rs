@@ -7,7 +7,7 @@
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use crate::error::TensorError;
-use crate::simd::{MulAdd, dispatched, dot};
+use crate::simd::{MulAdd, dispatched, tree_sum};
 
 /// Below this many multiply-adds a GEMM runs on one thread: splitting costs more than it saves.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
@@ -164,15 +164,68 @@ fn row_times_columns_body<M: MulAdd, const LANES: usize>(
     beta: f32,
     mut c: ndarray::ArrayViewMut1<'_, f32>,
 ) {
-    for (column, c) in b.columns().into_iter().zip(c.iter_mut()) {
-        let column = column
+    let column = |j: usize| {
+        b.column(j)
             .to_slice()
-            .unwrap_or_else(|| unreachable!("columns were checked to be contiguous"));
-        let sum = dot::<M, LANES>(x, column);
+            .unwrap_or_else(|| unreachable!("columns were checked to be contiguous"))
+    };
+    let store = |c: &mut f32, sum: f32| {
         *c = if beta == 0.0 {
             alpha * sum
         } else {
             alpha * sum + beta * *c
         };
+    };
+    // Four columns at a time, so that each vector of x is loaded once for four of them and four
+    // chains of multiply-adds are in flight. (A plain dot product per column ran scalar: its
+    // accumulators stayed in memory.)
+    let n = b.ncols();
+    let mut j = 0;
+    while j + 4 <= n {
+        let columns = [column(j), column(j + 1), column(j + 2), column(j + 3)];
+        let sums = dots::<M, LANES, 4>(x, columns);
+        for (k, sum) in sums.into_iter().enumerate() {
+            store(&mut c[j + k], sum);
+        }
+        j += 4;
     }
+    while j < n {
+        let [sum] = dots::<M, LANES, 1>(x, [column(j)]);
+        store(&mut c[j], sum);
+        j += 1;
+    }
+}
+
+/// `x . columns[i]` for each of COLUMNS columns as long as x: vectors of running sums, added
+/// up in a fixed order, then the tail.
+#[inline(always)]
+fn dots<M: MulAdd, const LANES: usize, const COLUMNS: usize>(
+    x: &[f32],
+    columns: [&[f32]; COLUMNS],
+) -> [f32; COLUMNS] {
+    let mut acc = [[0.0f32; LANES]; COLUMNS];
+    let whole = x.len() / LANES * LANES;
+    for (i, x) in x[..whole].chunks_exact(LANES).enumerate() {
+        // Arrays, not slices: lengths the compiler knows, or it keeps the sums in memory.
+        let x: &[f32; LANES] = x
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("whole vectors"));
+        for k in 0..COLUMNS {
+            let w: &[f32; LANES] = columns[k][i * LANES..(i + 1) * LANES]
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("whole vectors"));
+            let mut sums = acc[k];
+            for l in 0..LANES {
+                sums[l] = M::mul_add(x[l], w[l], sums[l]);
+            }
+            acc[k] = sums;
+        }
+    }
+    std::array::from_fn(|k| {
+        let mut sum = tree_sum(&acc[k]);
+        for (&x, &w) in x[whole..].iter().zip(&columns[k][whole..]) {
+            sum = M::mul_add(x, w, sum);
+        }
+        sum
+    })
 }
