@@ -271,6 +271,8 @@ pub struct Conv2dBuffers {
     padded_dx: Array2<f32>,
     /// `[KH*KW*C * O]`: the weight packed for the implicit-GEMM forward pass.
     weight_by_tap: Array1<f32>,
+    /// What `weight_by_tap` was packed from: (C, KH, KW, O) and the weight `[O, C*KH*KW]`.
+    packed_for: Option<(PackingKey, Vec<f32>)>,
     /// `[chunks, OH*OW * O]`: one image's output channels last, from the implicit-GEMM
     /// forward pass, before it is transposed.
     out_channels_last: Array2<f32>,
@@ -279,6 +281,9 @@ pub struct Conv2dBuffers {
     /// The dimensions `cols` (or `padded`) was made for, so backward can tell it matches.
     dims: Option<Conv2dDims>,
 }
+
+/// (C, KH, KW, O): the shapes that order a packed weight.
+type PackingKey = (usize, usize, usize, usize);
 
 /// Where the backward pass writes: weight and bias gradients are accumulated (`+=`, zeroing is
 /// the optimizer's separate step); the input gradient is overwritten (`=`).
@@ -657,11 +662,33 @@ fn forward_implicit(
         o * dims.patch_len() + scatter::ALIGN_SLACK,
     );
     let weight = weight.as_standard_layout();
-    implicit::pack_weight(
-        dims,
-        contiguous(&weight),
-        scatter::aligned_mut(contiguous_mut(&mut buffers.weight_by_tap)),
-    );
+    let weight = contiguous(&weight);
+    // Inference calls again and again with the same weights: pack them only when they (or
+    // the shapes that order them) changed since the last packing.
+    let key = (dims.in_channels, dims.kernel_h, dims.kernel_w, o);
+    let same_bits = |packed: &[f32]| {
+        packed.len() == weight.len()
+            && packed
+                .iter()
+                .zip(weight)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    };
+    if buffers
+        .packed_for
+        .as_ref()
+        .is_none_or(|(k, packed)| *k != key || !same_bits(packed))
+    {
+        implicit::pack_weight(
+            dims,
+            weight,
+            scatter::aligned_mut(contiguous_mut(&mut buffers.weight_by_tap)),
+        );
+        // (Reusing the copy's allocation: training changes the weights every step.)
+        let (packed_key, copy) = buffers.packed_for.get_or_insert_with(Default::default);
+        *packed_key = key;
+        copy.clear();
+        copy.extend_from_slice(weight);
+    }
     let weight = &scatter::aligned(contiguous(&buffers.weight_by_tap))[..o * dims.patch_len()];
     let bias = bias.map(|b| b.to_vec());
     buffers

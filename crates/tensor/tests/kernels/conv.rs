@@ -411,6 +411,38 @@ fn inference_forward_matches_training_forward(channels: usize, out_channels: usi
     assert!(conv2d_backward(&dims, w.view(), dy.view(), &mut buffers, grads).is_err());
 }
 
+/// Buffers reused with other weights (as training changes them every step) give what fresh
+/// buffers give: the implicit GEMM's packed weights are not stale.
+#[test]
+fn reused_buffers_see_new_weights() {
+    let dims = Conv2dDims::new([3, 8, 7, 7], 16, [3, 3], [1, 1], Padding::Valid).unwrap();
+    let mut values = Values::new(5);
+    let x = values.array4(dims.input_shape());
+    let first = values.array4(dims.weight_shape());
+    let mut second = first.clone();
+    second[(3, 2, 1, 0)] += 0.5;
+    let forward = |buffers: &mut Conv2dBuffers, w: &Array4<f32>| {
+        let mut y = Array4::from_elem(dims.output_shape(), f32::NAN);
+        conv2d_forward(
+            &dims,
+            x.view(),
+            w.view(),
+            None,
+            buffers,
+            tensor::Backward::NotNeeded,
+            y.view_mut(),
+        )
+        .unwrap();
+        y.mapv(f32::to_bits)
+    };
+    let mut reused = Conv2dBuffers::default();
+    let before = forward(&mut reused, &first);
+    let after = forward(&mut reused, &second);
+    assert_ne!(before, after);
+    assert_eq!(after, forward(&mut Conv2dBuffers::default(), &second));
+    assert_eq!(before, forward(&mut reused, &first));
+}
+
 /// im2col and col2im give the same values into and from strided views (a caller's transposed
 /// buffers) as into and from contiguous ones.
 #[test]
