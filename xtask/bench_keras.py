@@ -9,7 +9,6 @@ fit's setup and the tracing of its training step are left out. Latency is of a c
 (tf.function), Keras' fastest way to classify one image.
 """
 
-import gzip
 import json
 import os
 import resource
@@ -17,6 +16,8 @@ import sys
 import time
 
 import numpy as np
+
+from bench_data import standardized
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 try:
@@ -26,14 +27,6 @@ try:
 except ImportError as error:
     print(json.dumps({"skipped": f"no tensorflow: {error}"}), flush=True)
     sys.exit(0)
-
-
-def idx(path):
-    with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def model(name):
@@ -81,12 +74,8 @@ def main():
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     keras.utils.set_random_seed(1)
-    x = idx(f"{data_dir}/train-images-idx3-ubyte.gz").astype(np.float32) / 255
-    y = idx(f"{data_dir}/train-labels-idx1-ubyte.gz").astype(np.int64)
-    xt = idx(f"{data_dir}/t10k-images-idx3-ubyte.gz").astype(np.float32) / 255
-    mean, std = x.mean(), x.std()
-    x = ((x - mean) / std)[..., None]
-    xt = ((xt - mean) / std)[..., None]
+    x, y, xt = standardized(data_dir)
+    x, xt = x[..., None], xt[..., None]
     for name in sys.argv[5:]:
         make_optimizer, batch = CASES[name]
         net = model(name)

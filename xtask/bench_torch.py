@@ -5,13 +5,12 @@ Run by `cargo xtask bench --compare` with BENCH_PYTHON pointing at a Python that
 prints {"skipped": reason} when it has not.
 """
 
-import gzip
 import json
 import resource
 import sys
 import time
 
-import numpy as np
+from bench_data import standardized
 
 try:
     import torch
@@ -19,14 +18,6 @@ try:
 except ImportError as error:
     print(json.dumps({"skipped": f"no torch: {error}"}), flush=True)
     sys.exit(0)
-
-
-def idx(path):
-    with (gzip.open(path) if path.endswith(".gz") else open(path, "rb")) as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def model(name):
@@ -54,13 +45,8 @@ def main():
     data_dir, threads, batches, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(threads)
     torch.manual_seed(1)
-    x = idx(f"{data_dir}/train-images-idx3-ubyte.gz").astype(np.float32) / 255
-    y = idx(f"{data_dir}/train-labels-idx1-ubyte.gz").astype(np.int64)
-    xt = idx(f"{data_dir}/t10k-images-idx3-ubyte.gz").astype(np.float32) / 255
-    mean, std = x.mean(), x.std()
-    x = torch.from_numpy((x - mean) / std).unsqueeze(1)
-    xt = torch.from_numpy((xt - mean) / std).unsqueeze(1)
-    y = torch.from_numpy(y)
+    x, y, xt = standardized(data_dir)
+    x, y, xt = torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y), torch.from_numpy(xt).unsqueeze(1)
     for name in sys.argv[5:]:
         make_optimizer, batch = CASES[name]
         net = model(name)

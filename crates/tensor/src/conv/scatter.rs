@@ -296,7 +296,7 @@ fn scatter_by_lists<M: MulAdd, const LANES: usize>(
         }
         for (dw, kh) in dw.chunks_exact_mut(run).zip(0..) {
             let fields = |p: u32| (row[p as usize], corners[p as usize] + kh * row_len);
-            add_in_strips::<M, LANES>(nonzeros.iter().map(|&p| fields(p)), x_cl, dw);
+            add_in_strips::<M, LANES>(nonzeros.iter().map(|&p| fields(p)), x_cl, dw, true);
         }
     }
     let Some(dx_cl) = dx_cl else {
@@ -332,44 +332,32 @@ fn scatter_by_lists<M: MulAdd, const LANES: usize>(
                 .iter()
                 .zip(gs)
                 .map(|(&o, &g)| (g, o as usize * patch + kh * run));
-            sum_in_strips::<M, LANES>(rows, weight_cl, &mut dx_cl[at..at + run]);
+            add_in_strips::<M, LANES>(rows, weight_cl, &mut dx_cl[at..at + run], false);
         }
     }
 }
 
-/// `dw += sum_i g_i * x[at_i..][..dw.len()]` over `(g_i, at_i)`, for `dw` a whole number of
-/// vectors long: strips of up to 6 vectors whose sums stay in registers, in two sets (even
-/// and odd i, added at the end) so that 8 or more multiply-adds are in flight.
+/// `out += sum_i g_i * source[at_i..][..out.len()]` over `(g_i, at_i)`, for `out` a whole
+/// number of vectors long: strips of up to 6 vectors whose sums stay in registers, in two sets
+/// (even and odd i, added at the end) so that 8 or more multiply-adds are in flight. The sums
+/// start from `out` when `from_out` (the weight gradient, summed over many nonzeros), else
+/// from zero and are then added onto `out` (a pixel's share of the input gradient).
 #[inline(always)]
 fn add_in_strips<M: MulAdd, const LANES: usize>(
     terms: impl Iterator<Item = (f32, usize)> + Clone,
-    x: &[f32],
-    dw: &mut [f32],
-) {
-    let done = strips::<M, LANES, 6>(terms.clone(), x, dw, 0, true);
-    let done = strips::<M, LANES, 4>(terms.clone(), x, dw, done, true);
-    let done = strips::<M, LANES, 2>(terms.clone(), x, dw, done, true);
-    let done = strips::<M, LANES, 1>(terms, x, dw, done, true);
-    debug_assert_eq!(done, dw.len());
-}
-
-/// `out += sum_i g_i * w[at_i..][..out.len()]`, summed apart from `out` first (so that `out`
-/// is read and written once), strip by strip as in [`add_in_strips`].
-#[inline(always)]
-fn sum_in_strips<M: MulAdd, const LANES: usize>(
-    terms: impl Iterator<Item = (f32, usize)> + Clone,
-    w: &[f32],
+    source: &[f32],
     out: &mut [f32],
+    from_out: bool,
 ) {
-    let done = strips::<M, LANES, 6>(terms.clone(), w, out, 0, false);
-    let done = strips::<M, LANES, 4>(terms.clone(), w, out, done, false);
-    let done = strips::<M, LANES, 2>(terms.clone(), w, out, done, false);
-    let done = strips::<M, LANES, 1>(terms, w, out, done, false);
+    let done = strips::<M, LANES, 6>(terms.clone(), source, out, 0, from_out);
+    let done = strips::<M, LANES, 4>(terms.clone(), source, out, done, from_out);
+    let done = strips::<M, LANES, 2>(terms.clone(), source, out, done, from_out);
+    let done = strips::<M, LANES, 1>(terms, source, out, done, from_out);
     debug_assert_eq!(done, out.len());
 }
 
 /// The whole strips of `V` vectors of `out[start..]` for [`add_in_strips`] (sums starting from
-/// `out` when `from_out`) or [`sum_in_strips`] (from zero, then added onto `out`); returns
+/// `out` when `from_out`, else from zero and then added onto `out`); returns
 /// where they end.
 #[inline(always)]
 fn strips<M: MulAdd, const LANES: usize, const V: usize>(
