@@ -1396,7 +1396,7 @@ fn fold_taps(dims: &Conv2dDims, dcols: ArrayView2<'_, f32>, dx: &mut [f32]) {
 /// values costs more than the copy: in copies of 8 values (one vector each), the last one
 /// overlapping the one before rather than ending in a loop over single values.
 #[inline(always)]
-fn copy_short(from: &[f32], to: &mut [f32]) {
+fn copy_short<T: Copy>(from: &[T], to: &mut [T]) {
     let n = from.len().min(to.len());
     if n < 8 {
         to[..n].copy_from_slice(&from[..n]);

@@ -217,13 +217,28 @@ fn relu_max_pool_2x2<const LANES: usize>(
                 &top[2 * first..][..2 * LANES],
                 &below[2 * first..][..2 * LANES],
             );
-            let mut pixels = [[0.0f32; LANES]; 4];
-            for (l, (t, b)) in top.chunks_exact(2).zip(below.chunks_exact(2)).enumerate() {
-                pixels[0][l] = relu(t[0]);
-                pixels[1][l] = relu(t[1]);
-                pixels[2][l] = relu(b[0]);
-                pixels[3][l] = relu(b[1]);
-            }
+            // Even and odd columns of two whole vectors each, indexed by constants: the
+            // compiler makes permutes of them (a loop writing lane by lane went through memory).
+            let halves = |row: &[f32]| -> [[f32; LANES]; 2] {
+                std::array::from_fn(|h| {
+                    row[h * LANES..(h + 1) * LANES]
+                        .try_into()
+                        .unwrap_or_else(|_| unreachable!("whole vectors"))
+                })
+            };
+            let deinterleave = |[lo, hi]: [[f32; LANES]; 2], odd: usize| -> [f32; LANES] {
+                std::array::from_fn(|l| {
+                    let i = 2 * l + odd;
+                    relu(if i < LANES { lo[i] } else { hi[i - LANES] })
+                })
+            };
+            let (top, below) = (halves(top), halves(below));
+            let pixels = [
+                deinterleave(top, 0),
+                deinterleave(top, 1),
+                deinterleave(below, 0),
+                deinterleave(below, 1),
+            ];
             let mut best = pixels[0];
             let mut at = [0u32; LANES];
             let offsets = [1, out_w as u32, out_w as u32 + 1];
@@ -236,19 +251,18 @@ fn relu_max_pool_2x2<const LANES: usize>(
                 }
             }
             let corner = (2 * window_h * out_w + 2 * first) as u32;
-            for (l, ((y, argmax), (&best, &at))) in y
-                .iter_mut()
-                .zip(argmax.iter_mut())
-                .zip(best.iter().zip(&at))
-                .enumerate()
-            {
-                *y = best;
-                *argmax = if best <= 0.0 {
+            // Whole vectors first, then a short copy of the windows that are there: a loop over
+            // 13 of them would run one by one.
+            let found: [u32; LANES] = std::array::from_fn(|l| {
+                if best[l] <= 0.0 {
                     super::NO_GRADIENT
                 } else {
-                    corner + 2 * l as u32 + at
-                };
-            }
+                    corner + 2 * l as u32 + at[l]
+                }
+            });
+            let n = y.len();
+            copy_short(&best[..n], y);
+            copy_short(&found[..n], argmax);
         }
     }
 }
