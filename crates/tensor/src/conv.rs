@@ -1010,7 +1010,11 @@ fn backward_direct(
         0
     };
     resize(&mut buffers.wide, (chunks, unpooled.0, unpooled.1));
-    resize(&mut buffers.padded_plane, (chunks, layout.wide_len));
+    // The forward pass's size, so that neither pass reallocates it for the other.
+    resize(
+        &mut buffers.padded_plane,
+        (chunks, layout.wide_len + direct::POOL_SLACK),
+    );
     resize(&mut buffers.padded_dx, (chunks, dx_len));
     let weight = weight.as_standard_layout();
     let weight = contiguous(&weight);
@@ -1038,7 +1042,7 @@ fn backward_direct(
                 pdw.fill(0.0);
                 pdb.fill(0.0);
                 let (pdw, pdb) = (contiguous_mut(&mut pdw), contiguous_mut(&mut pdb));
-                let plane = contiguous_mut(&mut plane);
+                let plane = &mut contiguous_mut(&mut plane)[..layout.wide_len];
                 let padded_dx = contiguous_mut(&mut padded_dx);
                 let padded = contiguous(&padded);
                 for j in 0..dy.images() {
