@@ -1519,3 +1519,102 @@ where
         *buffer = ndarray::Array::from_elem(dim, T::default());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array1, Array4};
+
+    impl Conv2dBuffers {
+        /// Where each buffer's data is: a reallocation moves it.
+        fn data_addresses(&self) -> Vec<usize> {
+            vec![
+                self.cols.as_ptr() as usize,
+                self.wide.as_ptr() as usize,
+                self.gathered_out.as_ptr() as usize,
+                self.partial_dw.as_ptr() as usize,
+                self.partial_db.as_ptr() as usize,
+                self.dcols.as_ptr() as usize,
+                self.channels_last.as_ptr() as usize,
+                self.weight_channels_last.as_ptr() as usize,
+                self.partial_dw_channels_last.as_ptr() as usize,
+                self.dx_channels_last.as_ptr() as usize,
+                self.scatter_corners.as_ptr() as usize,
+                self.scatter_values.as_ptr() as usize,
+                self.scatter_lists.as_ptr() as usize,
+                self.padded.as_ptr() as usize,
+                self.padded_plane.as_ptr() as usize,
+                self.padded_dx.as_ptr() as usize,
+                self.weight_by_tap.as_ptr() as usize,
+                self.packed_for
+                    .as_ref()
+                    .map_or(0, |(_, copy)| copy.as_ptr() as usize),
+                self.out_channels_last.as_ptr() as usize,
+            ]
+        }
+    }
+
+    fn filled(shape: [usize; 4], seed: usize) -> Array4<f32> {
+        Array4::from_shape_fn(shape, |(n, c, h, w)| {
+            ((n * 7 + c * 5 + h * 3 + w + seed) % 13) as f32 / 6.0 - 1.0
+        })
+    }
+
+    /// Once a shape has been seen, training steps (fused forward and backward) reuse every
+    /// buffer: no reallocation per call, on each of the three convolution paths.
+    #[test]
+    fn training_steps_reuse_their_buffers() {
+        // Direct (1 channel, 3x3), implicit GEMM (16 outputs), im2col + GEMM (3 outputs).
+        for (input, out_channels) in [([9, 1, 12, 12], 8), ([9, 8, 9, 9], 16), ([9, 4, 9, 9], 3)] {
+            let dims = Conv2dDims::new(input, out_channels, [3, 3], [1, 1], Padding::Valid)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let pool = Pool2dDims::new(dims.output_shape(), [2, 2], [2, 2])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let x = filled(dims.input_shape(), 1);
+            let mut w = filled(dims.weight_shape(), 2);
+            let b = Array1::from_elem(out_channels, 0.1f32);
+            let dy = filled(pool.output_shape(), 3);
+            let mut buffers = Conv2dBuffers::default();
+            let mut addresses = Vec::new();
+            for step in 0..3 {
+                let mut y = Array4::zeros(pool.output_shape());
+                let mut argmax = Array4::zeros(pool.output_shape());
+                conv2d_relu_max_pool_forward(
+                    &dims,
+                    &pool,
+                    x.view(),
+                    w.view(),
+                    Some(b.view()),
+                    &mut buffers,
+                    Backward::Needed,
+                    y.view_mut(),
+                    argmax.view_mut(),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+                let mut dw = Array4::zeros(dims.weight_shape());
+                let mut dx = Array4::zeros(dims.input_shape());
+                let grads = Conv2dGrads {
+                    weight: dw.view_mut(),
+                    bias: None,
+                    input: (input[1] > 1).then(|| dx.view_mut()),
+                };
+                conv2d_relu_max_pool_backward(
+                    &dims,
+                    &pool,
+                    w.view(),
+                    dy.view(),
+                    argmax.view(),
+                    &mut buffers,
+                    grads,
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+                // The weights change every step, as training changes them.
+                w.scaled_add(-0.01, &dw);
+                if step > 0 {
+                    assert_eq!(buffers.data_addresses(), addresses, "{dims:?}, step {step}");
+                }
+                addresses = buffers.data_addresses();
+            }
+        }
+    }
+}
