@@ -599,10 +599,7 @@ fn forward_direct(
                     ChunkOutput::Conv(y) => conv(direct::Output::Plain(contiguous_mut(
                         &mut y.index_axis_mut(Axis(0), j),
                     ))),
-                    ChunkOutput::ReluMaxPool(pool, y, argmax)
-                        if (pool.kernel_h, pool.kernel_w, pool.stride_h, pool.stride_w)
-                            == (2, 2, 2, 2) =>
-                    {
+                    ChunkOutput::ReluMaxPool(pool, y, argmax) if pool.is_2x2_stride_2() => {
                         conv(direct::Output::ReluMaxPool2x2(
                             contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
                             contiguous_mut(&mut argmax.index_axis_mut(Axis(0), j)),
@@ -722,10 +719,7 @@ fn forward_implicit(
                             out_cl,
                             contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
                         ),
-                        ChunkOutput::ReluMaxPool(pool, y, argmax)
-                            if (pool.kernel_h, pool.kernel_w, pool.stride_h, pool.stride_w)
-                                == (2, 2, 2, 2) =>
-                        {
+                        ChunkOutput::ReluMaxPool(pool, y, argmax) if pool.is_2x2_stride_2() => {
                             implicit::relu_max_pool_2x2(
                                 dims,
                                 out_cl,

@@ -91,6 +91,21 @@ impl Pool2dDims {
     pub fn output_shape(&self) -> [usize; 4] {
         [self.batch, self.channels, self.out_h(), self.out_w()]
     }
+
+    /// Whether the windows are 2x2 and moved by 2, the pooling of every reference model, which
+    /// the kernels take by unrolled, vectorized loops.
+    pub(crate) fn is_2x2_stride_2(&self) -> bool {
+        (self.kernel_h, self.kernel_w, self.stride_h, self.stride_w) == (2, 2, 2, 2)
+    }
+}
+
+/// Whether `v`, met after `best` in a window's scan order, takes its place: a larger value or
+/// the first NaN does, a tie does not (the first maximum wins). The fused kernels decide by
+/// this, and the loops below by the same rule, so they all give the same argmax. Without
+/// short-circuits, so that it compiles to selects in the fused kernels' vector loops.
+#[inline(always)]
+pub(crate) fn replaces_max(v: f32, best: f32) -> bool {
+    (v > best) | (v.is_nan() & !best.is_nan())
 }
 
 /// `y` = the maximum of each window; `argmax` = its position `ih * W + iw` in the input plane
@@ -135,7 +150,7 @@ pub(crate) fn max_pool_plane(
 ) {
     // The 2x2 windows of every reference model get a copy with the window unrolled, and
     // without overlap, one written so that it vectorizes.
-    if (dims.kernel_h, dims.kernel_w, dims.stride_h, dims.stride_w) == (2, 2, 2, 2) {
+    if dims.is_2x2_stride_2() {
         max_pool_2x2_tiles(dims, plane, out, argmax, value);
     } else if (dims.kernel_h, dims.kernel_w) == (2, 2) {
         max_pool_windows(dims, 2, 2, plane, out, argmax, value);
@@ -174,7 +189,9 @@ fn max_pool_2x2_tiles(
         let bottom = &plane[corner + in_w..corner + in_w + 2 * out_w];
         let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
         for (ow, ((o, a), (t, b))) in out.iter_mut().zip(argmax.iter_mut()).zip(pairs).enumerate() {
-            // Scan order, first maximum wins, a NaN wins: as the general loop below.
+            // In scan order, as every pooling loop. The rule of `replaces_max`, written with
+            // short-circuits: here they compile to faster code (64x64x11x11: 118 us against
+            // 230 with the helper; the fused kernels are the other way round).
             let mut best = value(t[0]);
             let mut at = 0;
             for (v, offset) in [(t[1], 1), (b[0], below), (b[1], below + 1)] {
@@ -217,6 +234,7 @@ fn max_pool_windows(
                     // Selects rather than branches: on real activations which value wins is
                     // unpredictable, and a mispredicted branch per window costs more than
                     // the comparison.
+                    // The rule of `replaces_max` (see the loop above).
                     let wins = v > best || (v.is_nan() && !best.is_nan());
                     best = if wins { v } else { best };
                     best_at = if wins { row + at } else { best_at };

@@ -13,6 +13,7 @@
 use ndarray::{ArrayView3, ArrayViewMut3};
 
 use super::{Conv2dDims, copy_short};
+use crate::pool::replaces_max;
 use crate::simd::{MulAdd, dispatched, dot, tree_sum};
 
 /// The longest receptive field (C*KH*KW) convolved directly: at 27 (three channels, 3x3) GEMM is
@@ -244,8 +245,8 @@ fn relu_max_pool_2x2<const LANES: usize>(
             let offsets = [1, out_w as u32, out_w as u32 + 1];
             for (values, offset) in pixels[1..].iter().zip(offsets) {
                 for ((best, at), &v) in best.iter_mut().zip(at.iter_mut()).zip(values) {
-                    // Without branches (`|`, not `||`): the loop vectorizes.
-                    let wins = (v > *best) | (v.is_nan() & !best.is_nan());
+                    // In scan order, as every pooling loop (see `replaces_max`).
+                    let wins = replaces_max(v, *best);
                     *best = if wins { v } else { *best };
                     *at = if wins { offset } else { *at };
                 }

@@ -14,6 +14,7 @@
 //! last, `[OH*OW, O]`, and is transposed after.
 
 use super::Conv2dDims;
+use crate::pool::replaces_max;
 use crate::simd::{MulAdd, dispatched};
 
 /// The output channels must be a multiple of this: one vector register of the widest
@@ -193,9 +194,9 @@ fn relu_max_pool_2x2_body<M: MulAdd, const LANES: usize>(
                 for &(p, offset) in &others {
                     let values = &pixel(p)[first..first + LANES];
                     for ((b, a), &v) in best.iter_mut().zip(at.iter_mut()).zip(values) {
-                        // Scan order, first maximum wins, a NaN wins: as `max_pool_plane`.
+                        // In scan order, as every pooling loop (see `replaces_max`).
                         let v = relu(v);
-                        let wins = v > *b || (v.is_nan() && !b.is_nan());
+                        let wins = replaces_max(v, *b);
                         *b = if wins { v } else { *b };
                         *a = if wins { offset } else { *a };
                     }
