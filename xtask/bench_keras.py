@@ -11,13 +11,12 @@ fit's setup and the tracing of its training step are left out. Latency is of a c
 
 import json
 import os
-import resource
 import sys
 import time
 
 import numpy as np
 
-from bench_data import standardized
+from bench_common import best_images_per_second, median_latency_ms, report, standardized
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 try:
@@ -88,29 +87,14 @@ def main():
                 callbacks=[clock])
         train_ips = batches * batch / (clock.end - clock.start)
         net.predict(xt[:1000], batch_size=1000, verbose=0)
-        best = float("inf")
-        for _ in range(3):  # the best of three: predict's own overhead varies
-            start = time.perf_counter()
-            net.predict(xt, batch_size=1000, verbose=0)
-            best = min(best, time.perf_counter() - start)
-        inference_ips = len(xt) / best
+        # (predict's own overhead varies from pass to pass: hence the best of three.)
+        inference_ips = best_images_per_second(
+            len(xt), lambda: net.predict(xt, batch_size=1000, verbose=0))
         one = tf.constant(xt[:1])
         infer = tf.function(lambda t: net(t, training=False))
-        for _ in range(20):
-            infer(one).numpy()
-        times = []
-        for _ in range(200):
-            start = time.perf_counter()
-            infer(one).numpy()
-            times.append((time.perf_counter() - start) * 1e3)
-        times.sort()
-        print(json.dumps({
-            "model": name, "batch_size": batch, "train_images_per_second": train_ips,
-            "projected_epoch_seconds": 60000 / train_ips, "inference_images_per_second": inference_ips,
-            "latency_ms": times[len(times) // 2],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
-            "framework": f"Keras {keras.__version__} / TensorFlow {tf.__version__}",
-        }), flush=True)
+        latency_ms = median_latency_ms(lambda: infer(one).numpy())
+        report(name, batch, train_ips, inference_ips, latency_ms, threads,
+               f"Keras {keras.__version__} / TensorFlow {tf.__version__}")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,10 @@ prints {"skipped": reason} when it has not.
 """
 
 import json
-import resource
 import sys
 import time
 
-from bench_data import standardized
+from bench_common import best_images_per_second, median_latency_ms, report, standardized
 
 try:
     import torch
@@ -71,29 +70,11 @@ def main():
         net.eval()
         with torch.no_grad():
             net(xt[:1000])
-            best = float("inf")
-            for _ in range(3):  # the best of three, after a batch of warm-up
-                start = time.perf_counter()
-                for i in range(0, len(xt), 1000):
-                    net(xt[i:i + 1000])
-                best = min(best, time.perf_counter() - start)
-            inference_ips = len(xt) / best
+            inference_ips = best_images_per_second(
+                len(xt), lambda: [net(xt[i:i + 1000]) for i in range(0, len(xt), 1000)])
             one = xt[:1]
-            for _ in range(20):
-                net(one)
-            times = []
-            for _ in range(200):
-                start = time.perf_counter()
-                net(one)
-                times.append((time.perf_counter() - start) * 1e3)
-        times.sort()
-        print(json.dumps({
-            "model": name, "batch_size": batch, "train_images_per_second": train_ips,
-            "projected_epoch_seconds": 60000 / train_ips, "inference_images_per_second": inference_ips,
-            "latency_ms": times[len(times) // 2],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
-            "framework": f"PyTorch {torch.__version__}",
-        }), flush=True)
+            latency_ms = median_latency_ms(lambda: net(one))
+        report(name, batch, train_ips, inference_ips, latency_ms, threads, f"PyTorch {torch.__version__}")
 
 
 if __name__ == "__main__":
