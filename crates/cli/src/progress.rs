@@ -69,7 +69,7 @@ impl Observer for ProgressObserver<'_> {
             bar.set_position(seen as u64);
             self.batches += 1;
             // A new message every 10 batches is plenty; formatting each one is waste.
-            if self.batches % 10 == 0 {
+            if self.batches.is_multiple_of(10) {
                 let rate = seen as f64 / bar.elapsed().as_secs_f64().max(1e-9);
                 bar.set_message(format!(
                     "loss {running_loss:.4} acc {running_accuracy:.4} {rate:.0} images/s"

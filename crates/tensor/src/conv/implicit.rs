@@ -24,7 +24,7 @@ const CHANNEL_BLOCK: usize = 16;
 /// Whether [`Conv2dDims`] has an output channel count the kernel covers, and a receptive field
 /// long enough that im2col + GEMM would be the alternative (not a direct convolution).
 pub(crate) fn applies(dims: &Conv2dDims) -> bool {
-    dims.out_channels % CHANNEL_BLOCK == 0 && !dims.computed_directly()
+    dims.out_channels.is_multiple_of(CHANNEL_BLOCK) && !dims.computed_directly()
 }
 
 /// Writes `weight [O, C*KH*KW]` (rows in (c, kh, kw) order) into `out` as `[KH, KW, C, O]`:
@@ -76,13 +76,13 @@ fn forward_image_body<M: MulAdd, const LANES: usize>(
     // Eight accumulators are enough to cover the FMA's latency.
     let o_count = dims.out_channels;
     let wide = LANES >= 16;
-    if o_count % (4 * LANES) == 0 {
+    if o_count.is_multiple_of(4 * LANES) {
         if wide {
             tiles::<M, LANES, 6, 4>(dims, image, weight, bias, out_cl);
         } else {
             tiles::<M, LANES, 3, 4>(dims, image, weight, bias, out_cl);
         }
-    } else if o_count % (2 * LANES) == 0 {
+    } else if o_count.is_multiple_of(2 * LANES) {
         if wide {
             tiles::<M, LANES, 8, 2>(dims, image, weight, bias, out_cl);
         } else {

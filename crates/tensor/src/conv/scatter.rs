@@ -196,7 +196,7 @@ fn scatter_image_body<M: MulAdd, const LANES: usize>(
 ) {
     let patch = dims.patch_len();
     let run = dims.kernel_w * dims.in_channels;
-    if run % LANES == 0 {
+    if run.is_multiple_of(LANES) {
         let scratch = (corners, values, lists);
         scatter_by_lists::<M, LANES>(dims, grad, x_cl, weight_cl, dw_cl, dx_cl, scratch);
         return;

@@ -102,7 +102,7 @@ fn check_against_reference(
     let mut dy = values.array4(dims.output_shape());
     if sparse {
         for (i, v) in dy.iter_mut().enumerate() {
-            if (i * 5 + seed as usize) % 7 != 0 {
+            if !(i * 5 + seed as usize).is_multiple_of(7) {
                 *v = 0.0;
             }
         }
