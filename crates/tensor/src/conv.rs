@@ -561,10 +561,7 @@ fn forward_direct(
         &mut buffers.padded,
         (chunks, kept_images * layout.image_len),
     );
-    resize(
-        &mut buffers.padded_plane,
-        (chunks, layout.wide_len + direct::POOL_SLACK),
-    );
+    resize(&mut buffers.padded_plane, (chunks, layout.scratch_len()));
     resize(&mut buffers.gathered_out, (chunks, staged.0, staged.1));
     let weight = weight.as_standard_layout();
     let weight = contiguous(&weight);
@@ -1005,10 +1002,7 @@ fn backward_direct(
     };
     resize(&mut buffers.wide, (chunks, unpooled.0, unpooled.1));
     // The forward pass's size, so that neither pass reallocates it for the other.
-    resize(
-        &mut buffers.padded_plane,
-        (chunks, layout.wide_len + direct::POOL_SLACK),
-    );
+    resize(&mut buffers.padded_plane, (chunks, layout.scratch_len()));
     resize(&mut buffers.padded_dx, (chunks, dx_len));
     let weight = weight.as_standard_layout();
     let weight = contiguous(&weight);
@@ -1036,7 +1030,7 @@ fn backward_direct(
                 pdw.fill(0.0);
                 pdb.fill(0.0);
                 let (pdw, pdb) = (contiguous_mut(&mut pdw), contiguous_mut(&mut pdb));
-                let plane = &mut contiguous_mut(&mut plane)[..layout.wide_len];
+                let plane = contiguous_mut(&mut plane);
                 let padded_dx = contiguous_mut(&mut padded_dx);
                 let padded = contiguous(&padded);
                 for j in 0..dy.images() {

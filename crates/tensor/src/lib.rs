@@ -20,6 +20,7 @@ mod gemm;
 mod pool;
 mod simd;
 mod softmax;
+mod vector;
 
 pub use activation::{
     leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid, sigmoid_backward, tanh,

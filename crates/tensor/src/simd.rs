@@ -110,36 +110,6 @@ impl MulAdd for Separate {
     }
 }
 
-/// `sum_i x[i] * y[i]` over the common length: four vectors of partial sums (so that the
-/// multiply-adds do not wait for each other), added up in a fixed order, then the tail.
-#[inline(always)]
-pub(crate) fn dot<M: MulAdd, const LANES: usize>(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [[0.0f32; LANES]; 4];
-    let (xs, ys) = (x.chunks_exact(4 * LANES), y.chunks_exact(4 * LANES));
-    let (x_tail, y_tail) = (xs.remainder(), ys.remainder());
-    for (x, y) in xs.zip(ys) {
-        for ((acc, x), y) in acc
-            .iter_mut()
-            .zip(x.chunks_exact(LANES))
-            .zip(y.chunks_exact(LANES))
-        {
-            for ((a, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-                *a = M::mul_add(x, y, *a);
-            }
-        }
-    }
-    let [a, b, c, d] = acc;
-    let mut lanes = [0.0f32; LANES];
-    for (l, (((a, b), c), d)) in lanes.iter_mut().zip(a.iter().zip(&b).zip(&c).zip(&d)) {
-        *l = (a + b) + (c + d);
-    }
-    let mut sum = tree_sum(&lanes);
-    for (&x, &y) in x_tail.iter().zip(y_tail) {
-        sum = M::mul_add(x, y, sum);
-    }
-    sum
-}
-
 /// The sum of a vector's lanes, in a fixed pairwise order.
 #[inline(always)]
 pub(crate) fn tree_sum<const LANES: usize>(lanes: &[f32; LANES]) -> f32 {

@@ -14,7 +14,8 @@ use ndarray::{ArrayView3, ArrayViewMut3};
 
 use super::{Conv2dDims, copy_short};
 use crate::pool::replaces_max;
-use crate::simd::{MulAdd, dispatched, dot, tree_sum};
+use crate::simd::dispatched;
+use crate::vector::{Simd, vector_dispatched};
 
 /// The longest receptive field (C*KH*KW) convolved directly: at 27 (three channels, 3x3) GEMM is
 /// still starved; conv 6->16 5x5 (150) runs faster as im2col + GEMM.
@@ -22,6 +23,14 @@ pub(crate) const MAX_PATCH: usize = 32;
 
 /// A multiple of every strip of outputs computed at once (four vector registers: 32 or 64).
 const STRIP: usize = 64;
+
+/// Output channels [`forward_image`] computes at once and [`backward_image`] takes the
+/// gradients of at once: each shifted input vector loaded then serves two of them.
+const CHANNELS_AT_ONCE: usize = 2;
+
+/// Taps whose weight gradients [`backward_image`] sums at once in registers: a 3x3 kernel's
+/// nine in one pass (with two channels, 18 accumulators of AVX-512's 32 registers).
+const TAP_GROUP: usize = 9;
 
 /// Values a plane of [`PaddedLayout::wide_len`] needs after it for [`forward_image`]'s pooling,
 /// whose last vector of windows may read past the plane.
@@ -63,6 +72,12 @@ impl PaddedLayout {
         }
     }
 
+    /// The scratch [`forward_image`] and [`backward_image`] need (`wide`): the same for both,
+    /// so that neither reallocates it for the other.
+    pub(crate) fn scratch_len(&self) -> usize {
+        CHANNELS_AT_ONCE * self.wide_len + POOL_SLACK
+    }
+
     /// The flat shift of each receptive-field value (c, kh, kw), in weight order (the first
     /// `C*KH*KW` entries; a fixed-size table, so that the kernels need no allocation).
     fn shifts(&self, dims: &Conv2dDims) -> [usize; MAX_PATCH] {
@@ -102,9 +117,9 @@ pub(crate) enum Output<'a> {
     ReluMaxPool2x2(&'a mut [f32], &'a mut [u32]),
 }
 
-dispatched! {
+vector_dispatched! {
     /// The convolution of one padded image: `out [O, OH*OW] = W [O, C*KH*KW] (*) padded
-    /// (+ bias)`, or its pooling, using `wide` (`wide_len + POOL_SLACK` values) as scratch.
+    /// (+ bias)`, or its pooling, using `wide` ([`PaddedLayout::scratch_len`] values) as scratch.
     fn forward_image(
         dims: &Conv2dDims,
         layout: &PaddedLayout,
@@ -116,10 +131,11 @@ dispatched! {
     ) => forward_image_body;
 }
 
-dispatched! {
+vector_dispatched! {
     /// The gradients of one image: `dW [O, C*KH*KW] += dy (*) padded`, `db [O] += sums of dy`,
     /// and, when `dx` is given, `dx [C, H, W] = W^T (*) dy`, using `padded_dx` (`image_len`
-    /// values) as scratch. `grad` is `dy [O, OH*OW]`; `wide` (`wide_len` values) is scratch.
+    /// values) as scratch. `grad` is `dy [O, OH*OW]`; `wide` ([`PaddedLayout::scratch_len`]
+    /// values) is scratch.
     fn backward_image(
         dims: &Conv2dDims,
         layout: &PaddedLayout,
@@ -133,8 +149,23 @@ dispatched! {
     ) => backward_image_body;
 }
 
+dispatched! {
+    /// ReLU and 2x2 max pooling (stride 2) of one output plane in the padded width (`wide`,
+    /// with [`POOL_SLACK`] values after it), and the argmax of each window, `[PH*PW]` each: the
+    /// comparisons of `max_pool_plane` in the same order, so the same bits.
+    fn relu_max_pool_2x2(
+        dims: &Conv2dDims,
+        layout: &PaddedLayout,
+        wide: &[f32],
+        y: &mut [f32],
+        argmax: &mut [u32],
+    ) => relu_max_pool_2x2_body;
+}
+
 #[inline(always)]
-fn forward_image_body<M: MulAdd, const LANES: usize>(
+#[allow(clippy::too_many_arguments)]
+fn forward_image_body<S: Simd>(
+    simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     padded: &[f32],
@@ -148,51 +179,88 @@ fn forward_image_body<M: MulAdd, const LANES: usize>(
     let pooled = (dims.out_h() / 2) * (ow / 2);
     let shifts = layout.shifts(dims);
     let shifts = &shifts[..patch];
-    for (o, taps) in weight.chunks_exact(patch).enumerate() {
-        let start = bias.map_or(0.0, |b| b[o]);
-        // Four vector registers of outputs at a time, summed over every tap before they are
-        // stored. (`wide_len` is a multiple of every strip length.)
-        for (s, strip) in wide[..layout.wide_len]
-            .chunks_exact_mut(4 * LANES)
-            .enumerate()
-        {
-            let base = s * 4 * LANES;
-            let mut acc = [[start; LANES]; 4];
-            for (&w, &shift) in taps.iter().zip(shifts) {
-                let x = &padded[base + shift..base + shift + 4 * LANES];
-                for (acc, x) in acc.iter_mut().zip(x.chunks_exact(LANES)) {
-                    for (a, &v) in acc.iter_mut().zip(x) {
-                        *a = M::mul_add(w, v, *a);
+    let len = layout.wide_len;
+    for first in (0..dims.out_channels).step_by(CHANNELS_AT_ONCE) {
+        // A last, odd channel is computed twice, into both planes; the second copy is dropped.
+        let second = (first + 1).min(dims.out_channels - 1);
+        let (plane0, plane1) = wide[..CHANNELS_AT_ONCE * len].split_at_mut(len);
+        forward_pair(
+            simd,
+            [plane0, plane1],
+            padded,
+            [first, second].map(|o| &weight[o * patch..(o + 1) * patch]),
+            [first, second].map(|o| bias.map_or(0.0, |b| b[o])),
+            shifts,
+        );
+        for (o, wide) in (first..=second).zip([&wide[..], &wide[len..]]) {
+            match &mut out {
+                Output::Plain(out) => {
+                    let out = &mut out[o * pixels..(o + 1) * pixels];
+                    for (out, row) in out.chunks_exact_mut(ow).zip(wide.chunks(layout.width)) {
+                        copy_short(&row[..ow], out);
                     }
                 }
+                Output::ReluMaxPool2x2(y, argmax) => relu_max_pool_2x2(
+                    dims,
+                    layout,
+                    wide_with_slack(wide, layout),
+                    &mut y[o * pooled..(o + 1) * pooled],
+                    &mut argmax[o * pooled..(o + 1) * pooled],
+                ),
             }
-            for (strip, acc) in strip.chunks_exact_mut(LANES).zip(&acc) {
-                strip.copy_from_slice(acc);
-            }
-        }
-        match &mut out {
-            Output::Plain(out) => {
-                let out = &mut out[o * pixels..(o + 1) * pixels];
-                for (out, row) in out.chunks_exact_mut(ow).zip(wide.chunks(layout.width)) {
-                    copy_short(&row[..ow], out);
-                }
-            }
-            Output::ReluMaxPool2x2(y, argmax) => relu_max_pool_2x2::<LANES>(
-                dims,
-                layout,
-                wide,
-                &mut y[o * pooled..(o + 1) * pooled],
-                &mut argmax[o * pooled..(o + 1) * pooled],
-            ),
         }
     }
 }
 
-/// ReLU and 2x2 max pooling (stride 2) of one output plane in the padded width: LANES windows
-/// of a row at a time, their four pixels gathered into vectors first (a row of 13 windows
-/// would not vectorize), compared in `max_pool_plane`'s order.
+/// The convolutions of two output channels, `planes[c] = bias[c] + taps[c] (*) padded` (each
+/// `wide_len` long), four vectors of outputs at a time summed over every tap before they are
+/// stored: each shifted input vector loaded serves both channels. Bias first, then the taps in
+/// order, whatever the instruction set.
 #[inline(always)]
-fn relu_max_pool_2x2<const LANES: usize>(
+fn forward_pair<S: Simd>(
+    simd: S,
+    planes: [&mut [f32]; 2],
+    padded: &[f32],
+    taps: [&[f32]; 2],
+    bias: [f32; 2],
+    shifts: &[usize],
+) {
+    let lanes = S::LANES;
+    let [plane0, plane1] = planes;
+    let strips = plane0
+        .chunks_exact_mut(4 * lanes)
+        .zip(plane1.chunks_exact_mut(4 * lanes));
+    for (s, (strip0, strip1)) in strips.enumerate() {
+        let base = s * 4 * lanes;
+        let mut acc0 = [simd.splat(bias[0]); 4];
+        let mut acc1 = [simd.splat(bias[1]); 4];
+        for ((&w0, &w1), &shift) in taps[0].iter().zip(taps[1]).zip(shifts) {
+            let (w0, w1) = (simd.splat(w0), simd.splat(w1));
+            let x = &padded[base + shift..][..4 * lanes];
+            for (v, (a0, a1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
+                let x = simd.load(&x[v * lanes..]);
+                *a0 = simd.mul_add(w0, x, *a0);
+                *a1 = simd.mul_add(w1, x, *a1);
+            }
+        }
+        for (strip, acc) in [(strip0, acc0), (strip1, acc1)] {
+            for (out, acc) in strip.chunks_exact_mut(lanes).zip(acc) {
+                simd.store(acc, out);
+            }
+        }
+    }
+}
+
+/// The plane starting at `wide` with the [`POOL_SLACK`] values after it that pooling reads.
+fn wide_with_slack<'a>(wide: &'a [f32], layout: &PaddedLayout) -> &'a [f32] {
+    &wide[..layout.wide_len + POOL_SLACK]
+}
+
+// LANES windows of a row at a time, their four pixels gathered into vectors first (a row of 13
+// windows would not vectorize).
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // `dispatched!` passes the multiply-add kind
+fn relu_max_pool_2x2_body<M, const LANES: usize>(
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     wide: &[f32],
@@ -270,7 +338,8 @@ fn relu_max_pool_2x2<const LANES: usize>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward_image_body<M: MulAdd, const LANES: usize>(
+fn backward_image_body<S: Simd>(
+    simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     padded: &[f32],
@@ -285,30 +354,46 @@ fn backward_image_body<M: MulAdd, const LANES: usize>(
     let (ow, pixels) = (dims.out_w(), dims.out_pixels());
     let shifts = layout.shifts(dims);
     let shifts = &shifts[..patch];
+    let len = layout.wide_len;
     if let Some((padded_dx, _)) = dx.as_mut() {
         padded_dx.fill(0.0);
     }
-    wide.fill(0.0);
-    for (o, ((grad, dw), db)) in grad
-        .chunks_exact(pixels)
-        .zip(dw.chunks_exact_mut(patch))
-        .zip(db.iter_mut())
-        .enumerate()
-    {
+    let planes = &mut wide[..CHANNELS_AT_ONCE * len];
+    planes.fill(0.0);
+    // Two channels at a time where there are registers for their 2 x TAP_GROUP sums (32 with
+    // AVX-512; AVX2's 16 hold one channel's).
+    let at_once = if S::LANES >= 16 { CHANNELS_AT_ONCE } else { 1 };
+    for first in (0..dims.out_channels).step_by(at_once) {
+        let channels = first..(first + at_once).min(dims.out_channels);
         // dy in padded width; the extra columns stay zero, so they add nothing below.
-        for (row, grad) in wide.chunks_mut(layout.width).zip(grad.chunks_exact(ow)) {
-            copy_short(grad, &mut row[..ow]);
+        let grads = grad[channels.start * pixels..channels.end * pixels].chunks_exact(pixels);
+        for (plane, grad) in planes.chunks_exact_mut(len).zip(grads) {
+            for (row, grad) in plane.chunks_mut(layout.width).zip(grad.chunks_exact(ow)) {
+                copy_short(grad, &mut row[..ow]);
+            }
         }
-        *db += lane_sum::<M, LANES>(wide);
-        for (dw, &shift) in dw.iter_mut().zip(shifts) {
-            *dw += dot::<M, LANES>(wide, &padded[shift..shift + layout.wide_len]);
+        let (dw, db) = (
+            &mut dw[channels.start * patch..channels.end * patch],
+            &mut db[channels.clone()],
+        );
+        let (plane0, plane1) = planes.split_at(len);
+        match channels.len() {
+            2 => weight_grads(simd, [plane0, plane1], padded, shifts, dw, db),
+            _ => weight_grads(simd, [plane0], padded, shifts, dw, db),
         }
         if let Some((padded_dx, _)) = dx.as_mut() {
-            let taps = &weight[o * patch..(o + 1) * patch];
-            for (&w, &shift) in taps.iter().zip(shifts) {
-                let target = &mut padded_dx[shift..shift + layout.wide_len];
-                for (t, &g) in target.iter_mut().zip(wide.iter()) {
-                    *t = M::mul_add(w, g, *t);
+            for (o, plane) in channels.zip(planes.chunks_exact(len)) {
+                let taps = &weight[o * patch..(o + 1) * patch];
+                for (&w, &shift) in taps.iter().zip(shifts) {
+                    let w = simd.splat(w);
+                    let target = &mut padded_dx[shift..shift + len];
+                    for (t, g) in target
+                        .chunks_exact_mut(S::LANES)
+                        .zip(plane.chunks_exact(S::LANES))
+                    {
+                        let sum = simd.mul_add(w, simd.load(g), simd.load(t));
+                        simd.store(sum, t);
+                    }
                 }
             }
         }
@@ -325,15 +410,53 @@ fn backward_image_body<M: MulAdd, const LANES: usize>(
     }
 }
 
-/// The sum of `values` (a multiple of LANES long) in LANES running sums, added up in a fixed
-/// order at the end: a sequential sum cannot be vectorized.
+/// `dw [CH, patch] += planes (*) padded` and `db [CH] += sums of planes` for CH output
+/// channels whose gradients `planes` are in padded width: [`TAP_GROUP`] taps at a time, every
+/// sum in a register across the whole plane, so that each gradient vector is loaded once per
+/// group and each shifted input vector once for all CH channels. (One dot product per tap
+/// loaded two vectors per multiply-add and spent a fifth of its time adding up lanes.)
 #[inline(always)]
-fn lane_sum<M: MulAdd, const LANES: usize>(values: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    for chunk in values.chunks_exact(LANES) {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a += v;
+fn weight_grads<S: Simd, const CH: usize>(
+    simd: S,
+    planes: [&[f32]; CH],
+    padded: &[f32],
+    shifts: &[usize],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let (patch, len, lanes) = (shifts.len(), planes[0].len(), S::LANES);
+    for (group, taps) in shifts.chunks(TAP_GROUP).enumerate() {
+        // A short last group repeats its first tap, whose sums are dropped: a fixed count
+        // keeps the sums in registers.
+        let group_shifts: [usize; TAP_GROUP] =
+            std::array::from_fn(|t| taps.get(t).copied().unwrap_or(taps[0]));
+        let xs = group_shifts.map(|shift| &padded[shift..shift + len]);
+        let mut acc = [[simd.splat(0.0); TAP_GROUP]; CH];
+        let mut sums = [simd.splat(0.0); CH];
+        for base in (0..len).step_by(lanes) {
+            let g: [S::V; CH] = std::array::from_fn(|c| simd.load(&planes[c][base..]));
+            if group == 0 {
+                for (sum, &g) in sums.iter_mut().zip(&g) {
+                    *sum = simd.add(*sum, g);
+                }
+            }
+            for (t, x) in xs.iter().enumerate() {
+                let x = simd.load(&x[base..]);
+                for (acc, &g) in acc.iter_mut().zip(&g) {
+                    acc[t] = simd.mul_add(g, x, acc[t]);
+                }
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            let dw = &mut dw[c * patch + group * TAP_GROUP..][..taps.len()];
+            for (dw, &acc) in dw.iter_mut().zip(acc) {
+                *dw += simd.sum(acc);
+            }
+        }
+        if group == 0 {
+            for (db, &sum) in db.iter_mut().zip(&sums) {
+                *db += simd.sum(sum);
+            }
         }
     }
-    tree_sum(&acc)
 }

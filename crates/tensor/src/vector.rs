@@ -1,0 +1,322 @@
+//! Explicit vector registers, for kernels whose loops the compiler vectorizes badly: given the
+//! weight-gradient loop of a 3x3 convolution as arrays of lanes, it kept the sums in memory for
+//! one channel count and vectorized across the taps (with shuffles) for another, a 3x swing
+//! between two instantiations of one source. Kernels written against [`Simd`] get the
+//! instructions they spell out.
+//!
+//! An instruction set is a zero-sized token implementing [`Simd`]. A token of a feature-specific
+//! type is made only after the CPU was found to have the features ([`vector_dispatched!`] makes
+//! them), which is what makes its safe methods sound: the intrinsics they run exist on this CPU.
+
+use crate::simd::tree_sum;
+
+/// Vector arithmetic on one instruction set; `self` is the proof that the CPU has it.
+pub(crate) trait Simd: Copy {
+    /// One register of lanes.
+    type V: Copy;
+    /// Lanes in a register.
+    const LANES: usize;
+    /// Every lane `v`.
+    fn splat(self, v: f32) -> Self::V;
+    /// `from[..LANES]`.
+    fn load(self, from: &[f32]) -> Self::V;
+    /// Writes `to[..LANES]`.
+    fn store(self, v: Self::V, to: &mut [f32]);
+    /// `a * b + c`, with one rounding where the instruction set has FMA.
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a + b`.
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    /// The sum of the lanes, pairwise in the fixed order of [`tree_sum`].
+    fn sum(self, v: Self::V) -> f32;
+}
+
+/// No vector instructions beyond the target's baseline: eight lanes in an array, multiply and
+/// add rounded separately (a fused multiply-add is a slow library call there).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Portable;
+
+impl Simd for Portable {
+    type V = [f32; 8];
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    fn splat(self, v: f32) -> [f32; 8] {
+        [v; 8]
+    }
+
+    #[inline(always)]
+    fn load(self, from: &[f32]) -> [f32; 8] {
+        std::array::from_fn(|l| from[l])
+    }
+
+    #[inline(always)]
+    fn store(self, v: [f32; 8], to: &mut [f32]) {
+        to[..8].copy_from_slice(&v);
+    }
+
+    #[inline(always)]
+    fn mul_add(self, a: [f32; 8], b: [f32; 8], c: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|l| a[l] * b[l] + c[l])
+    }
+
+    #[inline(always)]
+    fn add(self, a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|l| a[l] + b[l])
+    }
+
+    #[inline(always)]
+    fn sum(self, v: [f32; 8]) -> f32 {
+        tree_sum(&v)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+// The one place outside dispatch that runs intrinsics; each unsafe block is sound because a
+// token exists only on a CPU with its features, and every pointer comes from a slice that was
+// checked to hold a whole register.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Simd;
+    use crate::simd::Isa;
+
+    /// AVX2 with FMA: eight lanes.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx2(());
+
+    impl Avx2 {
+        /// The token, when the CPU has AVX2 and FMA (and they are not capped).
+        pub(crate) fn detected() -> Option<Self> {
+            (Isa::detected() >= Isa::Avx2).then_some(Avx2(()))
+        }
+    }
+
+    impl Simd for Avx2 {
+        type V = __m256;
+        const LANES: usize = 8;
+
+        #[inline(always)]
+        fn splat(self, v: f32) -> __m256 {
+            // SAFETY: the token proves AVX.
+            unsafe { _mm256_set1_ps(v) }
+        }
+
+        #[inline(always)]
+        fn load(self, from: &[f32]) -> __m256 {
+            let from = &from[..8];
+            // SAFETY: the token proves AVX; `from` holds eight values.
+            unsafe { _mm256_loadu_ps(from.as_ptr()) }
+        }
+
+        #[inline(always)]
+        fn store(self, v: __m256, to: &mut [f32]) {
+            let to = &mut to[..8];
+            // SAFETY: the token proves AVX; `to` holds eight values.
+            unsafe { _mm256_storeu_ps(to.as_mut_ptr(), v) }
+        }
+
+        #[inline(always)]
+        fn mul_add(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+            // SAFETY: the token proves FMA.
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+
+        #[inline(always)]
+        fn add(self, a: __m256, b: __m256) -> __m256 {
+            // SAFETY: the token proves AVX.
+            unsafe { _mm256_add_ps(a, b) }
+        }
+
+        #[inline(always)]
+        fn sum(self, v: __m256) -> f32 {
+            // SAFETY: the token proves AVX. Halves added as `tree_sum` adds them: lane i to
+            // lane i + 4, then i + 2, then i + 1.
+            unsafe {
+                let quarter = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let eighth = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+                _mm_cvtss_f32(_mm_add_ss(eighth, _mm_movehdup_ps(eighth)))
+            }
+        }
+    }
+
+    /// AVX-512F with FMA: sixteen lanes.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx512(());
+
+    impl Avx512 {
+        /// The token, when the CPU has AVX-512F, AVX2 and FMA (and they are not capped).
+        pub(crate) fn detected() -> Option<Self> {
+            (Isa::detected() >= Isa::Avx512).then_some(Avx512(()))
+        }
+    }
+
+    impl Simd for Avx512 {
+        type V = __m512;
+        const LANES: usize = 16;
+
+        #[inline(always)]
+        fn splat(self, v: f32) -> __m512 {
+            // SAFETY: the token proves AVX-512F.
+            unsafe { _mm512_set1_ps(v) }
+        }
+
+        #[inline(always)]
+        fn load(self, from: &[f32]) -> __m512 {
+            let from = &from[..16];
+            // SAFETY: the token proves AVX-512F; `from` holds sixteen values.
+            unsafe { _mm512_loadu_ps(from.as_ptr()) }
+        }
+
+        #[inline(always)]
+        fn store(self, v: __m512, to: &mut [f32]) {
+            let to = &mut to[..16];
+            // SAFETY: the token proves AVX-512F; `to` holds sixteen values.
+            unsafe { _mm512_storeu_ps(to.as_mut_ptr(), v) }
+        }
+
+        #[inline(always)]
+        fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+            // SAFETY: the token proves AVX-512F.
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+
+        #[inline(always)]
+        fn add(self, a: __m512, b: __m512) -> __m512 {
+            // SAFETY: the token proves AVX-512F.
+            unsafe { _mm512_add_ps(a, b) }
+        }
+
+        #[inline(always)]
+        fn sum(self, v: __m512) -> f32 {
+            // SAFETY: the token proves AVX-512F (and so AVX). Halves added as `tree_sum` adds
+            // them: lane i to lane i + 8, then i + 4, i + 2, i + 1.
+            unsafe {
+                let low = _mm512_castps512_ps256(v);
+                let high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+                let half = _mm256_add_ps(low, high);
+                let quarter =
+                    _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+                let eighth = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+                _mm_cvtss_f32(_mm_add_ss(eighth, _mm_movehdup_ps(eighth)))
+            }
+        }
+    }
+}
+
+/// Defines `$name`, which runs `$body(simd, args..)` with the token of the best instruction set
+/// the CPU has, `$body` compiled for it: [`Avx512`], [`Avx2`], else [`Portable`].
+macro_rules! vector_dispatched {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident;) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use $crate::vector::{Avx2, Avx512};
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512(simd: Avx512, $($arg: $ty),*) {
+                    $body(simd, $($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2(simd: Avx2, $($arg: $ty),*) {
+                    $body(simd, $($arg),*)
+                }
+                // SAFETY: each function runs only with the token of the features it is
+                // compiled for, which exists only on a CPU that has them.
+                #[allow(unsafe_code)]
+                if let Some(simd) = Avx512::detected() {
+                    return unsafe { avx512(simd, $($arg),*) };
+                } else if let Some(simd) = Avx2::detected() {
+                    return unsafe { avx2(simd, $($arg),*) };
+                }
+            }
+            $body($crate::vector::Portable, $($arg),*)
+        }
+    };
+}
+
+pub(crate) use vector_dispatched;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lanes with mixed signs and magnitudes, so that a different order of additions rounds
+    /// differently.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                let mantissa = (s % 20001) as f32 / 1000.0 - 10.0;
+                mantissa * [1e-3f32, 1.0, 1e3][(s >> 20) as usize % 3]
+            })
+            .collect()
+    }
+
+    /// Every operation of `simd` against the same arithmetic on scalars, bit for bit.
+    fn check<S: Simd>(simd: S, fused: bool) {
+        let lanes = S::LANES;
+        for seed in 0..200 {
+            let (a, b, c) = (
+                values(lanes, seed),
+                values(lanes, seed + 1000),
+                values(lanes, 7),
+            );
+            let mut out = vec![0.0f32; lanes + 1];
+            let product = simd.mul_add(simd.load(&a), simd.load(&b), simd.load(&c));
+            simd.store(product, &mut out);
+            for l in 0..lanes {
+                let want = if fused {
+                    a[l].mul_add(b[l], c[l])
+                } else {
+                    a[l] * b[l] + c[l]
+                };
+                assert_eq!(out[l].to_bits(), want.to_bits(), "mul_add lane {l}");
+            }
+            assert_eq!(out[lanes], 0.0, "store wrote past its register");
+            simd.store(simd.add(simd.load(&a), simd.splat(c[0])), &mut out);
+            for l in 0..lanes {
+                assert_eq!(out[l].to_bits(), (a[l] + c[0]).to_bits(), "add lane {l}");
+            }
+            let mut halves = a.clone();
+            let mut n = lanes;
+            while n > 1 {
+                n /= 2;
+                for i in 0..n {
+                    halves[i] += halves[i + n];
+                }
+            }
+            assert_eq!(
+                simd.sum(simd.load(&a)).to_bits(),
+                halves[0].to_bits(),
+                "sum"
+            );
+        }
+    }
+
+    #[test]
+    fn portable_lanes_compute_what_scalars_do() {
+        check(Portable, false);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x86_lanes_compute_what_scalars_do() {
+        // Whatever this CPU has; CI runs the suite again with TENSOR_ISA capping it.
+        if let Some(simd) = Avx512::detected() {
+            check(simd, true);
+        }
+        if let Some(simd) = Avx2::detected() {
+            check(simd, true);
+        }
+    }
+}
