@@ -95,6 +95,59 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Few rows and wide operands, as a dense layer's batch meets its weight: more columns than
+    /// the test above reaches, so that whole micro-kernel panels, their tails and the split
+    /// over threads all occur.
+    #[test]
+    fn few_row_gemm_matches_the_reference(
+        m in 1usize..10, k in 1usize..80, n in 1usize..300,
+        layouts in (any_layout(), any_layout(), any_layout()),
+        alpha in prop_oneof![Just(1.0f32), Just(-0.5)],
+        beta in prop_oneof![Just(0.0f32), Just(1.0), Just(-1.5)],
+        parallel in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut values = Values::new(seed);
+        let mut fill = || values.next();
+        let a_store = storage(layouts.0, m, k, &mut fill);
+        let b_store = storage(layouts.1, k, n, &mut fill);
+        let mut c_store = storage(layouts.2, m, n, &mut fill);
+        if beta == 0.0 {
+            c_store.fill(f32::NAN);
+        }
+        let (a, b) = (view(layouts.0, &a_store), view(layouts.1, &b_store));
+        let (expected, bound) = reference::gemm(alpha, a, b, beta, view(layouts.2, &c_store));
+        let c = view_mut(layouts.2, &mut c_store);
+        if parallel {
+            gemm_parallel(alpha, a, b, beta, c).unwrap();
+        } else {
+            gemm(alpha, a, b, beta, c).unwrap();
+        }
+        assert_close("C", view(layouts.2, &c_store), expected.view(), bound.view());
+    }
+}
+
+#[test]
+fn dense_layer_gemms_give_the_same_bits_on_one_thread_and_two() {
+    // one-conv's 5408 -> 100 layer at batch 32: forward x W^T, then dx = dy W, dW += dy^T x.
+    let mut values = Values::new(9);
+    let x = values.array2((32, 5408));
+    let w = values.array2((100, 5408));
+    let dy = values.array2((32, 100));
+    let products: [(ArrayView2<'_, f32>, ArrayView2<'_, f32>); 3] =
+        [(x.view(), w.t()), (dy.view(), w.view()), (dy.t(), x.view())];
+    for (a, b) in products {
+        let mut serial = Array2::from_elem((a.nrows(), b.ncols()), 0.25f32);
+        let mut parallel = serial.clone();
+        gemm(1.0, a, b, 1.0, serial.view_mut()).unwrap();
+        gemm_parallel(1.0, a, b, 1.0, parallel.view_mut()).unwrap();
+        assert_eq!(serial, parallel, "{:?} x {:?}", a.shape(), b.shape());
+    }
+}
+
 #[test]
 fn large_parallel_gemm_matches_single_threaded_bit_for_bit() {
     // Big enough to split (over N and, transposed, over M); the split never divides K.
