@@ -151,8 +151,10 @@ vector_dispatched! {
 
 dispatched! {
     /// ReLU and 2x2 max pooling (stride 2) of one output plane in the padded width (`wide`,
-    /// with [`POOL_SLACK`] values after it), and the argmax of each window, `[PH*PW]` each: the
-    /// comparisons of `max_pool_plane` in the same order, so the same bits.
+    /// with [`POOL_SLACK`] values after it), and the argmax of each window, into the first
+    /// `PH*PW` values of `y` and `argmax` (values after those, which belong to planes written
+    /// later, may be overwritten): the comparisons of `max_pool_plane` in the same order, so
+    /// the same bits.
     fn relu_max_pool_2x2(
         dims: &Conv2dDims,
         layout: &PaddedLayout,
@@ -204,8 +206,8 @@ fn forward_image_body<S: Simd>(
                     dims,
                     layout,
                     wide_with_slack(wide, layout),
-                    &mut y[o * pooled..(o + 1) * pooled],
-                    &mut argmax[o * pooled..(o + 1) * pooled],
+                    &mut y[o * pooled..],
+                    &mut argmax[o * pooled..],
                 ),
             }
         }
@@ -268,18 +270,12 @@ fn relu_max_pool_2x2_body<M, const LANES: usize>(
     argmax: &mut [u32],
 ) {
     let out_w = dims.out_w();
-    let pooled_w = out_w / 2;
+    let (pooled_h, pooled_w) = (dims.out_h() / 2, out_w / 2);
     let relu = |v: f32| v.max(0.0);
-    let rows = y
-        .chunks_exact_mut(pooled_w)
-        .zip(argmax.chunks_exact_mut(pooled_w));
-    for (window_h, (y, argmax)) in rows.enumerate() {
+    for window_h in 0..pooled_h {
         let top = &wide[2 * window_h * layout.width..];
         let below = &top[layout.width..];
-        for (first, (y, argmax)) in (0..)
-            .step_by(LANES)
-            .zip(y.chunks_mut(LANES).zip(argmax.chunks_mut(LANES)))
-        {
+        for first in (0..pooled_w).step_by(LANES) {
             // A last, partial vector reads past the row's windows (within the plane and its
             // POOL_SLACK) and stores only its own.
             let (top, below) = (
@@ -320,8 +316,6 @@ fn relu_max_pool_2x2_body<M, const LANES: usize>(
                 }
             }
             let corner = (2 * window_h * out_w + 2 * first) as u32;
-            // Whole vectors first, then a short copy of the windows that are there: a loop over
-            // 13 of them would run one by one.
             let found: [u32; LANES] = std::array::from_fn(|l| {
                 if best[l] <= 0.0 {
                     super::NO_GRADIENT
@@ -329,9 +323,24 @@ fn relu_max_pool_2x2_body<M, const LANES: usize>(
                     corner + 2 * l as u32 + at[l]
                 }
             });
-            let n = y.len();
-            copy_short(&best[..n], y);
-            copy_short(&found[..n], argmax);
+            // Whole vectors where the output has room, past this row's windows too: the next
+            // row, or plane, is written later and overwrites them. (Copying just the 13
+            // windows of a row went through memcpy and a stalled reload: 40% of the pooling.)
+            let start = window_h * pooled_w + first;
+            let n = LANES.min(pooled_w - first);
+            match (
+                y.get_mut(start..start + LANES),
+                argmax.get_mut(start..start + LANES),
+            ) {
+                (Some(y), Some(argmax)) => {
+                    y.copy_from_slice(&best);
+                    argmax.copy_from_slice(&found);
+                }
+                _ => {
+                    copy_short(&best[..n], &mut y[start..start + n]);
+                    copy_short(&found[..n], &mut argmax[start..start + n]);
+                }
+            }
         }
     }
 }
