@@ -24,9 +24,9 @@ pub(crate) const MAX_PATCH: usize = 32;
 /// A multiple of every strip of outputs computed at once (four vector registers: 32 or 64).
 const STRIP: usize = 64;
 
-/// Output channels [`forward_image`] computes at once and [`backward_image`] takes the
-/// gradients of at once: each shifted input vector loaded then serves two of them.
-const CHANNELS_AT_ONCE: usize = 2;
+/// Output channels [`forward_image`] computes at once (at most) and [`backward_image`] takes
+/// the gradients of at once: each shifted input vector loaded then serves all of them.
+const CHANNELS_AT_ONCE: usize = 4;
 
 /// Taps whose weight gradients [`backward_image`] sums at once in registers: a 3x3 kernel's
 /// nine in one pass (with two channels, 18 accumulators of AVX-512's 32 registers).
@@ -182,19 +182,30 @@ fn forward_image_body<S: Simd>(
     let shifts = layout.shifts(dims);
     let shifts = &shifts[..patch];
     let len = layout.wide_len;
-    for first in (0..dims.out_channels).step_by(CHANNELS_AT_ONCE) {
-        // A last, odd channel is computed twice, into both planes; the second copy is dropped.
-        let second = (first + 1).min(dims.out_channels - 1);
-        let (plane0, plane1) = wide[..CHANNELS_AT_ONCE * len].split_at_mut(len);
-        forward_pair(
-            simd,
-            [plane0, plane1],
-            padded,
-            [first, second].map(|o| &weight[o * patch..(o + 1) * patch]),
-            [first, second].map(|o| bias.map_or(0.0, |b| b[o])),
-            shifts,
-        );
-        for (o, wide) in (first..=second).zip([&wide[..], &wide[len..]]) {
+    // Four channels at a time where there are registers for their 16 sums (AVX-512) and no
+    // group would be short (lenet5's six channels ran slower as 4 + 2 padded to 4), else two.
+    let at_once = if S::LANES >= 16 && dims.out_channels.is_multiple_of(4) {
+        4
+    } else {
+        2
+    };
+    for first in (0..dims.out_channels).step_by(at_once) {
+        // A last, short group repeats its last channel; the copies are dropped.
+        let channel = |c: usize| (first + c).min(dims.out_channels - 1);
+        let last = channel(at_once - 1);
+        let planes = &mut wide[..at_once * len];
+        let tap_row = |o: usize| &weight[o * patch..(o + 1) * patch];
+        let bias_of = |o: usize| bias.map_or(0.0, |b| b[o]);
+        if at_once == 4 {
+            let channels: [usize; 4] = std::array::from_fn(channel);
+            let (taps, biases) = (channels.map(tap_row), channels.map(bias_of));
+            forward_channels(simd, planes, padded, taps, biases, shifts);
+        } else {
+            let channels: [usize; 2] = std::array::from_fn(channel);
+            let (taps, biases) = (channels.map(tap_row), channels.map(bias_of));
+            forward_channels(simd, planes, padded, taps, biases, shifts);
+        }
+        for (o, wide) in (first..=last).zip((0..).map(|c| &wide[c * len..])) {
             match &mut out {
                 Output::Plain(out) => {
                     let out = &mut out[o * pixels..(o + 1) * pixels];
@@ -214,39 +225,36 @@ fn forward_image_body<S: Simd>(
     }
 }
 
-/// The convolutions of two output channels, `planes[c] = bias[c] + taps[c] (*) padded` (each
+/// The convolutions of CH output channels, `planes[c] = bias[c] + taps[c] (*) padded` (each
 /// `wide_len` long), four vectors of outputs at a time summed over every tap before they are
-/// stored: each shifted input vector loaded serves both channels. Bias first, then the taps in
-/// order, whatever the instruction set.
+/// stored: each shifted input vector loaded serves every channel. Bias first, then the taps in
+/// order, whatever the instruction set and CH.
 #[inline(always)]
-fn forward_pair<S: Simd>(
+fn forward_channels<S: Simd, const CH: usize>(
     simd: S,
-    planes: [&mut [f32]; 2],
+    planes: &mut [f32],
     padded: &[f32],
-    taps: [&[f32]; 2],
-    bias: [f32; 2],
+    taps: [&[f32]; CH],
+    bias: [f32; CH],
     shifts: &[usize],
 ) {
     let lanes = S::LANES;
-    let [plane0, plane1] = planes;
-    let strips = plane0
-        .chunks_exact_mut(4 * lanes)
-        .zip(plane1.chunks_exact_mut(4 * lanes));
-    for (s, (strip0, strip1)) in strips.enumerate() {
-        let base = s * 4 * lanes;
-        let mut acc0 = [simd.splat(bias[0]); 4];
-        let mut acc1 = [simd.splat(bias[1]); 4];
-        for ((&w0, &w1), &shift) in taps[0].iter().zip(taps[1]).zip(shifts) {
-            let (w0, w1) = (simd.splat(w0), simd.splat(w1));
+    let len = planes.len() / CH;
+    for base in (0..len).step_by(4 * lanes) {
+        let mut acc: [[S::V; 4]; CH] = std::array::from_fn(|c| [simd.splat(bias[c]); 4]);
+        for (t, &shift) in shifts.iter().enumerate() {
+            let w: [S::V; CH] = std::array::from_fn(|c| simd.splat(taps[c][t]));
             let x = &padded[base + shift..][..4 * lanes];
-            for (v, (a0, a1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
-                let x = simd.load(&x[v * lanes..]);
-                *a0 = simd.mul_add(w0, x, *a0);
-                *a1 = simd.mul_add(w1, x, *a1);
+            let x: [S::V; 4] = std::array::from_fn(|v| simd.load(&x[v * lanes..]));
+            for (acc, &w) in acc.iter_mut().zip(&w) {
+                for (acc, &x) in acc.iter_mut().zip(&x) {
+                    *acc = simd.mul_add(w, x, *acc);
+                }
             }
         }
-        for (strip, acc) in [(strip0, acc0), (strip1, acc1)] {
-            for (out, acc) in strip.chunks_exact_mut(lanes).zip(acc) {
+        for (c, acc) in acc.iter().enumerate() {
+            let strip = &mut planes[c * len + base..][..4 * lanes];
+            for (out, &acc) in strip.chunks_exact_mut(lanes).zip(acc) {
                 simd.store(acc, out);
             }
         }
@@ -367,11 +375,11 @@ fn backward_image_body<S: Simd>(
     if let Some((padded_dx, _)) = dx.as_mut() {
         padded_dx.fill(0.0);
     }
-    let planes = &mut wide[..CHANNELS_AT_ONCE * len];
+    let planes = &mut wide[..2 * len];
     planes.fill(0.0);
     // Two channels at a time where there are registers for their 2 x TAP_GROUP sums (32 with
     // AVX-512; AVX2's 16 hold one channel's).
-    let at_once = if S::LANES >= 16 { CHANNELS_AT_ONCE } else { 1 };
+    let at_once = if S::LANES >= 16 { 2 } else { 1 };
     for first in (0..dims.out_channels).step_by(at_once) {
         let channels = first..(first + at_once).min(dims.out_channels);
         // dy in padded width; the extra columns stay zero, so they add nothing below.
