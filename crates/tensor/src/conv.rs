@@ -260,6 +260,8 @@ pub struct Conv2dBuffers {
     /// `[chunks, scatter::lists_len]`: where the nonzero gradients are, scratch for the
     /// scatter.
     scatter_lists: Array2<u32>,
+    /// `[chunks, O*PH*PW]`: one image's argmax, overwritten by each, when the caller keeps none.
+    argmax_scratch: Array2<u32>,
     /// `[chunks, B * padded image]`: for convolutions computed directly (stride 1, short
     /// receptive fields), the forward pass's zero-padded input, kept for backward instead of
     /// `cols`; empty otherwise.
@@ -358,7 +360,8 @@ pub fn conv2d_forward(
 ///
 /// `pool` describes the pooling of the `[N, O, OH, OW]` convolution output; `y` and `argmax`
 /// are `[N, O, PH, PW]`. `argmax` is where each maximum came from in its convolution output
-/// plane, or [`NO_GRADIENT`] where the pooled value is 0 (ReLU passes no gradient there).
+/// plane, or [`NO_GRADIENT`] where the pooled value is 0 (ReLU passes no gradient there); the
+/// backward pass needs it. Without one (inference), none is written out.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_relu_max_pool_forward(
     dims: &Conv2dDims,
@@ -369,21 +372,47 @@ pub fn conv2d_relu_max_pool_forward(
     buffers: &mut Conv2dBuffers,
     backward: Backward,
     y: ArrayViewMut4<'_, f32>,
-    argmax: ArrayViewMut4<'_, u32>,
+    argmax: Option<ArrayViewMut4<'_, u32>>,
 ) -> Result<(), TensorError> {
     const OP: &str = "conv2d_relu_max_pool_forward";
     check_pool_of(OP, dims, pool)?;
     expect_shape(OP, "output", y.shape(), &pool.output_shape())?;
-    expect_shape(OP, "argmax", argmax.shape(), &pool.output_shape())?;
+    if let Some(argmax) = &argmax {
+        expect_shape(OP, "argmax", argmax.shape(), &pool.output_shape())?;
+    }
     let mut y = standard_layout(OP, "output", y)?;
-    let mut argmax = standard_layout(OP, "argmax", argmax)?;
     let per_chunk = images_per_chunk(dims.batch);
-    let outputs = y
-        .axis_chunks_iter_mut(Axis(0), per_chunk)
-        .zip(argmax.axis_chunks_iter_mut(Axis(0), per_chunk))
-        .map(|(y, argmax)| ChunkOutput::ReluMaxPool(*pool, y, argmax))
-        .collect();
-    forward(OP, dims, x, weight, bias, buffers, backward, outputs)
+    let y_chunks = y.axis_chunks_iter_mut(Axis(0), per_chunk);
+    match argmax {
+        Some(argmax) => {
+            let mut argmax = standard_layout(OP, "argmax", argmax)?;
+            let outputs = y_chunks
+                .zip(argmax.axis_chunks_iter_mut(Axis(0), per_chunk))
+                .map(|(y, argmax)| ChunkOutput::ReluMaxPool(*pool, y, ArgmaxOut::Kept(argmax)))
+                .collect();
+            forward(OP, dims, x, weight, bias, buffers, backward, outputs)
+        }
+        None => {
+            // Written only to one image's scratch per chunk: inference needs no argmax, and
+            // writing all of it doubled the pooled output's memory traffic. (Taken out of
+            // `buffers` for the call, which borrows the rest of them.)
+            let [_, o, ph, pw] = pool.output_shape();
+            let mut scratch = std::mem::take(&mut buffers.argmax_scratch);
+            resize(&mut scratch, (y_chunks.len(), o * ph * pw));
+            let outputs = y_chunks
+                .zip(scratch.outer_iter_mut())
+                .map(|(y, scratch)| {
+                    let scratch = scratch
+                        .into_shape_with_order((o, ph, pw))
+                        .unwrap_or_else(|_| unreachable!("sized for [O, PH, PW] above"));
+                    ChunkOutput::ReluMaxPool(*pool, y, ArgmaxOut::Dropped(scratch))
+                })
+                .collect();
+            let result = forward(OP, dims, x, weight, bias, buffers, backward, outputs);
+            buffers.argmax_scratch = scratch;
+            result
+        }
+    }
 }
 
 /// Marks a window of [`conv2d_relu_max_pool_forward`] whose maximum was not positive: the
@@ -395,7 +424,25 @@ enum ChunkOutput<'a> {
     /// The convolution output `[B, O, OH, OW]`.
     Conv(ArrayViewMut4<'a, f32>),
     /// ReLU and max pooling of it, `[B, O, PH, PW]`, and the argmax of each window.
-    ReluMaxPool(Pool2dDims, ArrayViewMut4<'a, f32>, ArrayViewMut4<'a, u32>),
+    ReluMaxPool(Pool2dDims, ArrayViewMut4<'a, f32>, ArgmaxOut<'a>),
+}
+
+/// Where a chunk's argmax goes.
+enum ArgmaxOut<'a> {
+    /// `[B, O, PH, PW]`, for a backward pass.
+    Kept(ArrayViewMut4<'a, u32>),
+    /// Nowhere: `[O, PH, PW]` of scratch that each image overwrites.
+    Dropped(ArrayViewMut3<'a, u32>),
+}
+
+impl ArgmaxOut<'_> {
+    /// Where image j's argmax `[O, PH, PW]` goes.
+    fn image(&mut self, j: usize) -> ArrayViewMut3<'_, u32> {
+        match self {
+            ArgmaxOut::Kept(argmax) => argmax.index_axis_mut(Axis(0), j),
+            ArgmaxOut::Dropped(scratch) => scratch.view_mut(),
+        }
+    }
 }
 
 /// The forward pass of [`conv2d_forward`] and [`conv2d_relu_max_pool_forward`], writing into
@@ -525,11 +572,8 @@ fn forward(
                         }
                         ChunkOutput::ReluMaxPool(pool, y, argmax) => {
                             let mut y = y.slice_mut(here);
-                            let mut argmax = argmax.slice_mut(here);
-                            for (j, (y, argmax)) in
-                                y.outer_iter_mut().zip(argmax.outer_iter_mut()).enumerate()
-                            {
-                                relu_max_pool_image(pool, image(j), y, argmax);
+                            for (j, y) in y.outer_iter_mut().enumerate() {
+                                relu_max_pool_image(pool, image(j), y, argmax.image(g * group + j));
                             }
                         }
                     }
@@ -600,7 +644,7 @@ fn forward_direct(
                     ChunkOutput::ReluMaxPool(pool, y, argmax) if pool.is_2x2_stride_2() => {
                         conv(direct::Output::ReluMaxPool2x2(
                             contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
-                            contiguous_mut(&mut argmax.index_axis_mut(Axis(0), j)),
+                            contiguous_mut(&mut argmax.image(j)),
                         ));
                     }
                     ChunkOutput::ReluMaxPool(pool, y, argmax) => {
@@ -609,7 +653,7 @@ fn forward_direct(
                             pool,
                             staged.view(),
                             y.index_axis_mut(Axis(0), j),
-                            argmax.index_axis_mut(Axis(0), j),
+                            argmax.image(j),
                         );
                     }
                 }
@@ -722,7 +766,7 @@ fn forward_implicit(
                                 dims,
                                 out_cl,
                                 contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
-                                contiguous_mut(&mut argmax.index_axis_mut(Axis(0), j)),
+                                contiguous_mut(&mut argmax.image(j)),
                             );
                         }
                         ChunkOutput::ReluMaxPool(pool, y, argmax) => {
@@ -731,7 +775,7 @@ fn forward_implicit(
                                 pool,
                                 staged.view(),
                                 y.index_axis_mut(Axis(0), j),
-                                argmax.index_axis_mut(Axis(0), j),
+                                argmax.image(j),
                             );
                         }
                     }
@@ -1617,7 +1661,7 @@ mod tests {
                     &mut buffers,
                     Backward::Needed,
                     y.view_mut(),
-                    argmax.view_mut(),
+                    Some(argmax.view_mut()),
                 )
                 .unwrap_or_else(|e| panic!("{e}"));
                 let mut dw = Array4::zeros(dims.weight_shape());

@@ -160,9 +160,16 @@ impl Layer for Conv2d {
                 let pool = Pool2dDims::new(dims.output_shape(), kernel, stride)
                     .map_err(|e| self.shape_error(format!("the fused max pooling: {e}")))?;
                 let mut y = Array4::zeros(pool.output_shape());
-                if self.argmax.shape() != pool.output_shape() {
-                    self.argmax = Array4::zeros(pool.output_shape());
-                }
+                // Inference keeps no argmax (only the backward pass reads it).
+                let argmax = match mode {
+                    Mode::Train => {
+                        if self.argmax.shape() != pool.output_shape() {
+                            self.argmax = Array4::zeros(pool.output_shape());
+                        }
+                        Some(self.argmax.view_mut())
+                    }
+                    Mode::Eval => None,
+                };
                 conv2d_relu_max_pool_forward(
                     &dims,
                     &pool,
@@ -172,7 +179,7 @@ impl Layer for Conv2d {
                     &mut self.buffers,
                     backward,
                     y.view_mut(),
-                    self.argmax.view_mut(),
+                    argmax,
                 )?;
                 self.pool_dims = Some(pool);
                 y
