@@ -62,6 +62,41 @@ fn view_mut(layout: Layout, a: &mut Array2<f32>) -> ArrayViewMut2<'_, f32> {
     }
 }
 
+/// `C <- alpha * A * B + beta * C` by `gemm` or `gemm_parallel` against the f64 reference,
+/// every operand in the given layout.
+fn check_against_reference(
+    (m, k, n): (usize, usize, usize),
+    layouts: (Layout, Layout, Layout),
+    alpha: f32,
+    beta: f32,
+    parallel: bool,
+    seed: u64,
+) {
+    let mut values = Values::new(seed);
+    let mut fill = || values.next();
+    let a_store = storage(layouts.0, m, k, &mut fill);
+    let b_store = storage(layouts.1, k, n, &mut fill);
+    let mut c_store = storage(layouts.2, m, n, &mut fill);
+    if beta == 0.0 {
+        // beta = 0 must never read C: NaN here would poison the result if it did.
+        c_store.fill(f32::NAN);
+    }
+    let (a, b) = (view(layouts.0, &a_store), view(layouts.1, &b_store));
+    let (expected, bound) = reference::gemm(alpha, a, b, beta, view(layouts.2, &c_store));
+    let c = view_mut(layouts.2, &mut c_store);
+    if parallel {
+        gemm_parallel(alpha, a, b, beta, c).unwrap();
+    } else {
+        gemm(alpha, a, b, beta, c).unwrap();
+    }
+    assert_close(
+        "C",
+        view(layouts.2, &c_store),
+        expected.view(),
+        bound.view(),
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -74,24 +109,7 @@ proptest! {
         parallel in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let mut values = Values::new(seed);
-        let mut fill = || values.next();
-        let a_store = storage(layouts.0, m, k, &mut fill);
-        let b_store = storage(layouts.1, k, n, &mut fill);
-        let mut c_store = storage(layouts.2, m, n, &mut fill);
-        if beta == 0.0 {
-            // beta = 0 must never read C: NaN here would poison the result if it did.
-            c_store.fill(f32::NAN);
-        }
-        let (a, b) = (view(layouts.0, &a_store), view(layouts.1, &b_store));
-        let (expected, bound) = reference::gemm(alpha, a, b, beta, view(layouts.2, &c_store));
-        let c = view_mut(layouts.2, &mut c_store);
-        if parallel {
-            gemm_parallel(alpha, a, b, beta, c).unwrap();
-        } else {
-            gemm(alpha, a, b, beta, c).unwrap();
-        }
-        assert_close("C", view(layouts.2, &c_store), expected.view(), bound.view());
+        check_against_reference((m, k, n), layouts, alpha, beta, parallel, seed);
     }
 }
 
@@ -110,23 +128,7 @@ proptest! {
         parallel in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let mut values = Values::new(seed);
-        let mut fill = || values.next();
-        let a_store = storage(layouts.0, m, k, &mut fill);
-        let b_store = storage(layouts.1, k, n, &mut fill);
-        let mut c_store = storage(layouts.2, m, n, &mut fill);
-        if beta == 0.0 {
-            c_store.fill(f32::NAN);
-        }
-        let (a, b) = (view(layouts.0, &a_store), view(layouts.1, &b_store));
-        let (expected, bound) = reference::gemm(alpha, a, b, beta, view(layouts.2, &c_store));
-        let c = view_mut(layouts.2, &mut c_store);
-        if parallel {
-            gemm_parallel(alpha, a, b, beta, c).unwrap();
-        } else {
-            gemm(alpha, a, b, beta, c).unwrap();
-        }
-        assert_close("C", view(layouts.2, &c_store), expected.view(), bound.view());
+        check_against_reference((m, k, n), layouts, alpha, beta, parallel, seed);
     }
 }
 
