@@ -24,9 +24,13 @@ pub(crate) const MAX_PATCH: usize = 32;
 /// A multiple of every strip of outputs computed at once (four vector registers: 32 or 64).
 const STRIP: usize = 64;
 
-/// Output channels [`forward_image`] computes at once (at most) and [`backward_image`] takes
-/// the gradients of at once: each shifted input vector loaded then serves all of them.
+/// Output channels [`forward_image`] computes at once, at most: each shifted input vector
+/// loaded then serves all of them.
 const CHANNELS_AT_ONCE: usize = 4;
+
+/// Output channels whose gradients [`backward_image`] takes at once, at most (their
+/// 2 x [`TAP_GROUP`] sums fill AVX-512's registers).
+const GRAD_CHANNELS_AT_ONCE: usize = 2;
 
 /// Taps whose weight gradients [`backward_image`] sums at once in registers: a 3x3 kernel's
 /// nine in one pass (with two channels, 18 accumulators of AVX-512's 32 registers).
@@ -184,8 +188,8 @@ fn forward_image_body<S: Simd>(
     let len = layout.wide_len;
     // Four channels at a time where there are registers for their 16 sums (AVX-512) and no
     // group would be short (lenet5's six channels ran slower as 4 + 2 padded to 4), else two.
-    let at_once = if S::LANES >= 16 && dims.out_channels.is_multiple_of(4) {
-        4
+    let at_once = if S::LANES >= 16 && dims.out_channels.is_multiple_of(CHANNELS_AT_ONCE) {
+        CHANNELS_AT_ONCE
     } else {
         2
     };
@@ -196,8 +200,8 @@ fn forward_image_body<S: Simd>(
         let planes = &mut wide[..at_once * len];
         let tap_row = |o: usize| &weight[o * patch..(o + 1) * patch];
         let bias_of = |o: usize| bias.map_or(0.0, |b| b[o]);
-        if at_once == 4 {
-            let channels: [usize; 4] = std::array::from_fn(channel);
+        if at_once == CHANNELS_AT_ONCE {
+            let channels: [usize; CHANNELS_AT_ONCE] = std::array::from_fn(channel);
             let (taps, biases) = (channels.map(tap_row), channels.map(bias_of));
             forward_channels(simd, planes, padded, taps, biases, shifts);
         } else {
@@ -375,11 +379,15 @@ fn backward_image_body<S: Simd>(
     if let Some((padded_dx, _)) = dx.as_mut() {
         padded_dx.fill(0.0);
     }
-    let planes = &mut wide[..2 * len];
+    let planes = &mut wide[..GRAD_CHANNELS_AT_ONCE * len];
     planes.fill(0.0);
     // Two channels at a time where there are registers for their 2 x TAP_GROUP sums (32 with
     // AVX-512; AVX2's 16 hold one channel's).
-    let at_once = if S::LANES >= 16 { 2 } else { 1 };
+    let at_once = if S::LANES >= 16 {
+        GRAD_CHANNELS_AT_ONCE
+    } else {
+        1
+    };
     for first in (0..dims.out_channels).step_by(at_once) {
         let channels = first..(first + at_once).min(dims.out_channels);
         // dy in padded width; the extra columns stay zero, so they add nothing below.
