@@ -1613,8 +1613,6 @@ mod tests {
         })
     }
 
-    /// Once a shape has been seen, training steps (fused forward and backward) reuse every
-    /// buffer: no reallocation per call, on each of the three convolution paths.
     #[test]
     fn largest_plus_one_sees_every_value_and_skips_no_gradient() {
         // Lengths around every vector width, the largest value in every position.
@@ -1635,6 +1633,8 @@ mod tests {
         }
     }
 
+    /// Once a shape has been seen, training steps (fused forward and backward) reuse every
+    /// buffer: no reallocation per call, on each of the three convolution paths.
     #[test]
     fn training_steps_reuse_their_buffers() {
         // Direct (1 channel, 3x3), implicit GEMM (16 outputs), im2col + GEMM (3 outputs).
