@@ -9,9 +9,17 @@
 //! WP, and an output plane is computed over `OH * WP` positions as if it too were WP wide. Then
 //! kernel tap (kh, kw) is one flat shift by `kh * WP + kw`, every loop runs over a whole plane,
 //! and the `WP - OW` extra columns of each row are discarded (forward) or held at zero (backward).
+//!
+//! Its cost is a copy, row by row, of each output plane out of the padded width (forward) and of
+//! each gradient plane into it (backward): a third of both passes of conv 1->32. Where there are
+//! at least as many output channels as receptive-field values, each image is instead
+//! [`unfold`]ed once (im2col, in blocks of LANES pixels), and plain outputs and all gradients
+//! are read and written in their own width. The fused ReLU + pooling reads the padded width in
+//! place, so it never unfolds.
 
 use ndarray::{ArrayView3, ArrayViewMut3};
 
+use super::scatter::{ALIGN_SLACK, aligned_mut};
 use super::{Conv2dDims, copy_short};
 use crate::pool::replaces_max;
 use crate::simd::dispatched;
@@ -45,17 +53,30 @@ pub(crate) fn applies(dims: &Conv2dDims) -> bool {
     dims.stride_h == 1 && dims.stride_w == 1 && dims.patch_len() <= MAX_PATCH
 }
 
-/// Sizes of the padded layout of one image.
+/// Sizes of the padded and unfolded layouts of one image.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PaddedLayout {
     /// WP = W + pad_left + pad_right.
     width: usize,
     /// HP * WP.
     plane: usize,
-    /// `OH * WP` rounded up to whole strips: the length of one output plane in padded width.
-    pub(crate) wide_len: usize,
+    /// `OH * WP` rounded up to whole strips: one output plane in the padded width.
+    wide_len: usize,
     /// `C * HP * WP` and enough zeros after it that every shifted read of a strip is in bounds.
     pub(crate) image_len: usize,
+    /// Whether each image is [`unfold`]ed, so that output planes and their gradients are read
+    /// and written in their own width: when there are at least as many output channels as
+    /// receptive-field values. Otherwise copying the planes between their own and the padded
+    /// width costs less than unfolding (lenet5's conv 1->6 5x5 ran 2x slower unfolded; conv
+    /// 1->32 3x3 17% faster).
+    unfolds: bool,
+    /// OH * OW.
+    pixels: usize,
+    /// `OH * OW` rounded up to whole strips: the pixels of an unfolded image.
+    cols_len: usize,
+    /// `C * KH * KW` rounded up to whole [`TAP_GROUP`]s: the rows of a block of an unfolded
+    /// image (the extra ones unused), so that every group of weight gradients is a full one.
+    taps_len: usize,
 }
 
 impl PaddedLayout {
@@ -73,13 +94,35 @@ impl PaddedLayout {
             plane,
             wide_len,
             image_len,
+            unfolds: dims.out_channels >= dims.patch_len(),
+            pixels: dims.out_pixels(),
+            cols_len: dims.out_pixels().div_ceil(STRIP) * STRIP,
+            taps_len: dims.patch_len().div_ceil(TAP_GROUP) * TAP_GROUP,
         }
     }
 
     /// The scratch [`forward_image`] and [`backward_image`] need (`wide`): the same for both,
     /// so that neither reallocates it for the other.
     pub(crate) fn scratch_len(&self) -> usize {
-        CHANNELS_AT_ONCE * self.wide_len + POOL_SLACK
+        // Planes in the padded width, or (before them) one row of an unfolded image.
+        let planes = (CHANNELS_AT_ONCE * self.wide_len + POOL_SLACK).max(self.cols_len);
+        self.unfolded_len() + ALIGN_SLACK + planes
+    }
+
+    /// The values of one unfolded image, if images are unfolded.
+    fn unfolded_len(&self) -> usize {
+        if self.unfolds {
+            self.taps_len * self.cols_len
+        } else {
+            0
+        }
+    }
+
+    /// Splits scratch of [`Self::scratch_len`] values into the unfolded image (aligned to a
+    /// cache line, so that none of its vector loads splits one) and the planes after it.
+    fn split_scratch<'a>(&self, scratch: &'a mut [f32]) -> (&'a mut [f32], &'a mut [f32]) {
+        let (unfolded, planes) = scratch.split_at_mut(self.unfolded_len() + ALIGN_SLACK);
+        (&mut aligned_mut(unfolded)[..self.unfolded_len()], planes)
     }
 
     /// The flat shift of each receptive-field value (c, kh, kw), in weight order (the first
@@ -123,7 +166,8 @@ pub(crate) enum Output<'a> {
 
 vector_dispatched! {
     /// The convolution of one padded image: `out [O, OH*OW] = W [O, C*KH*KW] (*) padded
-    /// (+ bias)`, or its pooling, using `wide` ([`PaddedLayout::scratch_len`] values) as scratch.
+    /// (+ bias)`, or its pooling, using `wide` ([`PaddedLayout::scratch_len`] values) as
+    /// scratch.
     fn forward_image(
         dims: &Conv2dDims,
         layout: &PaddedLayout,
@@ -168,6 +212,50 @@ dispatched! {
     ) => relu_max_pool_2x2_body;
 }
 
+/// Unfolds a padded image into `unfolded` ([`PaddedLayout::unfolded_len`] values), a block of
+/// `taps_len x LANES` values for every LANES pixels: row t of block b holds the inputs that
+/// receptive-field value t multiplies at pixels `b * LANES..`, zero past the last pixel (rows
+/// past the patch hold whatever was there: their sums are dropped). A block's rows are
+/// contiguous, so that the loops over them need one pointer and constant offsets. `row`
+/// (`cols_len` values) is scratch.
+#[inline(always)]
+fn unfold<S: Simd>(
+    simd: S,
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    padded: &[f32],
+    unfolded: &mut [f32],
+    row: &mut [f32],
+) {
+    let (ow, pixels, lanes) = (dims.out_w(), dims.out_pixels(), S::LANES);
+    let shifts = layout.shifts(dims);
+    let block_len = layout.taps_len * lanes;
+    let row = &mut row[..layout.cols_len];
+    row[pixels..].fill(0.0);
+    for (t, &shift) in shifts[..dims.patch_len()].iter().enumerate() {
+        for (h, out) in row[..pixels].chunks_exact_mut(ow).enumerate() {
+            copy_short(&padded[shift + h * layout.width..][..ow], out);
+        }
+        for (block, from) in unfolded
+            .chunks_exact_mut(block_len)
+            .zip(row.chunks_exact(lanes))
+        {
+            simd.store(simd.load(from), &mut block[t * lanes..]);
+        }
+    }
+}
+
+/// How many output channels the forward kernels compute at once: four where there are
+/// registers for their 16 sums (AVX-512) and no group would be short (lenet5's six channels ran
+/// slower as 4 + 2 padded to 4), else two.
+fn forward_channels_at_once<S: Simd>(dims: &Conv2dDims) -> usize {
+    if S::LANES >= 16 && dims.out_channels.is_multiple_of(CHANNELS_AT_ONCE) {
+        CHANNELS_AT_ONCE
+    } else {
+        2
+    }
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn forward_image_body<S: Simd>(
@@ -180,19 +268,18 @@ fn forward_image_body<S: Simd>(
     wide: &mut [f32],
     mut out: Output<'_>,
 ) {
+    if let Output::Plain(y) = &mut out
+        && layout.unfolds
+    {
+        return forward_unfolded(simd, dims, layout, padded, weight, bias, wide, y);
+    }
     let patch = dims.patch_len();
     let (ow, pixels) = (dims.out_w(), dims.out_pixels());
     let pooled = (dims.out_h() / 2) * (ow / 2);
     let shifts = layout.shifts(dims);
     let shifts = &shifts[..patch];
     let len = layout.wide_len;
-    // Four channels at a time where there are registers for their 16 sums (AVX-512) and no
-    // group would be short (lenet5's six channels ran slower as 4 + 2 padded to 4), else two.
-    let at_once = if S::LANES >= 16 && dims.out_channels.is_multiple_of(CHANNELS_AT_ONCE) {
-        CHANNELS_AT_ONCE
-    } else {
-        2
-    };
+    let at_once = forward_channels_at_once::<S>(dims);
     for first in (0..dims.out_channels).step_by(at_once) {
         // A last, short group repeats its last channel; the copies are dropped.
         let channel = |c: usize| (first + c).min(dims.out_channels - 1);
@@ -260,6 +347,95 @@ fn forward_channels<S: Simd, const CH: usize>(
             let strip = &mut planes[c * len + base..][..4 * lanes];
             for (out, &acc) in strip.chunks_exact_mut(lanes).zip(acc) {
                 simd.store(acc, out);
+            }
+        }
+    }
+}
+
+/// The plain convolution of an image with [`PaddedLayout::unfolds`], `y [O, OH*OW]`, stored
+/// from registers: as [`forward_channels`], the same sums in the same order, from the unfolded
+/// image.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_unfolded<S: Simd>(
+    simd: S,
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    padded: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    wide: &mut [f32],
+    y: &mut [f32],
+) {
+    let patch = dims.patch_len();
+    let (unfolded, row) = layout.split_scratch(wide);
+    unfold(simd, dims, layout, padded, unfolded, row);
+    let unfolded = &*unfolded;
+    let at_once = forward_channels_at_once::<S>(dims);
+    for first in (0..dims.out_channels).step_by(at_once) {
+        // A last, short group repeats its last channel, storing the same values twice.
+        let channel = |c: usize| (first + c).min(dims.out_channels - 1);
+        let tap_row = |o: usize| &weight[o * patch..(o + 1) * patch];
+        let bias_of = |o: usize| bias.map_or(0.0, |b| b[o]);
+        if at_once == CHANNELS_AT_ONCE {
+            let channels: [usize; CHANNELS_AT_ONCE] = std::array::from_fn(channel);
+            let (taps, biases) = (channels.map(tap_row), channels.map(bias_of));
+            forward_channels_unfolded(simd, unfolded, layout, taps, biases, y, channels);
+        } else {
+            let channels: [usize; 2] = std::array::from_fn(channel);
+            let (taps, biases) = (channels.map(tap_row), channels.map(bias_of));
+            forward_channels_unfolded(simd, unfolded, layout, taps, biases, y, channels);
+        }
+    }
+}
+
+/// [`forward_channels`] from an unfolded image, into output channels `channels` of `y [O,
+/// pixels]`: a block's rows are at constant offsets, the planes stored whole vectors at a time.
+#[inline(always)]
+fn forward_channels_unfolded<S: Simd, const CH: usize>(
+    simd: S,
+    unfolded: &[f32],
+    layout: &PaddedLayout,
+    taps: [&[f32]; CH],
+    bias: [f32; CH],
+    y: &mut [f32],
+    channels: [usize; CH],
+) {
+    let (lanes, pixels) = (S::LANES, layout.pixels);
+    let block_len = layout.taps_len * lanes;
+    for (strip, blocks) in unfolded.chunks_exact(4 * block_len).enumerate() {
+        let base = strip * 4 * lanes;
+        if base >= pixels {
+            // With LANES = 8 a plane's last strip of 32 may be past it, `cols_len` being a
+            // multiple of 64.
+            break;
+        }
+        let mut acc: [[S::V; 4]; CH] = std::array::from_fn(|c| [simd.splat(bias[c]); 4]);
+        for t in 0..taps[0].len() {
+            let w: [S::V; CH] = std::array::from_fn(|c| simd.splat(taps[c][t]));
+            let x: [S::V; 4] =
+                std::array::from_fn(|v| simd.load(&blocks[v * block_len + t * lanes..]));
+            for (acc, &w) in acc.iter_mut().zip(&w) {
+                for (acc, &x) in acc.iter_mut().zip(&x) {
+                    *acc = simd.mul_add(w, x, *acc);
+                }
+            }
+        }
+        for (acc, &o) in acc.iter().zip(&channels) {
+            let plane = &mut y[o * pixels..(o + 1) * pixels];
+            if base + 4 * lanes <= pixels {
+                let strip = &mut plane[base..base + 4 * lanes];
+                for (out, &acc) in strip.chunks_exact_mut(lanes).zip(acc) {
+                    simd.store(acc, out);
+                }
+            } else {
+                // The last, partial strip, through the stack: the values after it belong to
+                // the next plane.
+                let mut spill = [0.0; STRIP];
+                for (out, &acc) in spill.chunks_exact_mut(lanes).zip(acc) {
+                    simd.store(acc, out);
+                }
+                copy_short(&spill[..pixels - base], &mut plane[base..]);
             }
         }
     }
@@ -376,10 +552,15 @@ fn backward_image_body<S: Simd>(
     let shifts = layout.shifts(dims);
     let shifts = &shifts[..patch];
     let len = layout.wide_len;
+    let (unfolded, planes) = layout.split_scratch(wide);
+    if layout.unfolds {
+        unfold(simd, dims, layout, padded, unfolded, planes);
+    }
+    let unfolded = &*unfolded;
     if let Some((padded_dx, _)) = dx.as_mut() {
         padded_dx.fill(0.0);
     }
-    let planes = &mut wide[..GRAD_CHANNELS_AT_ONCE * len];
+    let planes = &mut planes[..GRAD_CHANNELS_AT_ONCE * len];
     planes.fill(0.0);
     // Two channels at a time where there are registers for their 2 x TAP_GROUP sums (32 with
     // AVX-512; AVX2's 16 hold one channel's).
@@ -390,21 +571,34 @@ fn backward_image_body<S: Simd>(
     };
     for first in (0..dims.out_channels).step_by(at_once) {
         let channels = first..(first + at_once).min(dims.out_channels);
-        // dy in padded width; the extra columns stay zero, so they add nothing below.
-        let grads = grad[channels.start * pixels..channels.end * pixels].chunks_exact(pixels);
-        for (plane, grad) in planes.chunks_exact_mut(len).zip(grads) {
-            for (row, grad) in plane.chunks_mut(layout.width).zip(grad.chunks_exact(ow)) {
-                copy_short(grad, &mut row[..ow]);
+        let grads = &grad[channels.start * pixels..channels.end * pixels];
+        if !layout.unfolds || dx.is_some() {
+            // dy in padded width; the extra columns stay zero, so they add nothing below.
+            for (plane, grad) in planes.chunks_exact_mut(len).zip(grads.chunks_exact(pixels)) {
+                for (row, grad) in plane.chunks_mut(layout.width).zip(grad.chunks_exact(ow)) {
+                    copy_short(grad, &mut row[..ow]);
+                }
             }
         }
         let (dw, db) = (
             &mut dw[channels.start * patch..channels.end * patch],
             &mut db[channels.clone()],
         );
-        let (plane0, plane1) = planes.split_at(len);
-        match channels.len() {
-            2 => weight_grads(simd, [plane0, plane1], padded, shifts, dw, db),
-            _ => weight_grads(simd, [plane0], padded, shifts, dw, db),
+        if layout.unfolds {
+            let (grad0, grad1) = grads.split_at(pixels);
+            match channels.len() {
+                2 => {
+                    let grads = [grad0, grad1];
+                    weight_grads_unfolded(simd, grads, unfolded, layout, dw, db);
+                }
+                _ => weight_grads_unfolded(simd, [grad0], unfolded, layout, dw, db),
+            }
+        } else {
+            let (plane0, plane1) = planes.split_at(len);
+            match channels.len() {
+                2 => weight_grads(simd, [plane0, plane1], padded, shifts, dw, db),
+                _ => weight_grads(simd, [plane0], padded, shifts, dw, db),
+            }
         }
         if let Some((padded_dx, _)) = dx.as_mut() {
             for (o, plane) in channels.zip(planes.chunks_exact(len)) {
@@ -482,6 +676,79 @@ fn weight_grads<S: Simd, const CH: usize>(
             for (db, &sum) in db.iter_mut().zip(&sums) {
                 *db += simd.sum(sum);
             }
+        }
+    }
+}
+
+/// [`weight_grads`] from an unfolded image, for gradients `grads` `[OH*OW]` as they are: a
+/// block's rows are at constant offsets, so one pointer reaches all of a group's inputs.
+#[inline(always)]
+fn weight_grads_unfolded<S: Simd, const CH: usize>(
+    simd: S,
+    grads: [&[f32]; CH],
+    unfolded: &[f32],
+    layout: &PaddedLayout,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let (lanes, pixels, patch) = (S::LANES, layout.pixels, dw.len() / CH);
+    let whole = pixels / lanes;
+    let block_len = layout.taps_len * lanes;
+    // The last, partial vector of each gradient, zero-filled (the unfolded image is zero there).
+    let tails: [[f32; STRIP]; CH] = std::array::from_fn(|c| {
+        let mut tail = [0.0; STRIP];
+        tail[..pixels - whole * lanes].copy_from_slice(&grads[c][whole * lanes..]);
+        tail
+    });
+    let tail_block = unfolded.chunks_exact(block_len).nth(whole);
+    for group in 0..layout.taps_len / TAP_GROUP {
+        let mut acc = [[simd.splat(0.0); TAP_GROUP]; CH];
+        let mut sums = [simd.splat(0.0); CH];
+        let first_tap = group * TAP_GROUP * lanes;
+        for (b, block) in unfolded.chunks_exact(block_len).take(whole).enumerate() {
+            let g = std::array::from_fn(|c| simd.load(&grads[c][b * lanes..]));
+            accumulate(simd, &mut acc, &mut sums, g, block, first_tap);
+        }
+        if let Some(block) = tail_block.filter(|_| whole * lanes < pixels) {
+            let g = std::array::from_fn(|c| simd.load(&tails[c]));
+            accumulate(simd, &mut acc, &mut sums, g, block, first_tap);
+        }
+        let taps = (group * TAP_GROUP..patch).take(TAP_GROUP);
+        for (c, acc) in acc.iter().enumerate() {
+            for (tap, &acc) in taps.clone().zip(acc.iter()) {
+                dw[c * patch + tap] += simd.sum(acc);
+            }
+        }
+        // Every group sums the gradients (two adds beside 2 x TAP_GROUP multiply-adds, and a
+        // branch less in the loop); the first group's sums are kept.
+        if group == 0 {
+            for (db, &sum) in db.iter_mut().zip(&sums) {
+                *db += simd.sum(sum);
+            }
+        }
+    }
+}
+
+/// One vector of pixels of [`weight_grads_unfolded`]: `acc[c][t] += g[c] * (row first + t of
+/// block)`, `sums[c] += g[c]`. (A function: a closure was not always inlined into the
+/// `#[target_feature]` function, and its intrinsics became calls, 20x slower.)
+#[inline(always)]
+fn accumulate<S: Simd, const CH: usize>(
+    simd: S,
+    acc: &mut [[S::V; TAP_GROUP]; CH],
+    sums: &mut [S::V; CH],
+    g: [S::V; CH],
+    block: &[f32],
+    first: usize,
+) {
+    let block = &block[first..first + TAP_GROUP * S::LANES];
+    for (sum, &g) in sums.iter_mut().zip(&g) {
+        *sum = simd.add(*sum, g);
+    }
+    for t in 0..TAP_GROUP {
+        let x = simd.load(&block[t * S::LANES..]);
+        for (acc, &g) in acc.iter_mut().zip(&g) {
+            acc[t] = simd.mul_add(g, x, acc[t]);
         }
     }
 }

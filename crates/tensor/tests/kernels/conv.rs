@@ -179,9 +179,10 @@ proptest! {
     #[test]
     fn direct_convolution_matches_the_direct_reference(
         // Stride 1 and receptive fields of up to 32 values (1x5x5, 3x3x3, 2x4x4, ...): the
-        // direct path, up to a first layer's 28x28 images.
+        // direct path, up to a first layer's 28x28 images; with few output channels, from
+        // the padded image, and with as many as receptive-field values or more, unfolded.
         input in (1usize..20, 1usize..4, 1usize..30, 1usize..30),
-        out_channels in 1usize..7,
+        out_channels in prop_oneof![1usize..7, 7usize..40],
         kernel in (1usize..6, 1usize..6),
         padding in any_padding(),
         with_bias in any::<bool>(),
