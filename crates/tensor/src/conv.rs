@@ -279,6 +279,9 @@ pub struct Conv2dBuffers {
     /// `[chunks, OH*OW * O]`: one image's output channels last, from the implicit-GEMM
     /// forward pass, before it is transposed.
     out_channels_last: Array2<f32>,
+    /// `[chunks, B*OH*OW * O]` (or one image's when images are not gathered): a chunk's dense
+    /// output gradient channels last, for `implicit::weight_grad`; empty otherwise.
+    grads_channels_last: Array2<f32>,
     /// Whether `cols` holds the whole batch's unfolded input (else only the last group's).
     cols_kept: bool,
     /// The dimensions `cols` (or `padded`) was made for, so backward can tell it matches.
@@ -662,9 +665,8 @@ fn forward_direct(
 }
 
 /// The forward pass of a convolution [`implicit::applies`] to: each image is copied channels
-/// last (and kept, for a backward pass that scatters, when `keep_columns`), convolved by the
-/// implicit GEMM and transposed into NCHW order. The backward pass of a plain convolution
-/// (whose gradient is dense) multiplies the unfolded input, which is then kept too.
+/// last (and kept, for the backward pass, when `keep_columns`), convolved by the implicit GEMM
+/// and transposed into NCHW order.
 fn forward_implicit(
     dims: &Conv2dDims,
     x: ArrayView4<'_, f32>,
@@ -681,11 +683,11 @@ fn forward_implicit(
     let kept_images = if keep_columns { per_chunk } else { 1 };
     let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
     let staged = if pooled { (o, pixels) } else { (0, 0) };
-    let keep_cols = keep_columns && !pooled;
-    buffers.cols_kept = keep_cols;
-    // (The backward pass zips over the chunks of `cols`: an entry per chunk, empty or not.)
-    let cols_len = if keep_cols { per_chunk * pixels } else { 0 };
-    resize(&mut buffers.cols, (chunks, dims.patch_len(), cols_len));
+    // The backward pass reads the kept channels-last images (see `implicit::weight_grad`), or,
+    // for kernel rows too short for it, unfolds them again: no columns are kept. (It zips
+    // over the chunks of `cols`: an entry per chunk, empty.)
+    buffers.cols_kept = false;
+    resize(&mut buffers.cols, (chunks, dims.patch_len(), 0));
     resize(&mut buffers.padded, (0, 0));
     resize(
         &mut buffers.channels_last,
@@ -736,21 +738,13 @@ fn forward_implicit(
         .into_par_iter()
         .zip(buffers.out_channels_last.outer_iter_mut())
         .zip(buffers.gathered_out.outer_iter_mut())
-        .zip(buffers.cols.outer_iter_mut())
         .zip(x.axis_chunks_iter(Axis(0), per_chunk))
         .zip(outputs)
         .for_each(
-            |(((((mut images, mut out_cl), mut staged), mut cols), x), mut output)| {
+            |((((mut images, mut out_cl), mut staged), x), mut output)| {
                 let images = scatter::aligned_mut(contiguous_mut(&mut images));
                 let out_cl = &mut scatter::aligned_mut(contiguous_mut(&mut out_cl))[..pixels * o];
                 for (j, x) in x.outer_iter().enumerate() {
-                    if keep_cols {
-                        im2col(
-                            dims,
-                            x,
-                            cols.slice_mut(s![.., j * pixels..(j + 1) * pixels]),
-                        );
-                    }
                     let slot = if keep_columns { j } else { 0 };
                     let image = &mut images[slot * image_len..(slot + 1) * image_len];
                     scatter::to_channels_last(dims, x, image);
@@ -1171,6 +1165,15 @@ fn backward_by_im2col(
         (chunks, o * patch + scatter::ALIGN_SLACK),
     );
     resize(&mut buffers.dx_channels_last, (chunks, dx_cl_len));
+    // A dense gradient's weight gradient from the kept channels-last images, where the
+    // forward pass kept no columns and the kernel covers the output channels.
+    let implicit_grads = !buffers.cols_kept && implicit::weight_grad_applies(dims);
+    let grads_cl_len = if implicit_grads {
+        images_at_once * pixels * o
+    } else {
+        0
+    };
+    resize(&mut buffers.grads_channels_last, (chunks, grads_cl_len));
     resize(&mut buffers.scatter_corners, (chunks, pixels));
     resize(&mut buffers.scatter_values, (chunks, o * pixels));
     resize(
@@ -1197,6 +1200,7 @@ fn backward_by_im2col(
         scatter_corners,
         scatter_values,
         scatter_lists,
+        grads_channels_last,
         ..
     } = buffers;
     let weight_cl = &scatter::aligned(contiguous(weight_channels_last))[..o * patch];
@@ -1252,8 +1256,35 @@ fn backward_by_im2col(
         .zip(dx_chunks.par_iter_mut())
         .zip(dcols.outer_iter_mut())
         .zip(scatters)
+        .zip(grads_channels_last.outer_iter_mut())
         .for_each(
-            |(((((((mut pdw, mut pdb), cols), mut wide), dy), dx), mut dcols), mut scatter)| {
+            |(
+                (((((((mut pdw, mut pdb), cols), mut wide), dy), dx), mut dcols), mut scatter),
+                mut grads_cl,
+            )| {
+                let grads_cl = contiguous_mut(&mut grads_cl);
+                // Adds the weight gradient of a dense `grad [O, count*OH*OW]` of `count` images
+                // from image `first` of the chunk: grad * cols^T, onto `scatter.dw` (channels
+                // last) from the kept images, or onto `pdw` from unfolded columns.
+                let add_dense_weight_grad =
+                    |grad: ArrayView2<'_, f32>,
+                     first: usize,
+                     count: usize,
+                     scatter: &mut scatter::ChunkScatter<'_>,
+                     pdw: ArrayViewMut2<'_, f32>,
+                     grads_cl: &mut [f32]| {
+                        if implicit_grads {
+                            // (Left in `grads_cl` for the input gradient.)
+                            let grads_cl = &mut grads_cl[..grad.len()];
+                            into_channels_last(grad, grads_cl);
+                            let images = &scatter.images[first * scatter::image_len(dims)..];
+                            implicit::weight_grad(dims, images, count, grads_cl, scatter.dw);
+                        } else {
+                            let cols =
+                                chunk_columns(dims, cols, cols_kept, scatter.images, first, count);
+                            sgemm_unchecked(1.0, &grad, &cols.t(), 1.0, pdw);
+                        }
+                    };
                 let images = dy.images();
                 if gather {
                     for j in 0..images {
@@ -1275,13 +1306,29 @@ fn backward_by_im2col(
                         scatter::add_from_channels_last(dims, scatter.dw, contiguous_mut(&mut pdw));
                         return;
                     }
-                    let cols = chunk_columns(dims, cols, cols_kept, scatter.images, 0, images);
-                    sgemm_unchecked(1.0, &wide, &cols.t(), 0.0, pdw.view_mut());
+                    scatter.dw.fill(0.0);
+                    pdw.fill(0.0);
+                    add_dense_weight_grad(wide, 0, images, &mut scatter, pdw.view_mut(), grads_cl);
+                    scatter::add_from_channels_last(dims, scatter.dw, contiguous_mut(&mut pdw));
                     if let Some(dx) = dx.as_mut() {
-                        let mut dcols = dcols.slice_mut(s![.., ..used]);
-                        sgemm_unchecked(1.0, &weight.t(), &wide, 0.0, dcols.view_mut());
-                        for (j, dx) in dx.outer_iter_mut().enumerate() {
-                            col2im(dims, dcols.slice(s![.., j * pixels..(j + 1) * pixels]), dx);
+                        if implicit_grads {
+                            let grads_cl = &grads_cl[..used * o];
+                            let dcols = contiguous_mut(&mut dcols);
+                            let dx_cl = scatter.dx;
+                            input_grad_channels_last(
+                                dims,
+                                weight_cl,
+                                grads_cl,
+                                dcols,
+                                dx_cl,
+                                dx.view_mut(),
+                            );
+                        } else {
+                            let mut dcols = dcols.slice_mut(s![.., ..used]);
+                            sgemm_unchecked(1.0, &weight.t(), &wide, 0.0, dcols.view_mut());
+                            for (j, dx) in dx.outer_iter_mut().enumerate() {
+                                col2im(dims, dcols.slice(s![.., j * pixels..(j + 1) * pixels]), dx);
+                            }
                         }
                     }
                 } else {
@@ -1304,17 +1351,81 @@ fn backward_by_im2col(
                             scatter.image(dims, weight_cl, j, grad, dx);
                             continue;
                         }
-                        let block = chunk_columns(dims, cols, cols_kept, scatter.images, j, 1);
-                        sgemm_unchecked(1.0, &grad, &block.t(), 1.0, pdw.view_mut());
+                        let grad = grad.view();
+                        add_dense_weight_grad(grad, j, 1, &mut scatter, pdw.view_mut(), grads_cl);
                         if let Some(dx) = dx {
-                            sgemm_unchecked(1.0, &weight.t(), &grad, 0.0, dcols.view_mut());
-                            col2im(dims, dcols.view(), dx);
+                            if implicit_grads {
+                                let grads_cl = &grads_cl[..pixels * o];
+                                let dcols = contiguous_mut(&mut dcols);
+                                let dx = dx.insert_axis(Axis(0));
+                                input_grad_channels_last(
+                                    dims, weight_cl, grads_cl, dcols, scatter.dx, dx,
+                                );
+                            } else {
+                                sgemm_unchecked(1.0, &weight.t(), &grad, 0.0, dcols.view_mut());
+                                col2im(dims, dcols.view(), dx);
+                            }
                         }
                     }
                     scatter::add_from_channels_last(dims, scatter.dw, contiguous_mut(&mut pdw));
                 }
             },
         );
+}
+
+/// `dx [N, C, H, W] = col2im(W^T * dy)` for N images whose output gradient is
+/// `grads_cl [N*OH*OW, O]`, from the weight channels last, `weight_cl [O, KH*KW*C]`:
+/// `dcols_cl [N*OH*OW, KH*KW*C]` is their unfolded gradient, folded onto `dx_cl` (one padded
+/// channels-last image) an image at a time.
+fn input_grad_channels_last(
+    dims: &Conv2dDims,
+    weight_cl: &[f32],
+    grads_cl: &[f32],
+    dcols: &mut [f32],
+    dx_cl: &mut [f32],
+    mut dx: ArrayViewMut4<'_, f32>,
+) {
+    let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
+    let rows = grads_cl.len() / o;
+    fn as_matrix(values: &[f32], columns: usize) -> ArrayView2<'_, f32> {
+        ArrayView2::from_shape((values.len() / columns, columns), values)
+            .unwrap_or_else(|_| unreachable!("whole rows"))
+    }
+    let mut dcols = ArrayViewMut2::from_shape((rows, patch), &mut dcols[..rows * patch])
+        .unwrap_or_else(|_| unreachable!("dcols holds a row per output pixel"));
+    let weight_cl = as_matrix(weight_cl, patch);
+    sgemm_unchecked(
+        1.0,
+        &as_matrix(grads_cl, o),
+        &weight_cl,
+        0.0,
+        dcols.view_mut(),
+    );
+    let dcols = contiguous(&dcols);
+    let len = scatter::image_len(dims);
+    let dx_cl = &mut dx_cl[..len];
+    for (dcols, dx) in dcols.chunks_exact(pixels * patch).zip(dx.outer_iter_mut()) {
+        dx_cl.fill(0.0);
+        implicit::fold_input_grad(dims, dcols, dx_cl);
+        scatter::from_channels_last(dims, dx_cl, dx);
+    }
+}
+
+/// Writes `grad [O, P]` into `out [P, O]` (`O*P` values).
+fn into_channels_last(grad: ArrayView2<'_, f32>, out: &mut [f32]) {
+    // Sixteen pixels at a time, so that the 16 x O values written stay in L1 while each row's
+    // sixteen are read in a run.
+    const PIXELS_AT_ONCE: usize = 16;
+    let (o, p) = grad.dim();
+    for first in (0..p).step_by(PIXELS_AT_ONCE) {
+        let n = PIXELS_AT_ONCE.min(p - first);
+        let out = &mut out[first * o..(first + n) * o];
+        for (c, row) in grad.rows().into_iter().enumerate() {
+            for (i, &g) in row.slice_move(s![first..first + n]).iter().enumerate() {
+                out[i * o + c] = g;
+            }
+        }
+    }
 }
 
 /// The unfolded input of `count` images of a chunk from its image `first`,

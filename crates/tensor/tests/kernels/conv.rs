@@ -235,6 +235,29 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    #[test]
+    fn implicit_gemm_convolution_of_large_images_matches_the_direct_reference(
+        // 256 output pixels or more per image at stride 1 (the backward pass's per-image
+        // path), and kernel rows shorter than a weight-gradient tile (1x7x6: the backward
+        // pass unfolds the images again instead).
+        batch in 1usize..3,
+        (channels, kernel) in prop_oneof![Just((9usize, (2usize, 2usize))), Just((1, (7, 6)))],
+        size in (17usize..21, 17usize..21),
+        out_channels in prop_oneof![Just(16usize), Just(64)],
+        stride in (1usize..3, 1usize..3),
+        padding in any_padding(),
+        with_bias in any::<bool>(),
+        seed in any::<u64>(),
+        sparse in any::<bool>(),
+    ) {
+        let input = (batch, channels, size.0, size.1);
+        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, false, seed, Some(false), sparse)?;
+    }
+}
+
 #[test]
 fn a_hand_computed_convolution() {
     // x = [[1,2,3],[4,5,6],[7,8,9]], kernel [[1,0],[0,-1]], bias 0.5, valid, stride 1:
