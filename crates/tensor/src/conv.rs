@@ -748,7 +748,16 @@ fn forward_implicit(
                     let slot = if keep_columns { j } else { 0 };
                     let image = &mut images[slot * image_len..(slot + 1) * image_len];
                     scatter::to_channels_last(dims, x, image);
-                    implicit::forward_image(dims, image, weight, bias.as_deref(), out_cl);
+                    // A 2x2 pooling reads the output's first 2*PH rows and 2*PW columns only
+                    // (conv 32->64 on 13x13: 100 of 121 pixels).
+                    let covered = match &output {
+                        ChunkOutput::ReluMaxPool(pool, ..) if pool.is_2x2_stride_2() => {
+                            (dims.out_h() / 2 * 2, dims.out_w() / 2 * 2)
+                        }
+                        _ => (dims.out_h(), dims.out_w()),
+                    };
+                    let bias = bias.as_deref();
+                    implicit::forward_image(dims, image, weight, bias, covered, out_cl);
                     match &mut output {
                         ChunkOutput::Conv(y) => implicit::transpose_into(
                             dims,

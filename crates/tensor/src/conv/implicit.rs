@@ -58,12 +58,15 @@ pub(crate) fn transpose_into(dims: &Conv2dDims, out_cl: &[f32], out: &mut [f32])
 
 dispatched! {
     /// The convolution of one zero-padded channels-last image `[HP, WP, C]`:
-    /// `out_cl [OH*OW, O] = cols^T * weight (+ bias)`, with `weight` packed by [`pack_weight`].
+    /// `out_cl [OH*OW, O] = cols^T * weight (+ bias)`, with `weight` packed by [`pack_weight`],
+    /// at the output pixels of the first `covered` (rows, columns) (those a pooling reads; the
+    /// others are left as they were).
     fn forward_image(
         dims: &Conv2dDims,
         image: &[f32],
         weight: &[f32],
         bias: Option<&[f32]>,
+        covered: (usize, usize),
         out_cl: &mut [f32],
     ) => forward_image_body;
 }
@@ -74,6 +77,7 @@ fn forward_image_body<M: MulAdd, const LANES: usize>(
     image: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
+    covered: (usize, usize),
     out_cl: &mut [f32],
 ) {
     // VECTORS * ROWS accumulators, the weight vectors and a broadcast value must fit the
@@ -85,18 +89,18 @@ fn forward_image_body<M: MulAdd, const LANES: usize>(
     let wide = LANES >= 16;
     if o_count.is_multiple_of(4 * LANES) {
         if wide {
-            tiles::<M, LANES, 6, 4>(dims, image, weight, bias, out_cl);
+            tiles::<M, LANES, 6, 4>(dims, image, weight, bias, covered, out_cl);
         } else {
-            tiles::<M, LANES, 3, 4>(dims, image, weight, bias, out_cl);
+            tiles::<M, LANES, 3, 4>(dims, image, weight, bias, covered, out_cl);
         }
     } else if o_count.is_multiple_of(2 * LANES) {
         if wide {
-            tiles::<M, LANES, 8, 2>(dims, image, weight, bias, out_cl);
+            tiles::<M, LANES, 8, 2>(dims, image, weight, bias, covered, out_cl);
         } else {
-            tiles::<M, LANES, 6, 2>(dims, image, weight, bias, out_cl);
+            tiles::<M, LANES, 6, 2>(dims, image, weight, bias, covered, out_cl);
         }
     } else {
-        tiles::<M, LANES, 8, 1>(dims, image, weight, bias, out_cl);
+        tiles::<M, LANES, 8, 1>(dims, image, weight, bias, covered, out_cl);
     }
 }
 
@@ -106,19 +110,22 @@ fn tiles<M: MulAdd, const LANES: usize, const ROWS: usize, const VECTORS: usize>
     image: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
+    (rows, columns): (usize, usize),
     out_cl: &mut [f32],
 ) {
     let o_count = dims.out_channels;
     let block = VECTORS * LANES;
     let run = dims.kernel_w * dims.in_channels;
     let row_step = dims.padded_w() * dims.in_channels;
-    let (pixels, ow) = (dims.out_pixels(), dims.out_w());
+    let (pixels, ow) = (rows * columns, dims.out_w());
     let weight_row = run * o_count;
+    // The output pixel of each of the `pixels` computed.
+    let pixel = |q: usize| (q / columns) * ow + q % columns;
     for first in (0..pixels).step_by(ROWS) {
         // Where each pixel's receptive field starts; a last, partial tile repeats its last
         // pixel (computed, not stored).
         let bases: [usize; ROWS] = std::array::from_fn(|r| {
-            let p = (first + r).min(pixels - 1);
+            let p = pixel((first + r).min(pixels - 1));
             ((p / ow) * dims.stride_h * dims.padded_w() + (p % ow) * dims.stride_w)
                 * dims.in_channels
         });
@@ -149,7 +156,7 @@ fn tiles<M: MulAdd, const LANES: usize, const ROWS: usize, const VECTORS: usize>
                 }
             }
             for (r, acc) in acc.iter().enumerate().take(pixels - first) {
-                let out = &mut out_cl[(first + r) * o_count + ob..][..block];
+                let out = &mut out_cl[pixel(first + r) * o_count + ob..][..block];
                 for (out, acc) in out.chunks_exact_mut(LANES).zip(acc) {
                     out.copy_from_slice(acc);
                 }
