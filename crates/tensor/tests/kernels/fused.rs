@@ -232,3 +232,63 @@ fn fused_shapes_that_do_not_fit_are_errors() {
         "{result:?}"
     );
 }
+
+#[test]
+fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
+    // The forward pass makes each argmax in its own window; one elsewhere in the plane (a
+    // caller's) is still followed, as max_pool2d_backward follows it. (A faster unpooling that
+    // assumed windows own their argmax must keep this.)
+    let dims = Conv2dDims::new([1, 1, 8, 8], 4, [3, 3], [1, 1], Padding::Valid).unwrap();
+    let pool = Pool2dDims::new(dims.output_shape(), [2, 2], [2, 2]).unwrap();
+    let x = Array4::from_shape_fn(dims.input_shape(), |(_, _, h, w)| (h * 8 + w) as f32 / 64.0);
+    let w = Array4::from_elem(dims.weight_shape(), 0.5f32);
+    let mut buffers = Conv2dBuffers::default();
+    let mut y = Array4::zeros(pool.output_shape());
+    let mut argmax = Array4::zeros(pool.output_shape());
+    conv2d_relu_max_pool_forward(
+        &dims,
+        &pool,
+        x.view(),
+        w.view(),
+        None,
+        &mut buffers,
+        Backward::Needed,
+        y.view_mut(),
+        Some(argmax.view_mut()),
+    )
+    .unwrap();
+    // Window (0, 0) of channel 1 points at pixel (0, 5) of the 6x6 output, in window (0, 2).
+    argmax[(0, 1, 0, 0)] = 5;
+    let dy = Array4::from_shape_fn(pool.output_shape(), |(_, o, h, w)| {
+        1.0 + (o * 9 + h * 3 + w) as f32
+    });
+    let mut fused_dw = Array4::zeros(dims.weight_shape());
+    let grads = Conv2dGrads {
+        weight: fused_dw.view_mut(),
+        bias: None,
+        input: None,
+    };
+    conv2d_relu_max_pool_backward(
+        &dims,
+        &pool,
+        w.view(),
+        dy.view(),
+        argmax.view(),
+        &mut buffers,
+        grads,
+    )
+    .unwrap();
+    let mut dconv = Array4::zeros(dims.output_shape());
+    max_pool2d_backward(&pool, dy.view(), argmax.view(), dconv.view_mut()).unwrap();
+    let mut dw = Array4::zeros(dims.weight_shape());
+    let grads = Conv2dGrads {
+        weight: dw.view_mut(),
+        bias: None,
+        input: None,
+    };
+    conv2d_backward(&dims, w.view(), dconv.view(), &mut buffers, grads).unwrap();
+    assert_eq!(bits(&fused_dw), bits(&dw));
+    // The moved gradient is where the comparison looked (the input rises to the right and
+    // down, so window (0, 2)'s own argmax is pixel (1, 5)).
+    assert_eq!(dconv[(0, 1, 0, 5)], dy[(0, 1, 0, 0)]);
+}
