@@ -165,8 +165,8 @@ impl Layer for BatchNorm {
         let dy = self.as_ncs(dy)?;
         let (n, _, s) = dy.dim();
         let count = (n * s) as f32;
-        let mut dgamma = fixed_mut::<Ix1>(&mut self.weight.grad, "BatchNorm weight")?;
-        let mut dbeta = fixed_mut::<Ix1>(&mut self.bias.grad, "BatchNorm bias")?;
+        let mut dgamma = fixed_mut::<Ix1>(self.weight.grad_to_add(), "BatchNorm weight")?;
+        let mut dbeta = fixed_mut::<Ix1>(self.bias.grad_to_add(), "BatchNorm bias")?;
         let mut sum_dy = Array1::<f32>::zeros(self.features);
         let mut sum_dy_xhat = Array1::<f32>::zeros(self.features);
         for c in 0..self.features {
@@ -176,8 +176,6 @@ impl Layer for BatchNorm {
             dgamma[c] += sum_dy_xhat[c];
             dbeta[c] += sum_dy[c];
         }
-        self.weight.has_grad = true;
-        self.bias.has_grad = true;
         if !input_grad {
             return Ok(None);
         }

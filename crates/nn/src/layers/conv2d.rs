@@ -197,15 +197,16 @@ impl Layer for Conv2d {
         let dims = self.forward_dims.ok_or(NnError::NoForwardCache("Conv2d"))?;
         let dy = expect_dim::<Ix4>(dy, "Conv2d", "[N, O, OH, OW] gradient")?;
         let mut dx = input_grad.then(|| Array4::zeros(dims.input_shape()));
+        let (weight, weight_grad) = self.weight.value_and_grad_to_add();
         let grads = Conv2dGrads {
-            weight: fixed_mut::<Ix4>(&mut self.weight.grad, "Conv2d weight")?,
+            weight: fixed_mut::<Ix4>(weight_grad, "Conv2d weight")?,
             bias: match &mut self.bias {
-                Some(b) => Some(fixed_mut::<Ix1>(&mut b.grad, "Conv2d bias")?),
+                Some(b) => Some(fixed_mut::<Ix1>(b.grad_to_add(), "Conv2d bias")?),
                 None => None,
             },
             input: dx.as_mut().map(|dx| dx.view_mut()),
         };
-        let weight = fixed::<Ix4>(&self.weight.value, "Conv2d weight")?;
+        let weight = fixed::<Ix4>(weight, "Conv2d weight")?;
         match &self.pool_dims {
             None => conv2d_backward(&dims, weight, dy.view(), &mut self.buffers, grads)?,
             Some(pool) => conv2d_relu_max_pool_backward(
@@ -217,10 +218,6 @@ impl Layer for Conv2d {
                 &mut self.buffers,
                 grads,
             )?,
-        }
-        self.weight.has_grad = true;
-        if let Some(b) = &mut self.bias {
-            b.has_grad = true;
         }
         Ok(dx.map(Array4::into_dyn))
     }

@@ -109,22 +109,16 @@ impl Layer for Dense {
             .as_ref()
             .ok_or(NnError::NoForwardCache("Linear"))?;
         let dy = expect_dim::<Ix2>(dy, "Linear", "[N, out] gradient")?;
-        // dW [out, in] += dy^T [out, N] * x [N, in]
-        gemm_parallel(
-            1.0,
-            dy.t(),
-            x.view(),
-            1.0,
-            fixed_mut::<Ix2>(&mut self.weight.grad, "Linear weight")?,
-        )?;
-        self.weight.has_grad = true;
+        // dW [out, in] (+)= dy^T [out, N] * x [N, in]
+        let (dw, beta) = self.weight.grad_to_write();
+        let dw = fixed_mut::<Ix2>(dw, "Linear weight")?;
+        gemm_parallel(1.0, dy.t(), x.view(), beta, dw)?;
         if let Some(b) = &mut self.bias {
             // db [out] += sum over the batch of dy
-            let mut db = fixed_mut::<Ix1>(&mut b.grad, "Linear bias")?;
+            let mut db = fixed_mut::<Ix1>(b.grad_to_add(), "Linear bias")?;
             for row in dy.rows() {
                 Zip::from(&mut db).and(&row).for_each(|d, &g| *d += g);
             }
-            b.has_grad = true;
         }
         if !input_grad {
             return Ok(None);
