@@ -973,16 +973,30 @@ impl ChunkGrad<'_> {
                     let row = row
                         .as_slice_mut()
                         .unwrap_or_else(|| unreachable!("rows of `wide` are contiguous"));
-                    row.fill(0.0);
-                    for (&g, &at) in dy.iter().zip(argmax) {
-                        // Without a branch, which would be mispredicted on about half of the
-                        // windows: a window without gradient adds 0 to pixel 0.
-                        let passes = at != NO_GRADIENT;
-                        row[if passes { at as usize } else { 0 }] += if passes { g } else { 0.0 };
-                    }
+                    unpool_plane(dy, argmax, row);
                 }
             }
         }
+    }
+}
+
+/// Image j of a chunk's standard-layout array, as one slice.
+fn image_slice<'a, T>(a: &'a ArrayView4<'_, T>, j: usize) -> &'a [T] {
+    let len = a.len() / a.len_of(Axis(0)).max(1);
+    &a.as_slice()
+        .unwrap_or_else(|| unreachable!("chunks of a standard-layout array"))
+        [j * len..(j + 1) * len]
+}
+
+/// Writes into the plane `out` each pooling window's gradient `dy` at its `argmax` (a pixel of
+/// `out`, or [`NO_GRADIENT`]), zero elsewhere.
+pub(crate) fn unpool_plane(dy: &[f32], argmax: &[u32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (&g, &at) in dy.iter().zip(argmax) {
+        // Without a branch, which would be mispredicted on about half of the windows: a
+        // window without gradient adds 0 to pixel 0.
+        let passes = at != NO_GRADIENT;
+        out[if passes { at as usize } else { 0 }] += if passes { g } else { 0.0 };
     }
 }
 
@@ -1061,21 +1075,19 @@ fn backward_direct(
     let layout = direct::PaddedLayout::new(dims);
     let (o, pixels) = (dims.out_channels, dims.out_pixels());
     let chunks = chunk_grads.len();
-    let pooled = matches!(chunk_grads.first(), Some(ChunkGrad::Pooled(..)));
-    let unpooled = if pooled { (o, pixels) } else { (0, 0) };
     let dx_len = if dx_chunks.iter().any(Option::is_some) {
         layout.image_len
     } else {
         0
     };
-    resize(&mut buffers.wide, (chunks, unpooled.0, unpooled.1));
+    // (A pooled gradient is unpooled two channels at a time, in `padded_plane`.)
+    resize(&mut buffers.wide, (chunks, 0, 0));
     // The forward pass's size, so that neither pass reallocates it for the other.
     resize(&mut buffers.padded_plane, (chunks, layout.scratch_len()));
     resize(&mut buffers.padded_dx, (chunks, dx_len));
     let weight = weight.as_standard_layout();
     let weight = contiguous(&weight);
     let Conv2dBuffers {
-        wide,
         partial_dw,
         partial_db,
         padded,
@@ -1088,13 +1100,12 @@ fn backward_direct(
         .into_par_iter()
         .zip(partial_db.outer_iter_mut())
         .zip(padded.outer_iter())
-        .zip(wide.outer_iter_mut())
         .zip(chunk_grads)
         .zip(dx_chunks.par_iter_mut())
         .zip(padded_plane.outer_iter_mut())
         .zip(padded_dx.outer_iter_mut())
         .for_each(
-            |(((((((mut pdw, mut pdb), padded), mut wide), dy), dx), mut plane), mut padded_dx)| {
+            |((((((mut pdw, mut pdb), padded), dy), dx), mut plane), mut padded_dx)| {
                 pdw.fill(0.0);
                 pdb.fill(0.0);
                 let (pdw, pdb) = (contiguous_mut(&mut pdw), contiguous_mut(&mut pdb));
@@ -1102,28 +1113,19 @@ fn backward_direct(
                 let padded_dx = contiguous_mut(&mut padded_dx);
                 let padded = contiguous(&padded);
                 for j in 0..dy.images() {
-                    let grad = match dy.conv_view(j, o, pixels) {
-                        Some(grad) => grad,
-                        None => {
-                            dy.write_conv_grad(j, wide.view_mut());
-                            wide.view()
+                    let conv_grad = dy.conv_view(j, o, pixels);
+                    let grad = match (&conv_grad, &dy) {
+                        (Some(grad), _) => direct::ImageGrad::Conv(contiguous(grad)),
+                        (None, ChunkGrad::Pooled(dy, argmax)) => {
+                            direct::ImageGrad::Pooled(image_slice(dy, j), image_slice(argmax, j))
                         }
+                        (None, ChunkGrad::Conv(_)) => unreachable!("a plain gradient has a view"),
                     };
                     let image = &padded[j * layout.image_len..(j + 1) * layout.image_len];
                     let dx = dx
                         .as_mut()
                         .map(|dx| (&mut *padded_dx, dx.index_axis_mut(Axis(0), j)));
-                    direct::backward_image(
-                        dims,
-                        &layout,
-                        image,
-                        weight,
-                        contiguous(&grad),
-                        plane,
-                        pdw,
-                        pdb,
-                        dx,
-                    );
+                    direct::backward_image(dims, &layout, image, weight, grad, plane, pdw, pdb, dx);
                 }
             },
         );

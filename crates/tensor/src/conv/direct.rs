@@ -20,7 +20,7 @@
 use ndarray::{ArrayView3, ArrayViewMut3};
 
 use super::scatter::{ALIGN_SLACK, aligned_mut};
-use super::{Conv2dDims, copy_short};
+use super::{Conv2dDims, copy_short, unpool_plane};
 use crate::pool::replaces_max;
 use crate::simd::dispatched;
 use crate::vector::{Simd, vector_dispatched};
@@ -104,9 +104,15 @@ impl PaddedLayout {
     /// The scratch [`forward_image`] and [`backward_image`] need (`wide`): the same for both,
     /// so that neither reallocates it for the other.
     pub(crate) fn scratch_len(&self) -> usize {
-        // Planes in the padded width, or (before them) one row of an unfolded image.
-        let planes = (CHANNELS_AT_ONCE * self.wide_len + POOL_SLACK).max(self.cols_len);
-        self.unfolded_len() + ALIGN_SLACK + planes
+        // The unfolded image, planes in the padded width (or one row of the unfolded image,
+        // before them), and two unpooled gradient planes.
+        self.unfolded_len() + ALIGN_SLACK + self.planes_len() + GRAD_CHANNELS_AT_ONCE * self.pixels
+    }
+
+    /// The scratch after the unfolded image for planes in the padded width (and, while
+    /// unfolding, one row of the unfolded image).
+    fn planes_len(&self) -> usize {
+        (CHANNELS_AT_ONCE * self.wide_len + POOL_SLACK).max(self.cols_len)
     }
 
     /// The values of one unfolded image, if images are unfolded.
@@ -155,6 +161,16 @@ pub(crate) fn pad_image(
     }
 }
 
+/// One image's output gradient, as [`backward_image`] reads it.
+pub(crate) enum ImageGrad<'a> {
+    /// Of the convolution output, `[O, OH*OW]`.
+    Conv(&'a [f32]),
+    /// Of its max pooling, `[O, PH*PW]`, and the argmax of each window (a pixel of its plane,
+    /// or `NO_GRADIENT`): unpooled two channels at a time into scratch, where it stays in L1.
+    /// (Unpooling all 32 channels of an image first wrote 86 KB, a tenth of a one-conv step.)
+    Pooled(&'a [f32], &'a [u32]),
+}
+
 /// Where [`forward_image`] puts its output.
 pub(crate) enum Output<'a> {
     /// The convolution, `[O, OH*OW]`.
@@ -182,14 +198,13 @@ vector_dispatched! {
 vector_dispatched! {
     /// The gradients of one image: `dW [O, C*KH*KW] += dy (*) padded`, `db [O] += sums of dy`,
     /// and, when `dx` is given, `dx [C, H, W] = W^T (*) dy`, using `padded_dx` (`image_len`
-    /// values) as scratch. `grad` is `dy [O, OH*OW]`; `wide` ([`PaddedLayout::scratch_len`]
-    /// values) is scratch.
+    /// values) as scratch. `wide` ([`PaddedLayout::scratch_len`] values) is scratch.
     fn backward_image(
         dims: &Conv2dDims,
         layout: &PaddedLayout,
         padded: &[f32],
         weight: &[f32],
-        grad: &[f32],
+        grad: ImageGrad<'_>,
         wide: &mut [f32],
         dw: &mut [f32],
         db: &mut [f32],
@@ -541,7 +556,7 @@ fn backward_image_body<S: Simd>(
     layout: &PaddedLayout,
     padded: &[f32],
     weight: &[f32],
-    grad: &[f32],
+    grad: ImageGrad<'_>,
     wide: &mut [f32],
     dw: &mut [f32],
     db: &mut [f32],
@@ -553,6 +568,7 @@ fn backward_image_body<S: Simd>(
     let shifts = &shifts[..patch];
     let len = layout.wide_len;
     let (unfolded, planes) = layout.split_scratch(wide);
+    let (planes, unpooled) = planes.split_at_mut(layout.planes_len());
     if layout.unfolds {
         unfold(simd, dims, layout, padded, unfolded, planes);
     }
@@ -571,7 +587,18 @@ fn backward_image_body<S: Simd>(
     };
     for first in (0..dims.out_channels).step_by(at_once) {
         let channels = first..(first + at_once).min(dims.out_channels);
-        let grads = &grad[channels.start * pixels..channels.end * pixels];
+        let grads: &[f32] = match grad {
+            ImageGrad::Conv(grad) => &grad[channels.start * pixels..channels.end * pixels],
+            ImageGrad::Pooled(dy, argmax) => {
+                let pooled = dy.len() / dims.out_channels;
+                let planes = &mut unpooled[..channels.len() * pixels];
+                for (o, plane) in channels.clone().zip(planes.chunks_exact_mut(pixels)) {
+                    let window = o * pooled..(o + 1) * pooled;
+                    unpool_plane(&dy[window.clone()], &argmax[window], plane);
+                }
+                planes
+            }
+        };
         if !layout.unfolds || dx.is_some() {
             // dy in padded width; the extra columns stay zero, so they add nothing below.
             for (plane, grad) in planes.chunks_exact_mut(len).zip(grads.chunks_exact(pixels)) {
