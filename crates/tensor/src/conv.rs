@@ -439,6 +439,20 @@ enum ArgmaxOut<'a> {
 }
 
 impl ArgmaxOut<'_> {
+    /// Where image j's argmax `[O, PH*PW]` goes, for the fused 2x2 poolings, which compute none
+    /// when it is dropped.
+    fn image_2x2(&mut self, j: usize) -> Option<&mut [u32]> {
+        match self {
+            ArgmaxOut::Kept(argmax) => Some(
+                argmax
+                    .index_axis_mut(Axis(0), j)
+                    .into_slice()
+                    .unwrap_or_else(|| unreachable!("outputs were checked to be standard")),
+            ),
+            ArgmaxOut::Dropped(_) => None,
+        }
+    }
+
     /// Where image j's argmax `[O, PH, PW]` goes.
     fn image(&mut self, j: usize) -> ArrayViewMut3<'_, u32> {
         match self {
@@ -647,7 +661,7 @@ fn forward_direct(
                     ChunkOutput::ReluMaxPool(pool, y, argmax) if pool.is_2x2_stride_2() => {
                         conv(direct::Output::ReluMaxPool2x2(
                             contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
-                            contiguous_mut(&mut argmax.image(j)),
+                            argmax.image_2x2(j),
                         ));
                     }
                     ChunkOutput::ReluMaxPool(pool, y, argmax) => {
@@ -769,7 +783,7 @@ fn forward_implicit(
                                 dims,
                                 out_cl,
                                 contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
-                                contiguous_mut(&mut argmax.image(j)),
+                                argmax.image_2x2(j),
                             );
                         }
                         ChunkOutput::ReluMaxPool(pool, y, argmax) => {

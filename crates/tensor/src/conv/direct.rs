@@ -175,9 +175,10 @@ pub(crate) enum ImageGrad<'a> {
 pub(crate) enum Output<'a> {
     /// The convolution, `[O, OH*OW]`.
     Plain(&'a mut [f32]),
-    /// ReLU and 2x2 max pooling (stride 2) of it, and the argmax of each window, `[O, PH*PW]`
-    /// each: the comparisons of `max_pool_plane` in the same order, so the same bits.
-    ReluMaxPool2x2(&'a mut [f32], &'a mut [u32]),
+    /// ReLU and 2x2 max pooling (stride 2) of it, and, if wanted, the argmax of each window,
+    /// `[O, PH*PW]` each: the comparisons of `max_pool_plane` in the same order, so the same
+    /// bits.
+    ReluMaxPool2x2(&'a mut [f32], Option<&'a mut [u32]>),
 }
 
 vector_dispatched! {
@@ -217,13 +218,13 @@ dispatched! {
     /// with [`POOL_SLACK`] values after it), and the argmax of each window, into the first
     /// `PH*PW` values of `y` and `argmax` (values after those, which belong to planes written
     /// later, may be overwritten): the comparisons of `max_pool_plane` in the same order, so
-    /// the same bits.
+    /// the same bits. Without `argmax`, computes none.
     fn relu_max_pool_2x2(
         dims: &Conv2dDims,
         layout: &PaddedLayout,
         wide: &[f32],
         y: &mut [f32],
-        argmax: &mut [u32],
+        argmax: Option<&mut [u32]>,
     ) => relu_max_pool_2x2_body;
 }
 
@@ -324,7 +325,9 @@ fn forward_image_body<S: Simd>(
                     layout,
                     wide_with_slack(wide, layout),
                     &mut y[o * pooled..],
-                    &mut argmax[o * pooled..],
+                    argmax
+                        .as_deref_mut()
+                        .map(|argmax| &mut argmax[o * pooled..]),
                 ),
             }
         }
@@ -461,11 +464,26 @@ fn wide_with_slack<'a>(wide: &'a [f32], layout: &PaddedLayout) -> &'a [f32] {
     &wide[..layout.wide_len + POOL_SLACK]
 }
 
+#[inline(always)]
+fn relu_max_pool_2x2_body<M, const LANES: usize>(
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    wide: &[f32],
+    y: &mut [f32],
+    argmax: Option<&mut [u32]>,
+) {
+    match argmax {
+        Some(argmax) => relu_max_pool_2x2_windows::<M, LANES, true>(dims, layout, wide, y, argmax),
+        None => relu_max_pool_2x2_windows::<M, LANES, false>(dims, layout, wide, y, &mut []),
+    }
+}
+
 // LANES windows of a row at a time, their four pixels gathered into vectors first (a row of 13
-// windows would not vectorize).
+// windows would not vectorize); the argmax too when ARGMAX (without it, evaluation's pooling
+// ran the comparisons that pick it and stored it to scratch).
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // `dispatched!` passes the multiply-add kind
-fn relu_max_pool_2x2_body<M, const LANES: usize>(
+fn relu_max_pool_2x2_windows<M, const LANES: usize, const ARGMAX: bool>(
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     wide: &[f32],
@@ -515,7 +533,9 @@ fn relu_max_pool_2x2_body<M, const LANES: usize>(
                     // In scan order, as every pooling loop (see `replaces_max`).
                     let wins = replaces_max(v, *best);
                     *best = if wins { v } else { *best };
-                    *at = if wins { offset } else { *at };
+                    if ARGMAX {
+                        *at = if wins { offset } else { *at };
+                    }
                 }
             }
             let corner = (2 * window_h * out_w + 2 * first) as u32;
@@ -531,17 +551,14 @@ fn relu_max_pool_2x2_body<M, const LANES: usize>(
             // windows of a row went through memcpy and a stalled reload: 40% of the pooling.)
             let start = window_h * pooled_w + first;
             let n = LANES.min(pooled_w - first);
-            match (
-                y.get_mut(start..start + LANES),
-                argmax.get_mut(start..start + LANES),
-            ) {
-                (Some(y), Some(argmax)) => {
-                    y.copy_from_slice(&best);
-                    argmax.copy_from_slice(&found);
-                }
-                _ => {
-                    copy_short(&best[..n], &mut y[start..start + n]);
-                    copy_short(&found[..n], &mut argmax[start..start + n]);
+            match y.get_mut(start..start + LANES) {
+                Some(y) => y.copy_from_slice(&best),
+                None => copy_short(&best[..n], &mut y[start..start + n]),
+            }
+            if ARGMAX {
+                match argmax.get_mut(start..start + LANES) {
+                    Some(argmax) => argmax.copy_from_slice(&found),
+                    None => copy_short(&found[..n], &mut argmax[start..start + n]),
                 }
             }
         }

@@ -316,16 +316,32 @@ dispatched! {
     /// ReLU and 2x2 max pooling (stride 2) of `out_cl [OH*OW, O]` into `y` and `argmax`
     /// `[O, PH*PW]`, a vector of channels at a time: the comparisons of
     /// `relu_max_pool_image` in the same order, so the same bits, without transposing first.
+    /// Without `argmax`, computes none.
     fn relu_max_pool_2x2(
         dims: &Conv2dDims,
         out_cl: &[f32],
         y: &mut [f32],
-        argmax: &mut [u32],
+        argmax: Option<&mut [u32]>,
     ) => relu_max_pool_2x2_body;
 }
 
 #[inline(always)]
 fn relu_max_pool_2x2_body<M: MulAdd, const LANES: usize>(
+    dims: &Conv2dDims,
+    out_cl: &[f32],
+    y: &mut [f32],
+    argmax: Option<&mut [u32]>,
+) {
+    match argmax {
+        Some(argmax) => relu_max_pool_2x2_windows::<M, LANES, true>(dims, out_cl, y, argmax),
+        None => relu_max_pool_2x2_windows::<M, LANES, false>(dims, out_cl, y, &mut []),
+    }
+}
+
+/// [`relu_max_pool_2x2`], with the argmax when ARGMAX (without it, evaluation's pooling ran the
+/// comparisons that pick it and stored it to scratch).
+#[inline(always)]
+fn relu_max_pool_2x2_windows<M: MulAdd, const LANES: usize, const ARGMAX: bool>(
     dims: &Conv2dDims,
     out_cl: &[f32],
     y: &mut [f32],
@@ -359,17 +375,21 @@ fn relu_max_pool_2x2_body<M: MulAdd, const LANES: usize>(
                         let v = relu(v);
                         let wins = replaces_max(v, *b);
                         *b = if wins { v } else { *b };
-                        *a = if wins { offset } else { *a };
+                        if ARGMAX {
+                            *a = if wins { offset } else { *a };
+                        }
                     }
                 }
                 for (l, (&b, &a)) in best.iter().zip(&at).enumerate() {
                     let o = first + l;
                     y[o * windows + w] = b;
-                    argmax[o * windows + w] = if b <= 0.0 {
-                        super::NO_GRADIENT
-                    } else {
-                        corner as u32 + a
-                    };
+                    if ARGMAX {
+                        argmax[o * windows + w] = if b <= 0.0 {
+                            super::NO_GRADIENT
+                        } else {
+                            corner as u32 + a
+                        };
+                    }
                 }
             }
         }
