@@ -376,9 +376,14 @@ fn update(
                     zip.for_each(update);
                 }
             } else {
-                Zip::from(p)
-                    .and(grad)
-                    .for_each(|p, &g| *p -= lr * (g + weight_decay * *p));
+                let parallel = p.len() >= PARALLEL_MIN_ELEMENTS;
+                let zip = Zip::from(p).and(grad);
+                let update = |p: &mut f32, &g: &f32| *p -= lr * (g + weight_decay * *p);
+                if parallel {
+                    zip.par_for_each(update);
+                } else {
+                    zip.for_each(update);
+                }
             }
         }
         Rule::Adam {
