@@ -280,7 +280,7 @@ vector_dispatched! {
     /// Adds the unfolded input gradient of one image, `dcols_cl [OH*OW, KH*KW*C]` (columns in
     /// channels-last order (kh, kw, c)), onto its padded channels-last image `dx_cl`
     /// (`scatter::image_len` values): col2im, a kernel row of KW*C consecutive values at a time.
-    /// (Folding NCHW columns moved rows of OH values, 16% of a conv 32->64 training step.)
+    /// (Folding NCHW columns moved rows of OW values, 16% of a conv 32->64 training step.)
     fn fold_input_grad(dims: &Conv2dDims, dcols_cl: &[f32], dx_cl: &mut [f32]) => fold_body;
 }
 
