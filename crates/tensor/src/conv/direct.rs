@@ -775,7 +775,7 @@ fn weight_grads_unfolded<S: Simd, const CH: usize>(
 
 /// One vector of pixels of [`weight_grads_unfolded`]: `acc[c][t] += g[c] * (row first + t of
 /// block)`, `sums[c] += g[c]`. (A function: a closure was not always inlined into the
-/// `#[target_feature]` function, and its intrinsics became calls, 20x slower.)
+/// `#[target_feature]` function, and its intrinsics became calls, 30x slower.)
 #[inline(always)]
 fn accumulate<S: Simd, const CH: usize>(
     simd: S,
