@@ -593,8 +593,13 @@ fn backward_image_body<S: Simd>(
     if let Some((padded_dx, _)) = dx.as_mut() {
         padded_dx.fill(0.0);
     }
+    // dy goes into planes in the padded width for the shifted weight gradients and for dx;
+    // their extra columns stay zero, so they add nothing.
+    let padded_width = !layout.unfolds || dx.is_some();
     let planes = &mut planes[..GRAD_CHANNELS_AT_ONCE * len];
-    planes.fill(0.0);
+    if padded_width {
+        planes.fill(0.0);
+    }
     // Two channels at a time where there are registers for their 2 x TAP_GROUP sums (32 with
     // AVX-512; AVX2's 16 hold one channel's).
     let at_once = if S::LANES >= 16 {
@@ -616,8 +621,7 @@ fn backward_image_body<S: Simd>(
                 planes
             }
         };
-        if !layout.unfolds || dx.is_some() {
-            // dy in padded width; the extra columns stay zero, so they add nothing below.
+        if padded_width {
             for (plane, grad) in planes.chunks_exact_mut(len).zip(grads.chunks_exact(pixels)) {
                 for (row, grad) in plane.chunks_mut(layout.width).zip(grad.chunks_exact(ow)) {
                     copy_short(grad, &mut row[..ow]);
