@@ -309,13 +309,21 @@ fn config_from_args(args: &TrainArgs) -> Result<TrainConfig> {
 /// A model file and the normalization it was trained with.
 fn open_model(path: &Path) -> Result<(Sequential, Normalization)> {
     let (model, info) = load_model(path).context("cannot load the model")?;
-    let normalization = info
-        .normalization
-        .map_or(Normalization::UNIT_SCALE, |n| Normalization {
+    // No silent default: a model fed inputs scaled otherwise than in training is quietly wrong.
+    let n = info.normalization.with_context(|| {
+        format!(
+            "cannot load the model: {} has no input normalization in its metadata; save it \
+             with one (`normalization`, see docs/model-format.md)",
+            path.display()
+        )
+    })?;
+    Ok((
+        model,
+        Normalization {
             mean: n.mean,
             std: n.std,
-        });
-    Ok((model, normalization))
+        },
+    ))
 }
 
 fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
@@ -447,11 +455,17 @@ fn save_png(path: &Path, image: &Array2<u8>) -> Result<()> {
 }
 
 fn summary_command(args: &SummaryArgs) -> Result<()> {
-    let model = match &args.model_file {
-        Some(path) => load_model(path).context("cannot load the model")?.0,
-        None => Sequential::new(resolve_spec(&args.model)?, 0)?,
+    // A model file is loaded whole, so that a summary also vouches for the file; a spec is
+    // only planned: its shapes and counts need no weights.
+    let spec = match &args.model_file {
+        Some(path) => load_model(path)
+            .context("cannot load the model")?
+            .0
+            .spec()
+            .clone(),
+        None => resolve_spec(&args.model)?,
     };
-    print!("{}", summary(&model));
+    print!("{}", summary(&spec)?);
     Ok(())
 }
 

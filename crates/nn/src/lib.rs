@@ -29,6 +29,7 @@ mod model;
 mod model_file;
 mod optim;
 mod param;
+mod plan;
 mod profile;
 mod schedule;
 mod spec;
@@ -43,11 +44,15 @@ pub use loss::{
 };
 pub use model::{ParamCounts, Sequential};
 pub use model_file::{
-    CHECKPOINT_FORMAT, FORMAT, FORMAT_VERSION, InputNormalization, ModelInfo, load_checkpoint,
-    load_model, load_weights, save_checkpoint, save_model, write_atomically,
+    CHECKPOINT_FORMAT, FORMAT, FORMAT_VERSION, InputNormalization, MAX_FILE_BYTES, ModelInfo,
+    load_checkpoint, load_model, load_weights, save_checkpoint, save_model, write_atomically,
 };
 pub use optim::{Optimizer, OptimizerState, Rule};
 pub use param::Param;
+pub use plan::{
+    LayerPlan, MAX_ACTIVATIONS_PER_IMAGE, MAX_INPUT_CHANNELS, MAX_INPUT_SIDE, MAX_LAYERS,
+    MAX_PARAMETERS, ModelPlan, TensorPlan,
+};
 pub use profile::LayerTimes;
 pub use schedule::{ReduceOnPlateau, Schedule};
 pub use spec::{LayerSpec, ModelSpec, PRESETS, PaddingSpec, preset};

@@ -1,6 +1,7 @@
 //! A sequential model: layers applied in order, one parameter-visiting API that the optimizer,
 //! the saver and the parameter count all use.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use crate::error::NnError;
 use crate::layer::{Layer, Mode, PoolWindow};
 use crate::param::Param;
 use crate::profile::LayerTimes;
-use crate::spec::{LayerSpec, ModelSpec};
+use crate::spec::{LayerSpec, ModelSpec, Weights};
 
 /// Layers applied in order to `[N, C, H, W]` images, ending in `[N, classes]` scores.
 #[derive(Debug)]
@@ -37,6 +38,26 @@ impl Sequential {
     /// Builds the model `spec` describes, with weights initialized from `seed`.
     pub fn new(spec: ModelSpec, seed: u64) -> Result<Sequential, NnError> {
         let layers = spec.build_layers(seed)?;
+        Ok(Sequential::assemble(spec, layers))
+    }
+
+    /// Builds the model `spec` describes with these weights and state, moved in by their
+    /// state-dict names (`<layer index>.<name>`); every tensor must be there with its shape.
+    pub fn with_tensors(
+        spec: ModelSpec,
+        mut tensors: HashMap<String, ArrayD<f32>>,
+    ) -> Result<Sequential, NnError> {
+        let layers = spec.build(Weights::Stored(&mut tensors))?;
+        if let Some(extra) = tensors.keys().min() {
+            return Err(NnError::Spec(format!(
+                "tensor {extra} is not part of the model {}",
+                spec.name
+            )));
+        }
+        Ok(Sequential::assemble(spec, layers))
+    }
+
+    fn assemble(spec: ModelSpec, layers: Vec<Box<dyn Layer>>) -> Sequential {
         let mut model = Sequential {
             spec,
             layers,
@@ -44,7 +65,7 @@ impl Sequential {
             profile: None,
         };
         model.fuse_layers(true);
-        Ok(model)
+        model
     }
 
     /// The architecture.

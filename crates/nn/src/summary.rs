@@ -2,25 +2,26 @@
 
 use std::fmt::Write;
 
-use crate::model::Sequential;
+use crate::error::NnError;
+use crate::spec::ModelSpec;
 
-/// The summary table, as Keras' `model.summary()` prints it.
-pub fn summary(model: &Sequential) -> String {
-    let shapes = model.output_shapes(1);
+/// The summary table of an architecture, as Keras' `model.summary()` prints it; worked out from
+/// the spec's plan, so it allocates no weights however large the model.
+pub fn summary(spec: &ModelSpec) -> Result<String, NnError> {
+    let plan = spec.plan()?;
     let mut rows = Vec::new();
-    for (index, (layer, shape)) in model.layers().iter().zip(&shapes).enumerate() {
-        let params: usize = layer.params().iter().map(|(_, p)| p.len()).sum::<usize>()
-            + layer
-                .buffers()
-                .iter()
-                .filter(|(name, _)| *name != "num_batches_tracked")
-                .map(|(_, b)| b.len())
-                .sum::<usize>();
+    for (index, layer) in plan.layers.iter().enumerate() {
+        let params: usize = layer
+            .tensors
+            .iter()
+            .filter(|t| !t.name.ends_with("num_batches_tracked"))
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
         let shape: Vec<String> = std::iter::once("None".to_string())
-            .chain(shape[1..].iter().map(usize::to_string))
+            .chain(layer.output.iter().map(usize::to_string))
             .collect();
         rows.push((
-            format!("{index} ({})", layer.kind()),
+            format!("{index} ({})", layer.kind),
             format!("({})", shape.join(", ")),
             group_digits(params),
         ));
@@ -49,7 +50,7 @@ pub fn summary(model: &Sequential) -> String {
         )
     };
     let mut out = String::new();
-    let _ = writeln!(out, "Model: \"{}\"", model.spec().name);
+    let _ = writeln!(out, "Model: \"{}\"", spec.name);
     out += &rule('=');
     let _ = writeln!(
         out,
@@ -72,7 +73,7 @@ pub fn summary(model: &Sequential) -> String {
         );
     }
     out += &rule('=');
-    let counts = model.param_counts();
+    let counts = plan.counts;
     let total = counts.trainable + counts.non_trainable;
     for (label, n) in [
         ("Total", total),
@@ -86,7 +87,7 @@ pub fn summary(model: &Sequential) -> String {
             human_bytes(n * 4)
         );
     }
-    out
+    Ok(out)
 }
 
 /// 225034 -> "225,034".

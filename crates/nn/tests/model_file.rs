@@ -182,8 +182,8 @@ fn wrong_files_are_refused_with_what_is_wrong() {
         ),
         (
             "newer",
-            Box::new(|p: &Path| write_file(p, &named(""), &meta("2"))),
-            "version 2 is newer",
+            Box::new(|p: &Path| write_file(p, &named(""), &meta("3"))),
+            "version 3 is newer",
         ),
         (
             "older",

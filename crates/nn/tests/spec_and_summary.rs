@@ -81,8 +81,7 @@ fn bad_specs_say_what_is_wrong() {
 
 #[test]
 fn summary_is_keras_style() {
-    let model = Sequential::new(preset("two-conv").unwrap(), 0).unwrap();
-    let text = summary(&model);
+    let text = summary(&preset("two-conv").unwrap()).unwrap();
     for needle in [
         "Model: \"two-conv\"",
         "0 (Conv2d)",

@@ -104,16 +104,24 @@ impl Conv2dDims {
                 "{in_channels} input and {out_channels} output channels: both must be at least 1"
             )));
         }
+        // Sizes come from untrusted specs: every sum and product is checked, so a padding or
+        // stride near usize::MAX is an error here rather than a wrapped size later.
+        let overflow = || {
+            config(format!(
+                "input {in_h}x{in_w}, kernel {kernel:?}, stride {stride:?}, padding {padding:?}: \
+                 the padded size overflows"
+            ))
+        };
         let same = |size: usize, k: usize, s: usize| {
             let out = size.div_ceil(s);
-            let total = ((out.max(1) - 1) * s + k).saturating_sub(size);
-            (total / 2, total - total / 2)
+            let total = ((out.max(1) - 1).checked_mul(s)?.checked_add(k)?).saturating_sub(size);
+            Some((total / 2, total - total / 2))
         };
         let (pad_top, pad_bottom, pad_left, pad_right) = match padding {
             Padding::Valid => (0, 0, 0, 0),
             Padding::Same => {
-                let (top, bottom) = same(in_h, kernel_h, stride_h);
-                let (left, right) = same(in_w, kernel_w, stride_w);
+                let (top, bottom) = same(in_h, kernel_h, stride_h).ok_or_else(overflow)?;
+                let (left, right) = same(in_w, kernel_w, stride_w).ok_or_else(overflow)?;
                 (top, bottom, left, right)
             }
             Padding::Explicit {
@@ -123,11 +131,17 @@ impl Conv2dDims {
                 right,
             } => (top, bottom, left, right),
         };
-        if in_h + pad_top + pad_bottom < kernel_h || in_w + pad_left + pad_right < kernel_w {
+        let padded_h = in_h
+            .checked_add(pad_top)
+            .and_then(|h| h.checked_add(pad_bottom))
+            .ok_or_else(overflow)?;
+        let padded_w = in_w
+            .checked_add(pad_left)
+            .and_then(|w| w.checked_add(pad_right))
+            .ok_or_else(overflow)?;
+        if padded_h < kernel_h || padded_w < kernel_w {
             return Err(config(format!(
-                "kernel {kernel_h}x{kernel_w} is larger than the padded input {}x{}",
-                in_h + pad_top + pad_bottom,
-                in_w + pad_left + pad_right
+                "kernel {kernel_h}x{kernel_w} is larger than the padded input {padded_h}x{padded_w}"
             )));
         }
         Ok(Conv2dDims {

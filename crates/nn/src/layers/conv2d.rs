@@ -36,6 +36,60 @@ pub struct Conv2dConfig {
 impl Conv2dConfig {
     /// A layer with freshly initialized weights.
     pub fn init(self, rng: &mut ChaCha8Rng) -> Result<Conv2d, String> {
+        let shape = self.weight_shape()?;
+        let fan = fans(&shape);
+        let weight = initialize(self.init, &shape, fan, rng);
+        let bias = self.bias.then(|| {
+            let bias_init = if self.init == Init::Zeros {
+                Init::Zeros
+            } else {
+                Init::TorchDefault
+            };
+            initialize(bias_init, &[self.out_channels], fan, rng)
+        });
+        self.with_weights(weight, bias)
+    }
+
+    /// A layer with these weights `[O, C, KH, KW]` and bias `[O]` (present exactly when the
+    /// config has a bias), as a model file stores them.
+    pub fn with_weights(
+        self,
+        weight: ArrayD<f32>,
+        bias: Option<ArrayD<f32>>,
+    ) -> Result<Conv2d, String> {
+        let shape = self.weight_shape()?;
+        if weight.shape() != shape {
+            return Err(format!(
+                "weight has shape {:?}, the layer needs {shape:?}",
+                weight.shape()
+            ));
+        }
+        match &bias {
+            Some(b) if b.shape() != [self.out_channels] => {
+                return Err(format!(
+                    "bias has shape {:?}, the layer needs [{}]",
+                    b.shape(),
+                    self.out_channels
+                ));
+            }
+            Some(_) if !self.bias => return Err("a bias was given to a layer without one".into()),
+            None if self.bias => return Err("the bias is missing".into()),
+            _ => {}
+        }
+        Ok(Conv2d {
+            config: self,
+            weight: Param::new(weight),
+            bias: bias.map(Param::new),
+            buffers: Conv2dBuffers::default(),
+            forward_dims: None,
+            fused_pool: None,
+            pool_dims: None,
+            argmax: Array4::zeros((0, 0, 0, 0)),
+        })
+    }
+
+    /// `[O, C, KH, KW]`, or why the config has none.
+    fn weight_shape(&self) -> Result<[usize; 4], String> {
         let shape = [
             self.out_channels,
             self.in_channels,
@@ -48,26 +102,7 @@ impl Conv2dConfig {
                 self.stride
             ));
         }
-        let fan = fans(&shape);
-        let weight = Param::new(initialize(self.init, &shape, fan, rng));
-        let bias = self.bias.then(|| {
-            let bias_init = if self.init == Init::Zeros {
-                Init::Zeros
-            } else {
-                Init::TorchDefault
-            };
-            Param::new(initialize(bias_init, &[self.out_channels], fan, rng))
-        });
-        Ok(Conv2d {
-            config: self,
-            weight,
-            bias,
-            buffers: Conv2dBuffers::default(),
-            forward_dims: None,
-            fused_pool: None,
-            pool_dims: None,
-            argmax: Array4::zeros((0, 0, 0, 0)),
-        })
+        Ok(shape)
     }
 }
 

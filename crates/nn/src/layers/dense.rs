@@ -39,21 +39,50 @@ impl Dense {
         }
         let shape = [out_features, in_features];
         let fan = fans(&shape);
-        let weight = Param::new(initialize(init, &shape, fan, rng));
+        let weight = initialize(init, &shape, fan, rng);
         let bias = bias.then(|| {
             let bias_init = if init == Init::Zeros {
                 Init::Zeros
             } else {
                 Init::TorchDefault
             };
-            Param::new(initialize(bias_init, &[out_features], fan, rng))
+            initialize(bias_init, &[out_features], fan, rng)
         });
+        Dense::with_weights(init, weight, bias)
+    }
+
+    /// A layer with these weights `[out, in]` and bias `[out]`, as a model file stores them;
+    /// `init` is only recorded in its spec.
+    pub fn with_weights(
+        init: Init,
+        weight: ArrayD<f32>,
+        bias: Option<ArrayD<f32>>,
+    ) -> Result<Dense, String> {
+        let &[out_features, in_features] = weight.shape() else {
+            return Err(format!(
+                "weight has shape {:?}, a dense layer needs [out, in]",
+                weight.shape()
+            ));
+        };
+        if in_features == 0 || out_features == 0 {
+            return Err(format!(
+                "{in_features} -> {out_features} features: both must be at least 1"
+            ));
+        }
+        if let Some(b) = &bias
+            && b.shape() != [out_features]
+        {
+            return Err(format!(
+                "bias has shape {:?}, the layer needs [{out_features}]",
+                b.shape()
+            ));
+        }
         Ok(Dense {
             in_features,
             out_features,
             init,
-            weight,
-            bias,
+            weight: Param::new(weight),
+            bias: bias.map(Param::new),
             input: None,
         })
     }
