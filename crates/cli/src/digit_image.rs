@@ -16,23 +16,61 @@ use crate::error::TrainError;
 /// Pixels above this (after inversion) count as ink when cropping.
 const INK_THRESHOLD: u8 = 40;
 
+/// An image file is at most this large (64 MiB); larger ones are refused before reading.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 64 << 20;
+/// An image is at most this wide and this high, checked from its header before decoding.
+pub const MAX_IMAGE_SIDE: u32 = 8192;
+/// At most this many pixels (a 48-megapixel photo fits), checked from the header too.
+pub const MAX_IMAGE_PIXELS: u64 = 48_000_000;
+/// The decoder may allocate at most this much (a 48-megapixel RGBA image is 192 MB).
+const MAX_DECODE_BYTES: u64 = 256 << 20;
+
 /// Reads an image file and returns it in MNIST's form, 28x28 bytes.
 pub fn load_digit(path: &Path) -> Result<Array2<u8>, TrainError> {
     let at = |problem: String| TrainError::Image {
         path: path.to_path_buf(),
         problem,
     };
-    let image = image::ImageReader::open(path)
+    let size = std::fs::metadata(path)
         .map_err(|e| at(format!("cannot read: {e}")))?
-        .with_guessed_format()
-        .map_err(|e| at(format!("cannot read: {e}")))?
-        .decode()
-        .map_err(|e| {
-            at(format!(
-                "not a PNG or JPEG image this program can decode: {e}"
-            ))
-        })?;
-    to_mnist_form(&image.to_luma8()).map_err(at)
+        .len();
+    if size > MAX_IMAGE_FILE_BYTES {
+        return Err(at(format!(
+            "{size} bytes, more than the limit of {MAX_IMAGE_FILE_BYTES} for an image file"
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| at(format!("cannot read: {e}")))?;
+    decode_digit(&bytes).map_err(at)
+}
+
+/// Decodes a PNG or JPEG held in memory (a file's or a request's bytes) and returns it in
+/// MNIST's form. Its size is checked from the header before any pixel is decoded, so a small
+/// file claiming a huge image (a decompression bomb) costs nothing.
+pub fn decode_digit(bytes: &[u8]) -> Result<Array2<u8>, String> {
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read: {e}"))
+    };
+    let not_an_image = |e: image::ImageError| match e {
+        image::ImageError::Limits(l) => format!("refused before decoding: {l}"),
+        other => format!("not a PNG or JPEG image this program can decode: {other}"),
+    };
+    let (w, h) = reader()?.into_dimensions().map_err(not_an_image)?;
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || u64::from(w) * u64::from(h) > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "the image is {w}x{h} pixels, more than the limit of {MAX_IMAGE_PIXELS} pixels and \
+             {MAX_IMAGE_SIDE} on a side; refused before decoding"
+        ));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    let mut reader = reader()?;
+    reader.limits(limits);
+    let image = reader.decode().map_err(not_an_image)?;
+    to_mnist_form(&image.to_luma8())
 }
 
 /// A grayscale image of one digit in MNIST's form.

@@ -12,13 +12,14 @@ pub enum TrainError {
     #[error(transparent)]
     Nn(#[from] nn::NnError),
     /// A file of the run directory could not be written.
-    #[error("{}: {source}", path.display())]
+    // The cause is in the message, and so not also a `source`: printed with its chain, it
+    // would appear twice.
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The failure.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An image file could not be read or holds no digit.
     #[error("{}: {problem}", path.display())]

@@ -38,6 +38,9 @@ pub struct Evaluation {
     pub mistakes: Vec<(usize, usize, usize, f32)>,
 }
 
+/// Labels are bytes, so a labelled set has at most this many classes.
+const MAX_CLASSES: usize = 256;
+
 /// Evaluates `model` on every example of `data`.
 pub fn evaluate(
     model: &mut Sequential,
@@ -51,6 +54,14 @@ pub fn evaluate(
         let n = batch.len();
         let logits = model.forward(batch.images, Mode::Eval)?;
         let k = logits.ncols();
+        // Labels are bytes: a wider model is not a classifier of this data, and a confusion
+        // matrix sized by its outputs alone could be gigabytes.
+        if k > MAX_CLASSES {
+            return Err(TrainError::Nn(nn::NnError::Config {
+                what: "model for evaluation",
+                detail: format!("{k} outputs; labels name at most {MAX_CLASSES} classes"),
+            }));
+        }
         if confusion.is_empty() {
             confusion = vec![vec![0; k]; k];
         }

@@ -19,7 +19,9 @@ pub use bench::{
     BenchCase, BenchResult, ProfileRow, bench, bench_cases, peak_rss_mb, profile_table,
 };
 pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
-pub use digit_image::{load_digit, to_mnist_form};
+pub use digit_image::{
+    MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, decode_digit, load_digit, to_mnist_form,
+};
 pub use error::TrainError;
 pub use evaluate::{ClassMetrics, Evaluation, evaluate};
 pub use fit::{
@@ -27,5 +29,5 @@ pub use fit::{
 };
 pub use history::history_csv;
 pub use plots::{confusion_heatmap, history_plots, mistakes_grid};
-pub use run_dir::{RunDir, utc_timestamp};
+pub use run_dir::{RunDir, safe_file_name, utc_timestamp};
 pub use tensorboard::{TensorBoard, crc32c, masked_crc32c};

@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cli::{FitData, FitOptions, Resume, RunDir, TensorBoard, TrainConfig, evaluate, fit};
 use mnist_data::{
-    Augmentation, DataError, Dataset, Elastic, LoadOptions, Normalization, ValidationSplit,
-    load_dir,
+    Augmentation, DataError, Dataset, Elastic, LoadOptions, Normalization, Split, ValidationSplit,
+    load_dir, load_split,
 };
 use ndarray::Array2;
 use nn::{
@@ -36,22 +36,47 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line with the cause chain, never a backtrace: this is a message for a person.
-            eprintln!("error: {error:#}");
+            // Causes may quote untrusted text (a spec's field, a file's bytes): control
+            // characters are escaped so that the message stays one line.
+            eprintln!("error: {}", one_line(&format!("{error:#}")));
             ExitCode::FAILURE
         }
     }
 }
 
+/// `text` with every control character escaped (`\n` as `\\n`), so it prints as one line.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Loads the test set alone (evaluation and prediction need no training images).
+fn load_test_set(dir: &Path) -> Result<mnist_data::LabeledImages> {
+    load_split(dir, Split::Test, &LoadOptions::default()).map_err(|e| explain_data_error(e, dir))
+}
+
 /// Loads the dataset, turning a missing one into instructions.
 fn load_dataset(dir: &Path) -> Result<Dataset> {
-    load_dir(dir, &LoadOptions::default()).map_err(|e| match e {
+    load_dir(dir, &LoadOptions::default()).map_err(|e| explain_data_error(e, dir))
+}
+
+/// A dataset error, with instructions when the files are missing.
+fn explain_data_error(e: DataError, dir: &Path) -> anyhow::Error {
+    match e {
         DataError::MissingFile { .. } => anyhow::Error::new(e).context(format!(
             "no dataset in {}: download MNIST into data/mnist with `cargo xtask fetch-data`, or \
              point --data-dir (or MNIST_DATA_DIR) at a directory in MNIST's layout",
             dir.display()
         )),
         other => anyhow::Error::new(other).context("cannot load the dataset"),
-    })
+    }
 }
 
 /// The architecture named by `--model` or read from `--arch`.
@@ -328,13 +353,21 @@ fn open_model(path: &Path) -> Result<(Sequential, Normalization)> {
 
 fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
     let (mut model, normalization) = open_model(&args.model_file)?;
-    let data = load_dataset(&args.data.data_dir)?;
-    let result = on_a_worker(|| evaluate(&mut model, &data.test, &normalization))?;
+    let classes = LoadOptions::default().classes;
+    let outputs = model.spec().plan()?.classes();
+    if outputs != classes {
+        bail!(
+            "{}: the model gives {outputs} scores per image, but the dataset has {classes} classes",
+            args.model_file.display()
+        );
+    }
+    let test = load_test_set(&args.data.data_dir)?;
+    let result = on_a_worker(|| evaluate(&mut model, &test, &normalization))?;
     if let Some(png) = &args.confusion_png {
         cli::confusion_heatmap(png, &result.confusion)?;
     }
     if let Some(png) = &args.misclassified {
-        cli::mistakes_grid(png, &data.test, &result.mistakes)?;
+        cli::mistakes_grid(png, &test, &result.mistakes)?;
     }
     if args.json {
         println!(
@@ -346,7 +379,7 @@ fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
     println!(
         "{} on {} test images: loss {:.4}, accuracy {:.4}\n",
         args.model_file.display(),
-        data.test.len(),
+        test.len(),
         result.loss,
         result.accuracy
     );
@@ -359,8 +392,8 @@ fn predict(args: &PredictArgs) -> Result<()> {
     // (what it is, the 28x28 image, its label when known)
     let mut inputs: Vec<(String, Array2<u8>, Option<u8>)> = Vec::new();
     if args.images.is_empty() {
-        let data = load_dataset(&args.data.data_dir)?;
-        let n = data.test.len();
+        let test = load_test_set(&args.data.data_dir)?;
+        let n = test.len();
         let index = match (args.test_index, args.random) {
             (Some(i), _) if i < n => i,
             (Some(i), _) => {
@@ -379,8 +412,8 @@ fn predict(args: &PredictArgs) -> Result<()> {
         };
         inputs.push((
             format!("test image {index}"),
-            data.test.image(index).to_owned(),
-            Some(data.test.labels()[index]),
+            test.image(index).to_owned(),
+            Some(test.labels()[index]),
         ));
     } else {
         for path in &args.images {

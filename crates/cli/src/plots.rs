@@ -51,9 +51,9 @@ fn render(
     image
         .write_to(&mut png, image::ImageFormat::Png)
         .map_err(|e| draw_error(path, e))?;
-    nn::write_atomically(path, png.get_ref()).map_err(|source| TrainError::Io {
+    nn::write_atomically(path, png.get_ref()).map_err(|error| TrainError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

@@ -23,24 +23,31 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `path`, or `runs/<UTC time>-<model>` when none is given.
+    /// Creates `path`, or `runs/<UTC time>-<model>` when none is given (the model's name made
+    /// safe as one file name: it comes from a spec, which anyone may have written). Removes the
+    /// temporary files an interrupted run left behind.
     pub fn create(path: Option<PathBuf>, model_name: &str) -> Result<RunDir, TrainError> {
         let path = path.unwrap_or_else(|| {
-            PathBuf::from("runs").join(format!("{}-{model_name}", utc_timestamp()))
+            PathBuf::from("runs").join(format!(
+                "{}-{}",
+                utc_timestamp(),
+                safe_file_name(model_name)
+            ))
         });
-        let io = |source| TrainError::Io {
+        let io = |error| TrainError::Io {
             path: path.clone(),
-            source,
+            error,
         };
         fs::create_dir_all(&path).map_err(io)?;
+        remove_stray_temporary_files(&path).map_err(io)?;
         let log_path = path.join("train.log");
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|source| TrainError::Io {
+            .map_err(|error| TrainError::Io {
                 path: log_path,
-                source,
+                error,
             })?;
         Ok(RunDir { path, log })
     }
@@ -52,9 +59,9 @@ impl RunDir {
 
     /// Appends a line to `train.log`.
     pub fn log(&mut self, line: &str) -> Result<(), TrainError> {
-        writeln!(self.log, "{line}").map_err(|source| TrainError::Io {
+        writeln!(self.log, "{line}").map_err(|error| TrainError::Io {
             path: self.path.join("train.log"),
-            source,
+            error,
         })
     }
 
@@ -115,8 +122,41 @@ impl RunDir {
     /// Writes a file of the run atomically (temporary file, then rename).
     fn write(&self, name: &str, bytes: &[u8]) -> Result<(), TrainError> {
         let path = self.path.join(name);
-        nn::write_atomically(&path, bytes).map_err(|source| TrainError::Io { path, source })
+        nn::write_atomically(&path, bytes).map_err(|error| TrainError::Io { path, error })
     }
+}
+
+/// `name` as one path component: ASCII letters, digits, `-`, `_` and `.` kept (not leading),
+/// anything else (`/`, `..`, spaces, control characters) replaced by `_`; at most 64 characters.
+pub fn safe_file_name(name: &str) -> String {
+    let safe: String = name
+        .chars()
+        .take(64)
+        .enumerate()
+        .map(|(i, c)| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' => c,
+            '.' if i > 0 => c,
+            _ => '_',
+        })
+        .collect();
+    if safe.is_empty() {
+        "model".into()
+    } else {
+        safe
+    }
+}
+
+/// Deletes the `.tmp*` files that [`nn::write_atomically`] leaves when a process is killed
+/// between creating and renaming one (`kill -9`, power loss); nothing else starts so.
+fn remove_stray_temporary_files(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let stray = entry.file_name().to_string_lossy().starts_with(".tmp");
+        if stray && entry.file_type()?.is_file() {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// The current UTC time as `YYYYMMDD-HHMMSS`, for run directory names.
@@ -146,6 +186,35 @@ pub fn utc_timestamp() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_from_a_spec_cannot_leave_the_runs_directory() {
+        assert_eq!(safe_file_name("a/../../../x"), "a_.._.._.._x");
+        assert_eq!(safe_file_name("../x"), "_._x");
+        assert_eq!(safe_file_name("two-conv"), "two-conv");
+        assert_eq!(safe_file_name(""), "model");
+        assert_eq!(safe_file_name(&"y".repeat(500)).len(), 64);
+        // One component under runs/, whatever the name: no `..` step, no separator.
+        let name = safe_file_name("a/../../../x");
+        let path = Path::new("runs").join(format!("20261202-000000-{name}"));
+        assert_eq!(path.components().count(), 2, "{}", path.display());
+    }
+
+    #[test]
+    fn temporary_files_of_an_interrupted_run_are_removed_on_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_path = dir.path().join("run");
+        fs::create_dir(&run_path).unwrap();
+        fs::write(run_path.join(".tmpA1b2C3"), b"half a model").unwrap();
+        fs::write(run_path.join("history.csv"), b"epoch\n").unwrap();
+        RunDir::create(Some(run_path.clone()), "m").unwrap();
+        let mut left: Vec<_> = fs::read_dir(&run_path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["history.csv", "train.log"]);
+    }
 
     #[test]
     fn timestamps_have_the_documented_shape() {

@@ -57,7 +57,7 @@ impl EventFile {
     fn create(dir: &Path) -> Result<EventFile, TrainError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| TrainError::Io { path, source }
+            move |error| TrainError::Io { path, error }
         };
         fs::create_dir_all(dir).map_err(io(dir))?;
         let now = SystemTime::now()
@@ -105,9 +105,9 @@ impl EventFile {
         self.file
             .write_all(&record)
             .and_then(|()| self.file.flush())
-            .map_err(|source| TrainError::Io {
+            .map_err(|error| TrainError::Io {
                 path: self.path.clone(),
-                source,
+                error,
             })
     }
 }

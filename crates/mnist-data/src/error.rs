@@ -10,10 +10,10 @@ use crate::idx::ElementType;
 pub enum IdxError {
     /// The underlying reader or writer failed.
     #[error("I/O error: {0}")]
-    Io(#[source] io::Error),
+    Io(io::Error),
     /// The stream starts like gzip but does not decompress.
     #[error("corrupt gzip stream: {0}")]
-    CorruptGzip(#[source] io::Error),
+    CorruptGzip(io::Error),
     /// The stream ended inside the header.
     #[error("truncated header: expected {expected} header bytes, found {found}")]
     TruncatedHeader {
@@ -83,13 +83,14 @@ pub enum IdxError {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file could not be read or written, or its contents are invalid.
-    #[error("{}: {source}", path.display())]
+    // Causes are in the messages, and so not also `source`s: printed with their chain, they
+    // would appear twice.
+    #[error("{}: {error}", path.display())]
     File {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
-        #[source]
-        source: IdxError,
+        error: IdxError,
     },
     /// A dataset directory lacks one of its files.
     #[error("{}: no {wanted} file (looked for {})", dir.display(), candidates.join(", "))]
@@ -156,10 +157,10 @@ pub enum DataError {
 
 impl DataError {
     /// Attaches a file path to a stream-level error.
-    pub fn in_file(path: impl Into<PathBuf>, source: IdxError) -> Self {
+    pub fn in_file(path: impl Into<PathBuf>, error: IdxError) -> Self {
         DataError::File {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

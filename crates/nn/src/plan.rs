@@ -81,6 +81,15 @@ impl ModelSpec {
     /// Checks the whole architecture and works out what it builds, allocating nothing sized
     /// by the spec: an error names the layer and the limit or the shape that does not fit.
     pub fn plan(&self) -> Result<ModelPlan, NnError> {
+        // The name is printed in messages and becomes part of a run directory's name.
+        if self.name.is_empty()
+            || self.name.chars().count() > 100
+            || self.name.chars().any(char::is_control)
+        {
+            return Err(NnError::Spec(
+                "the name must be 1 to 100 characters, none of them a control character".into(),
+            ));
+        }
         let spec_error = |detail: String| NnError::Spec(format!("{}: {detail}", self.name));
         if self.layers.is_empty() {
             return Err(spec_error("has no layers".into()));
