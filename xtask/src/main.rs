@@ -3,6 +3,7 @@
 
 mod bench;
 mod fetch;
+mod fuzz;
 
 use std::process::ExitCode;
 
@@ -23,12 +24,16 @@ enum Command {
     /// Measure every preset's training and inference speed (release build), optionally beside
     /// PyTorch (--compare, with BENCH_PYTHON).
     Bench(bench::BenchArgs),
+    /// Run thousands of mutated model files, specs, images and data directories through the
+    /// release binary under memory and time limits; fail on any panic, signal or bad message.
+    FuzzFiles(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::FetchData(args) => fetch::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::FuzzFiles(args) => fuzz::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -84,7 +84,10 @@ fn resolve_spec(choice: &ModelChoice) -> Result<ModelSpec> {
     if let Some(path) = &choice.arch {
         let json = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        return ModelSpec::from_json(&json).with_context(|| format!("{}", path.display()));
+        // Checked whole here, before any data is loaded or any file written.
+        let spec = ModelSpec::from_json(&json).with_context(|| format!("{}", path.display()))?;
+        spec.plan().with_context(|| format!("{}", path.display()))?;
+        return Ok(spec);
     }
     let name = choice.model.as_deref().unwrap_or("two-conv");
     nn::preset(name).with_context(|| {
