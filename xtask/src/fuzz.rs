@@ -47,6 +47,14 @@ pub struct FuzzArgs {
     /// Wall-time limit of each run, in seconds.
     #[arg(long, default_value_t = 10)]
     time_limit: u64,
+    /// Also keep the first refused mutants of each kind, with the message each produced, as a
+    /// regression corpus in this directory (crates/cli/tests/corpus; use a small model file, and
+    /// the data-directory mutants are made from the first 100 test images).
+    #[arg(long)]
+    write_corpus: Option<PathBuf>,
+    /// Mutants of each kind the corpus keeps.
+    #[arg(long, default_value_t = 60)]
+    corpus_per_kind: usize,
 }
 
 /// One kind of input and how many mutants of it to run.
@@ -65,6 +73,9 @@ struct Outcome {
     code: Option<i32>,
     wall: Duration,
     problem: Option<String>,
+    /// The command line, and the one-line message of a refusal.
+    command: Vec<String>,
+    message: String,
 }
 
 pub fn run(args: FuzzArgs) -> Result<()> {
@@ -81,6 +92,13 @@ pub fn run(args: FuzzArgs) -> Result<()> {
         bail!("prlimit (util-linux) is needed to limit each run's memory");
     }
     let seeds = Seeds::new(&args)?;
+    if let Some(corpus) = &args.write_corpus {
+        // A new corpus: the model and the digit its commands read, then the mutants.
+        let _ = std::fs::remove_dir_all(corpus);
+        std::fs::create_dir_all(corpus)?;
+        std::fs::copy(&seeds.good_model, corpus.join("model.safetensors"))?;
+        std::fs::write(corpus.join("digit.png"), &seeds.png)?;
+    }
     let work = tempfile::tempdir().context("cannot make a scratch directory")?;
     let mut cases: Vec<(Kind, usize)> = Vec::new();
     for (kind, count) in [
@@ -118,6 +136,14 @@ pub fn run(args: FuzzArgs) -> Result<()> {
         }
     });
     let outcomes = outcomes.into_inner().unwrap_or_default();
+    if let Some(corpus) = &args.write_corpus {
+        // Workers appended in the order they finished: sort, so the file is the same each time.
+        let path = corpus.join("expected.tsv");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.sort_unstable();
+        std::fs::write(&path, lines.join("\n") + "\n")?;
+    }
     report(&outcomes, &args, started.elapsed())
 }
 
@@ -158,14 +184,23 @@ impl Seeds {
         digit.write_to(&mut png, image::ImageFormat::Png)?;
         let mut jpeg = std::io::Cursor::new(Vec::new());
         digit.write_to(&mut jpeg, image::ImageFormat::Jpeg)?;
+        let (mut test_images, mut test_labels) = (
+            read("t10k-images-idx3-ubyte.gz")?,
+            read("t10k-labels-idx1-ubyte.gz")?,
+        );
+        if args.write_corpus.is_some() {
+            // Small enough to commit: the first 100 test images.
+            test_images = first_items(&test_images, 16, 784, 100)?;
+            test_labels = first_items(&test_labels, 8, 1, 100)?;
+        }
         Ok(Seeds {
             model,
             good_model,
             spec,
             png: png.into_inner(),
             jpeg: jpeg.into_inner(),
-            test_images: read("t10k-images-idx3-ubyte.gz")?,
-            test_labels: read("t10k-labels-idx1-ubyte.gz")?,
+            test_images,
+            test_labels,
             seed: args.seed,
         })
     }
@@ -176,6 +211,22 @@ impl Seeds {
         rng.set_stream(kind as u64 * (1 << 32) + case as u64);
         rng
     }
+}
+
+/// The first `count` items of a gzip-compressed IDX file whose header is `header` bytes long
+/// (count at bytes 4..8) and whose items are `item` bytes, gzip-compressed again.
+fn first_items(gz: &[u8], header: usize, item: usize, count: u32) -> Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(gz).read_to_end(&mut raw)?;
+    let end = header + item * count as usize;
+    if raw.len() < end {
+        bail!("the test set has fewer than {count} items");
+    }
+    raw.truncate(end);
+    raw[4..8].copy_from_slice(&count.to_be_bytes());
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(&raw)?;
+    Ok(encoder.finish()?)
 }
 
 /// Writes one mutant, runs the binary on it, and judges the run.
@@ -205,7 +256,7 @@ fn run_case(
                     ],
                     file.clone(),
                 )];
-                if case % 20 == 0 {
+                if case.is_multiple_of(20) {
                     let data = args.data_dir.to_string_lossy().into_owned();
                     runs.push((
                         vec![
@@ -227,7 +278,7 @@ fn run_case(
                 vec![(vec!["summary".into(), "--arch".into(), file.clone()], file)]
             }
             Kind::Image => {
-                let (seed, ext) = if case % 2 == 0 {
+                let (seed, ext) = if case.is_multiple_of(2) {
                     (&seeds.png, "png")
                 } else {
                     (&seeds.jpeg, "jpg")
@@ -269,6 +320,8 @@ fn run_case(
                 code: None,
                 wall: Duration::ZERO,
                 problem: Some(format!("could not write the mutant: {e}")),
+                command: Vec::new(),
+                message: String::new(),
             };
         }
     };
@@ -281,13 +334,77 @@ fn run_case(
             break;
         }
     }
-    last.unwrap_or(Outcome {
+    let outcome = last.unwrap_or(Outcome {
         kind,
         case,
         code: None,
         wall: Duration::ZERO,
         problem: Some("no command".into()),
-    })
+        command: Vec::new(),
+        message: String::new(),
+    });
+    if let Some(corpus) = &args.write_corpus
+        && case < args.corpus_per_kind
+        && outcome.problem.is_none()
+        && outcome.code == Some(1)
+        && let Err(e) = keep_in_corpus(corpus, &outcome, dir, seeds)
+    {
+        eprintln!("cannot add {kind:?} case {case} to the corpus: {e}");
+    }
+    outcome
+}
+
+/// Copies a refused mutant into the corpus and appends its line to `expected.tsv`: the input,
+/// the command with `{input}`, `{model}` and `{digit}` in place of the paths, and the message
+/// with `{input}` in place of the input's path.
+fn keep_in_corpus(corpus: &Path, outcome: &Outcome, dir: &Path, seeds: &Seeds) -> Result<()> {
+    let Some(input) = outcome
+        .command
+        .iter()
+        .find(|a| Path::new(a).starts_with(dir) && !a.ends_with("digit.png"))
+    else {
+        return Ok(());
+    };
+    let name = Path::new(input)
+        .file_name()
+        .context("no file name")?
+        .to_string_lossy()
+        .into_owned();
+    let target = corpus.join(&name);
+    if Path::new(input).is_dir() {
+        std::fs::create_dir_all(&target)?;
+        for entry in std::fs::read_dir(input)? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), target.join(entry.file_name()))?;
+        }
+    } else {
+        std::fs::copy(input, &target)?;
+    }
+    let model = seeds.good_model.to_string_lossy();
+    let digit = dir.join("digit.png");
+    let command: Vec<String> = outcome
+        .command
+        .iter()
+        .map(|a| {
+            if a == input {
+                "{input}".to_string()
+            } else if *a == model {
+                "{model}".to_string()
+            } else if Path::new(a) == digit {
+                "{digit}".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let message = outcome.message.replace(input.as_str(), "{input}");
+    let line = format!("{name}\t{}\t{message}\n", command.join(" "));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(corpus.join("expected.tsv"))?;
+    file.write_all(line.as_bytes())?;
+    Ok(())
 }
 
 /// A valid PNG for `predict` to read beside a mutated model.
@@ -324,6 +441,8 @@ fn run_binary(
         code: None,
         wall: Duration::ZERO,
         problem: None,
+        command: command.to_vec(),
+        message: String::new(),
     };
     let mut child = match child {
         Ok(child) => child,
@@ -357,6 +476,7 @@ fn run_binary(
     outcome.wall = started.elapsed();
     let stderr = reader.join().unwrap_or_default();
     let line = stderr.trim_end();
+    outcome.message = line.to_string();
     outcome.problem = match status {
         None => Some(format!("killed after {} s", args.time_limit)),
         Some(status) => {
@@ -477,7 +597,7 @@ fn mutate_bytes(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
             break;
         }
         // Half the time near the start, where the headers are.
-        let span = if rng.next_u64() % 2 == 0 {
+        let span = if rng.next_u64().is_multiple_of(2) {
             bytes.len().min(256)
         } else {
             bytes.len()
@@ -487,7 +607,11 @@ fn mutate_bytes(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
             0 => bytes[at] ^= 1 << below(rng, 8),
             1 => {
                 let end = (at + 1 + below(rng, 64)).min(bytes.len());
-                let fill = if rng.next_u64() % 2 == 0 { 0xff } else { 0 };
+                let fill = if rng.next_u64().is_multiple_of(2) {
+                    0xff
+                } else {
+                    0
+                };
                 bytes[at..end].fill(fill);
             }
             2 => bytes.truncate(at),
@@ -511,7 +635,7 @@ fn mutate_bytes(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
 /// A JSON text with one of its values replaced: a number by a hostile number, a string by
 /// another, an array emptied or lengthened, or a key removed; sometimes raw byte mutations.
 fn mutate_json_text(text: &str, rng: &mut ChaCha8Rng) -> String {
-    if rng.next_u64() % 8 == 0 {
+    if rng.next_u64().is_multiple_of(8) {
         return String::from_utf8_lossy(&mutate_bytes(text.as_bytes(), rng)).into_owned();
     }
     let Ok(mut value) = serde_json::from_str::<Value>(text) else {
@@ -647,7 +771,7 @@ fn mutate_model(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
 /// valid gzip stream (header sizes, element type, data), or swapped with the other.
 fn mutate_data(seeds: &Seeds, rng: &mut ChaCha8Rng) -> (Vec<u8>, Vec<u8>) {
     let (mut images, mut labels) = (seeds.test_images.clone(), seeds.test_labels.clone());
-    let target = if rng.next_u64() % 2 == 0 {
+    let target = if rng.next_u64().is_multiple_of(2) {
         &mut images
     } else {
         &mut labels
@@ -658,7 +782,7 @@ fn mutate_data(seeds: &Seeds, rng: &mut ChaCha8Rng) -> (Vec<u8>, Vec<u8>) {
         _ => {
             let mut raw = Vec::new();
             let _ = flate2::read::GzDecoder::new(target.as_slice()).read_to_end(&mut raw);
-            if raw.len() >= 8 && rng.next_u64() % 2 == 0 {
+            if raw.len() >= 8 && rng.next_u64().is_multiple_of(2) {
                 // A header size: one u32 among the dimensions, set to an edge value.
                 let dims = usize::from(raw[3]).min((raw.len() - 4) / 4).max(1);
                 let at = 4 + 4 * below(rng, dims);

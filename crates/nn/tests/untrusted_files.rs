@@ -429,3 +429,58 @@ proptest! {
         must_load_or_refuse(dir.path(), &join(&header, &data));
     }
 }
+
+/// A lenet5 checkpoint after one Adam step, so it holds optimizer state.
+fn checkpoint_bytes() -> &'static [u8] {
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.safetensors");
+        let (model, mut optimizer) = fresh_training();
+        let mut model = model;
+        model.zero_grad();
+        let logits = model.forward(images(), Mode::Train).unwrap();
+        let labels = ndarray::Array1::<u8>::from_elem(3, 4);
+        let loss =
+            nn::softmax_cross_entropy(logits.view(), nn::Targets::Classes(labels.view()), 0.0)
+                .unwrap();
+        model.backward(loss.grad).unwrap();
+        optimizer.step(&mut model).unwrap();
+        nn::save_checkpoint(&path, &model, &optimizer, &info(), "{\"epochs_done\":1}").unwrap();
+        std::fs::read(&path).unwrap()
+    })
+}
+
+fn fresh_training() -> (Sequential, nn::Optimizer) {
+    (
+        Sequential::new(preset("lenet5").unwrap(), 2).unwrap(),
+        nn::Optimizer::new(nn::Rule::adam(), 1e-3).unwrap(),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_checkpoints_restore_or_are_refused_leaving_the_model_unchanged(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6), cut in any::<prop::sample::Index>(), truncate in any::<bool>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = checkpoint_bytes().to_vec();
+        let header_len = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        for (i, (at, bits)) in flips.iter().enumerate() {
+            let span = if i % 2 == 0 { header_len } else { bytes.len() };
+            bytes[at.index(span)] ^= bits | 1;
+        }
+        if truncate {
+            bytes.truncate(cut.index(bytes.len()));
+        }
+        let path = dir.path().join("mutant.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut model, mut optimizer) = fresh_training();
+        let before = model.forward(images(), Mode::Eval).unwrap();
+        if let Err(error) = nn::load_checkpoint(&path, &mut model, &mut optimizer) {
+            let error = error.to_string();
+            prop_assert!(error.contains("mutant.safetensors") && !error.contains('\n'), "{}", error);
+            prop_assert_eq!(model.forward(images(), Mode::Eval).unwrap(), before);
+        }
+    }
+}
