@@ -214,3 +214,23 @@ fn an_architecture_with_huge_numbers_is_refused_by_summary_and_train_before_any_
     refused(&output, "huge.json", "overflows");
     assert!(!dir.path().join("run").exists());
 }
+
+#[test]
+fn a_run_directory_that_cannot_be_made_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    common::synthetic_dataset(dir.path(), 20, 20);
+    let file = dir.path().join("taken");
+    std::fs::write(&file, b"a file, not a directory").unwrap();
+    let output = mnist(&[
+        "train",
+        "--model",
+        "lenet5",
+        "--epochs",
+        "1",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--run-dir",
+        file.to_str().unwrap(),
+    ]);
+    refused(&output, "taken", "File exists");
+}
