@@ -4,7 +4,7 @@ fn main() -> Result<(), nn::NnError> {
     for name in nn::PRESETS {
         let spec =
             nn::preset(name).ok_or_else(|| nn::NnError::Spec(format!("no preset {name}")))?;
-        println!("{}", nn::summary(&spec)?);
+        println!("{}", nn::summary(&spec, 0)?);
     }
     Ok(())
 }

@@ -23,6 +23,9 @@ pub struct Sequential {
     steps: Vec<Range<usize>>,
     /// Per-layer times while profiling is on.
     profile: Option<Vec<LayerTimes>>,
+    /// Layers `0..frozen` are fixed (Keras' `trainable = False`): the optimizer skips their
+    /// parameters, no gradient is computed for them, and they run as in evaluation.
+    frozen: usize,
 }
 
 /// Parameter counts, as Keras' summary reports them.
@@ -63,6 +66,7 @@ impl Sequential {
             layers,
             steps: Vec::new(),
             profile: None,
+            frozen: 0,
         };
         model.fuse_layers(true);
         model
@@ -83,7 +87,9 @@ impl Sequential {
     pub fn fuse_layers(&mut self, enabled: bool) {
         self.steps.clear();
         let mut first = 0;
-        while first < self.layers.len() {
+        // A final Softmax is not run: its work belongs to the loss (see `forward`).
+        let end = self.layers.len() - usize::from(self.ends_in_softmax());
+        while first < end {
             let pool = if enabled {
                 relu_then_max_pool(self.layers.get(first + 1..first + 3))
             } else {
@@ -94,6 +100,40 @@ impl Sequential {
             self.steps.push(first..first + len);
             first += len;
         }
+    }
+
+    /// Fixes the first `layers` layers, as Keras' `layer.trainable = False` does: the optimizer
+    /// skips their parameters, backward passes stop before them (computing no gradient for
+    /// them), and they run as in evaluation (a frozen BatchNorm uses and keeps its running
+    /// statistics, a frozen Dropout drops nothing). 0 unfreezes every layer.
+    pub fn freeze(&mut self, layers: usize) -> Result<(), NnError> {
+        if layers >= self.layers.len() {
+            return Err(NnError::Config {
+                what: "frozen layers",
+                detail: format!(
+                    "{layers} of the {} layers of {}: at least the last must stay trainable",
+                    self.layers.len(),
+                    self.spec.name
+                ),
+            });
+        }
+        self.frozen = layers;
+        if self.param_counts().trainable == 0 {
+            self.frozen = 0;
+            return Err(NnError::Config {
+                what: "frozen layers",
+                detail: format!(
+                    "freezing {layers} layers of {} leaves no trainable parameter",
+                    self.spec.name
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// How many leading layers are frozen (see [`Sequential::freeze`]).
+    pub fn frozen(&self) -> usize {
+        self.frozen
     }
 
     /// The index of the layer whose pass computes layer `index`: itself, or the convolution a
@@ -119,7 +159,16 @@ impl Sequential {
             .collect()
     }
 
-    /// Scores `[N, classes]` for images `[N, C, H, W]`.
+    /// Whether the spec's last layer is a Softmax (what Keras users write for a classifier).
+    pub fn ends_in_softmax(&self) -> bool {
+        matches!(self.spec.layers.last(), Some(LayerSpec::Softmax))
+    }
+
+    /// Scores `[N, classes]` (logits) for images `[N, C, H, W]`. A spec that ends in Softmax
+    /// gives the logits before it, in training and evaluation alike: the softmax belongs to the
+    /// loss (the fused, stable softmax cross-entropy, as Keras does for a softmax output with
+    /// `categorical_crossentropy`) and to whoever turns scores into probabilities. Applying it
+    /// here too would train through two softmaxes; the predicted classes are the same.
     pub fn forward(&mut self, images: Array4<f32>, mode: Mode) -> Result<Array2<f32>, NnError> {
         let [c, h, w] = self.spec.input;
         if images.shape()[1..] != [c, h, w] {
@@ -137,6 +186,12 @@ impl Sequential {
         for step in &self.steps {
             let (index, layer) = (step.start, &mut self.layers[step.start]);
             let start = self.profile.is_some().then(Instant::now);
+            // Frozen layers keep nothing for a backward pass that will not reach them.
+            let mode = if index < self.frozen {
+                Mode::Eval
+            } else {
+                mode
+            };
             x = layer.forward(x, mode).map_err(|e| at_layer(e, index))?;
             if let (Some(start), Some(times)) = (start, self.profile.as_mut()) {
                 times[index].forward += start.elapsed();
@@ -155,12 +210,21 @@ impl Sequential {
     /// parameter's gradient to its `grad`.
     pub fn backward(&mut self, grad: Array2<f32>) -> Result<(), NnError> {
         let mut g: ArrayD<f32> = grad.into_dyn();
+        // The first step with anything to learn: nothing before it needs a gradient (the
+        // images never do, frozen layers neither).
+        let first_trainable = self
+            .steps
+            .iter()
+            .find(|step| step.start >= self.frozen)
+            .map_or(0, |step| step.start);
         for step in self.steps.iter().rev() {
+            if step.start < first_trainable {
+                break;
+            }
             let (index, layer) = (step.start, &mut self.layers[step.start]);
             let start = self.profile.is_some().then(Instant::now);
-            // Nothing needs the gradient with respect to the images.
             let next = layer
-                .backward(g, index > 0)
+                .backward(g, index > first_trainable)
                 .map_err(|e| at_layer(e, index))?;
             if let (Some(start), Some(times)) = (start, self.profile.as_mut()) {
                 times[index].backward += start.elapsed();
@@ -210,6 +274,30 @@ impl Sequential {
         }
     }
 
+    /// Like [`Sequential::visit_params_mut`], over the parameters of the layers that are not
+    /// frozen: what the optimizer updates.
+    pub fn visit_trainable_params_mut(
+        &mut self,
+        mut f: impl FnMut(&str, &mut Param) -> Result<(), NnError>,
+    ) -> Result<(), NnError> {
+        let frozen = self.frozen;
+        for (index, layer) in self.layers.iter_mut().enumerate().skip(frozen) {
+            for (name, param) in layer.params_mut() {
+                f(&format!("{index}.{name}"), param)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`Sequential::visit_params`], over the layers that are not frozen.
+    pub fn visit_trainable_params(&self, mut f: impl FnMut(&str, &Param)) {
+        for (index, layer) in self.layers.iter().enumerate().skip(self.frozen) {
+            for (name, param) in layer.params() {
+                f(&format!("{index}.{name}"), param);
+            }
+        }
+    }
+
     /// Like [`Sequential::visit_params`], mutably; stops at the first error.
     pub fn visit_params_mut(
         &mut self,
@@ -245,13 +333,17 @@ impl Sequential {
         Ok(())
     }
 
-    /// Trainable and non-trainable scalars (BatchNorm's batch counter is not a parameter).
+    /// Trainable and non-trainable scalars: frozen layers' parameters and saved state are
+    /// non-trainable (BatchNorm's batch counter is not counted at all).
     pub fn param_counts(&self) -> ParamCounts {
         let mut counts = ParamCounts {
             trainable: 0,
             non_trainable: 0,
         };
-        self.visit_params(|_, p| counts.trainable += p.len());
+        self.visit_trainable_params(|_, p| counts.trainable += p.len());
+        let mut all = 0;
+        self.visit_params(|_, p| all += p.len());
+        counts.non_trainable = all - counts.trainable;
         self.visit_buffers(|name, b| {
             if !name.ends_with("num_batches_tracked") {
                 counts.non_trainable += b.len();

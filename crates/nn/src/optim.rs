@@ -230,7 +230,8 @@ impl Optimizer {
         self.step
     }
 
-    /// Updates every parameter from its gradient. A parameter without a gradient is an error:
+    /// Updates every parameter of the layers that are not frozen from its gradient. A
+    /// parameter without a gradient is an error:
     /// a silent no-op would hide a broken backward pass.
     pub fn step(&mut self, model: &mut Sequential) -> Result<(), NnError> {
         self.step += 1;
@@ -238,7 +239,7 @@ impl Optimizer {
         let (rule, lr, slots) = (self.rule, self.learning_rate, self.rule.slots());
         let mut index = 0;
         let state = &mut self.state;
-        model.visit_params_mut(|name, param| {
+        model.visit_trainable_params_mut(|name, param| {
             if !param.has_grad {
                 return Err(NnError::MissingGradient(name.to_string()));
             }
@@ -288,7 +289,7 @@ impl Optimizer {
             saved.tensors.into_iter().collect();
         let mut state = Vec::new();
         let mut missing = None;
-        model.visit_params(|name, param| {
+        model.visit_trainable_params(|name, param| {
             if saved.step == 0 {
                 return;
             }

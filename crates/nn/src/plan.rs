@@ -67,6 +67,23 @@ impl ModelPlan {
             .unwrap_or(0)
     }
 
+    /// Parameter counts with the first `frozen` layers frozen: their parameters count as
+    /// non-trainable, as Keras counts a layer with `trainable = False`.
+    pub fn counts_with_frozen(&self, frozen: usize) -> ParamCounts {
+        let moved: usize = self
+            .layers
+            .iter()
+            .take(frozen)
+            .flat_map(|l| &l.tensors)
+            .filter(|t| t.trainable)
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
+        ParamCounts {
+            trainable: self.counts.trainable - moved,
+            non_trainable: self.counts.non_trainable + moved,
+        }
+    }
+
     /// Every stored tensor, in the order of the model's visitors: parameters, then state.
     pub fn tensors(&self) -> impl Iterator<Item = &TensorPlan> {
         let params = self.layers.iter().flat_map(|l| &l.tensors);

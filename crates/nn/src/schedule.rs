@@ -109,7 +109,17 @@ impl ReduceOnPlateau {
         }
     }
 
+    /// The same with another smallest improvement (Keras' `min_delta`, default 1e-4).
+    pub fn with_min_delta(mut self, min_delta: f32) -> ReduceOnPlateau {
+        self.min_delta = min_delta;
+        self
+    }
+
     /// Records an epoch's metric; returns the new rate when it is time to reduce `current`.
+    /// As Keras' ReduceLROnPlateau: an epoch not better than the best by more than `min_delta`
+    /// adds one to a counter; when the counter reaches `patience` and the rate is above
+    /// `min_lr`, the rate is multiplied by `factor` (not below `min_lr`) and the counter starts
+    /// again.
     pub fn observe(&mut self, metric: f32, current: f32) -> Option<f32> {
         if self.best.is_none_or(|best| metric < best - self.min_delta) {
             self.best = Some(metric);
@@ -117,12 +127,11 @@ impl ReduceOnPlateau {
             return None;
         }
         self.waited += 1;
-        if self.waited <= self.patience {
+        if self.waited < self.patience || current <= self.min_lr {
             return None;
         }
         self.waited = 0;
-        let reduced = (current * self.factor).max(self.min_lr);
-        (reduced < current).then_some(reduced)
+        Some((current * self.factor).max(self.min_lr))
     }
 }
 
@@ -166,14 +175,32 @@ mod tests {
         assert!((lr(99) - 0.04 / 1e4).abs() < 1e-9);
     }
 
+    /// Hand-worked against Keras 3's ReduceLROnPlateau.on_epoch_end (mode "min", cooldown 0):
+    /// `wait` grows on every epoch not below `best - min_delta`, and the rate drops when `wait`
+    /// reaches `patience`.
     #[test]
-    fn reduce_on_plateau_waits_for_patience() {
+    fn reduce_on_plateau_acts_when_the_wait_reaches_patience_as_keras() {
+        // patience 2: 0.95 (wait 1), 0.92 (wait 2: reduce, wait 0), 0.91 (wait 1), 0.93 (wait
+        // 2: reduce again from the rate in use).
         let mut r = ReduceOnPlateau::new(0.5, 2, 0.01);
         assert_eq!(r.observe(1.0, 0.1), None);
         assert_eq!(r.observe(0.9, 0.1), None);
         assert_eq!(r.observe(0.95, 0.1), None);
-        assert_eq!(r.observe(0.92, 0.1), None);
-        assert_eq!(r.observe(0.91, 0.1), Some(0.05));
+        assert_eq!(r.observe(0.92, 0.1), Some(0.05));
+        assert_eq!(r.observe(0.91, 0.05), None);
+        assert_eq!(r.observe(0.93, 0.05), Some(0.025));
+        // An improvement resets the wait: 0.8 is best, then one flat epoch is not enough.
+        assert_eq!(r.observe(0.8, 0.025), None);
+        assert_eq!(r.observe(0.85, 0.025), None);
+        // min_delta: 0.79 is not below 0.8 - 0.05, so it counts as flat and completes the wait.
+        let mut r = ReduceOnPlateau::new(0.5, 2, 0.0).with_min_delta(0.05);
+        assert_eq!(r.observe(0.8, 0.1), None);
+        assert_eq!(r.observe(0.85, 0.1), None);
+        assert_eq!(r.observe(0.79, 0.1), Some(0.05));
+        // patience 1 acts on the first flat epoch (it waited 2 before this change).
+        let mut r = ReduceOnPlateau::new(0.1, 1, 0.0);
+        assert_eq!(r.observe(1.0, 0.1), None);
+        assert!(r.observe(1.0, 0.1).is_some());
         // Never below min_lr, and no "reduction" once there.
         let mut r = ReduceOnPlateau::new(0.1, 0, 0.01);
         r.observe(1.0, 0.02);

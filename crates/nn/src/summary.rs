@@ -5,9 +5,10 @@ use std::fmt::Write;
 use crate::error::NnError;
 use crate::spec::ModelSpec;
 
-/// The summary table of an architecture, as Keras' `model.summary()` prints it; worked out from
-/// the spec's plan, so it allocates no weights however large the model.
-pub fn summary(spec: &ModelSpec) -> Result<String, NnError> {
+/// The summary table of an architecture whose first `frozen` layers are frozen, as Keras'
+/// `model.summary()` prints it; worked out from the spec's plan, so it allocates no weights
+/// however large the model.
+pub fn summary(spec: &ModelSpec, frozen: usize) -> Result<String, NnError> {
     let plan = spec.plan()?;
     let mut rows = Vec::new();
     for (index, layer) in plan.layers.iter().enumerate() {
@@ -73,7 +74,7 @@ pub fn summary(spec: &ModelSpec) -> Result<String, NnError> {
         );
     }
     out += &rule('=');
-    let counts = plan.counts;
+    let counts = plan.counts_with_frozen(frozen);
     let total = counts.trainable + counts.non_trainable;
     for (label, n) in [
         ("Total", total),

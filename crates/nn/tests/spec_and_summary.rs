@@ -81,7 +81,7 @@ fn bad_specs_say_what_is_wrong() {
 
 #[test]
 fn summary_is_keras_style() {
-    let text = summary(&preset("two-conv").unwrap()).unwrap();
+    let text = summary(&preset("two-conv").unwrap(), 0).unwrap();
     for needle in [
         "Model: \"two-conv\"",
         "0 (Conv2d)",

@@ -143,7 +143,7 @@ fn numbers_that_break_a_limit_are_refused_naming_the_layer_before_anything_is_bu
             Ok(spec) => {
                 let planned = spec.plan().unwrap_err().to_string();
                 let built = Sequential::new(spec.clone(), 0).unwrap_err().to_string();
-                let summarized = summary(&spec).unwrap_err().to_string();
+                let summarized = summary(&spec, 0).unwrap_err().to_string();
                 assert_eq!(planned, built);
                 assert_eq!(planned, summarized);
                 planned
@@ -178,7 +178,7 @@ fn a_large_but_allowed_spec_is_summarized_without_building_it() {
         r#"{"name":"wide","input":[1,28,28],"layers":[{"type":"Flatten"},{"type":"Dense","units":125000},{"type":"Dense","units":10}]}"#,
     )
     .unwrap();
-    let text = summary(&spec).unwrap();
+    let text = summary(&spec, 0).unwrap();
     assert!(text.contains("Total params: 99,375,010"), "{text}");
     assert_eq!(
         spec.plan().unwrap().counts.trainable,

@@ -80,7 +80,7 @@ fn untrusted_sizes_allocate_nothing_before_they_are_checked() {
     )
     .unwrap();
     LARGEST.store(0, Ordering::Relaxed);
-    let text = summary(&wide).unwrap();
+    let text = summary(&wide, 0).unwrap();
     let largest = LARGEST.load(Ordering::Relaxed);
     assert!(text.contains("Total params: 99,375,010"), "{text}");
     assert!(
