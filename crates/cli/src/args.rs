@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Train a model; writes a run directory with the model files, history and log.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a model file on the test set: accuracy, per-class metrics, confusion matrix.
     Evaluate(EvaluateArgs),
     /// Predict the digit of a test image and draw it in the terminal.
@@ -133,13 +133,22 @@ pub struct TrainArgs {
     pub threads: Option<usize>,
     #[command(flatten)]
     pub data: DataDirArg,
-    /// Stop after this many epochs without a lower validation loss, restoring the best weights.
+    /// Stop once this many epochs in a row have not lowered the validation loss (Keras'
+    /// EarlyStopping patience), restoring the best epoch's weights.
     #[arg(long, value_name = "PATIENCE")]
     pub early_stopping: Option<usize>,
-    /// Multiply the learning rate by --reduce-lr-factor after this many epochs without a lower
-    /// validation loss.
+    /// Early stopping counts an epoch as an improvement only if it lowers the loss by more than
+    /// this (Keras' min_delta).
+    #[arg(long, value_name = "DELTA", default_value_t = 0.0, value_parser = non_negative, requires = "early_stopping")]
+    pub early_stopping_min_delta: f32,
+    /// Multiply the learning rate by --reduce-lr-factor once this many epochs in a row have not
+    /// lowered the validation loss (Keras' ReduceLROnPlateau patience).
     #[arg(long, value_name = "PATIENCE")]
     pub reduce_lr_on_plateau: Option<usize>,
+    /// Reduce-on-plateau counts an epoch as an improvement only if it lowers the loss by more
+    /// than this (Keras' min_delta).
+    #[arg(long, value_name = "DELTA", default_value_t = 1e-4, value_parser = non_negative, requires = "reduce_lr_on_plateau")]
+    pub reduce_lr_min_delta: f32,
     /// Factor of each reduction.
     #[arg(long, default_value_t = 0.1, value_parser = fraction, requires = "reduce_lr_on_plateau")]
     pub reduce_lr_factor: f32,
@@ -163,17 +172,31 @@ pub struct TrainArgs {
     /// DIR/train and DIR/validation as Keras' callback does [default: <run dir>/tensorboard].
     #[arg(long, value_name = "DIR")]
     pub tensorboard: Option<PathBuf>,
-    /// Continue an interrupted run from its directory's last checkpoint, with the settings in
-    /// its config.json; ends with the weights an uninterrupted run would have.
+    /// Continue a run from its directory's last checkpoint, with the settings in its
+    /// config.json: an interrupted run ends with the weights an uninterrupted one would have;
+    /// with --epochs, a finished run trains further (Keras' initial_epoch).
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "run_dir")]
     pub resume: Option<PathBuf>,
     /// Elastic distortion for --augment: a random displacement field smoothed by a Gaussian of
     /// SIGMA pixels and scaled to ALPHA pixels (Simard et al. use 34:4).
     #[arg(long, value_name = "ALPHA:SIGMA", value_parser = parse_elastic, requires = "augment")]
     pub elastic: Option<(f32, f32)>,
-    /// Run directory [default: runs/<UTC time>-<model>].
+    /// Run directory [default: runs/<UTC time>-<model>]; one that already holds a run is
+    /// refused unless --overwrite is given.
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    /// Replace the run in --run-dir (a directory with a config.json) instead of refusing it.
+    #[arg(long, requires = "run_dir")]
+    pub overwrite: bool,
+    /// Start from this model file's weights and normalization (its architecture; Keras'
+    /// load_model then fit), e.g. to fine-tune it on another dataset.
+    #[arg(long, value_name = "MODEL_FILE")]
+    pub init_from: Option<PathBuf>,
+    /// Keep the first N layers fixed, as Keras' `layer.trainable = False`: no updates, no
+    /// gradients computed for them, run as in evaluation (count layers as `summary` numbers
+    /// them: activations and pooling included).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub freeze: usize,
     /// No progress output; errors still go to stderr.
     #[arg(long, conflicts_with = "json")]
     pub quiet: bool,
@@ -257,6 +280,7 @@ impl TrainArgs {
             patience,
             factor: self.reduce_lr_factor,
             min_lr: self.min_lr,
+            min_delta: self.reduce_lr_min_delta,
         })
     }
 }
@@ -311,6 +335,9 @@ pub struct SummaryArgs {
     /// Summarize the model in this file instead.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["model", "arch"])]
     pub model_file: Option<PathBuf>,
+    /// Count the first N layers' parameters as non-trainable, as `train --freeze N` would.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub freeze: usize,
 }
 
 fn number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
@@ -360,6 +387,16 @@ fn parse_elastic(text: &str) -> Result<(f32, f32), String> {
     Ok((non_negative(alpha)?, positive(sigma)?))
 }
 
+/// A schedule's GAMMA: a decay factor in (0, 1] (above 1 the rate would grow every epoch).
+fn decay(text: &str) -> Result<f32, String> {
+    match number::<f32>(text)? {
+        v if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!(
+            "GAMMA {text} must be above 0 and at most 1: the rate is multiplied by it"
+        )),
+    }
+}
+
 fn parse_schedule(text: &str) -> Result<Schedule, String> {
     let parts: Vec<&str> = text.split(':').collect();
     let bad = || {
@@ -370,11 +407,11 @@ fn parse_schedule(text: &str) -> Result<Schedule, String> {
     match parts.as_slice() {
         ["constant"] => Ok(Schedule::Constant),
         ["step", every, gamma] => Ok(Schedule::Step {
-            every: number(every).map_err(|_| bad())?,
-            gamma: positive(gamma)?,
+            every: at_least_one(every).map_err(|e| format!("step:EVERY:GAMMA: EVERY {e}"))?,
+            gamma: decay(gamma)?,
         }),
         ["exponential", gamma] => Ok(Schedule::Exponential {
-            gamma: positive(gamma)?,
+            gamma: decay(gamma)?,
         }),
         ["cosine"] => Ok(Schedule::Cosine { min_lr: 0.0 }),
         ["cosine", min] => Ok(Schedule::Cosine {

@@ -14,6 +14,13 @@ pub struct ReduceLrConfig {
     pub factor: f32,
     /// Floor of the learning rate.
     pub min_lr: f32,
+    /// An epoch improves only if its loss is below the best by more than this (Keras' 1e-4).
+    #[serde(default = "keras_reduce_lr_min_delta")]
+    pub min_delta: f32,
+}
+
+fn keras_reduce_lr_min_delta() -> f32 {
+    1e-4
 }
 
 /// Random transforms of the training images (see `mnist_data::Augmentation`).
@@ -35,7 +42,7 @@ pub struct AugmentConfig {
 pub struct TrainConfig {
     /// The architecture (a preset's or a file's spec, resolved).
     pub model: ModelSpec,
-    /// Where the dataset was read.
+    /// Where the dataset was read (absolute, so a resume works from any directory).
     pub data_dir: PathBuf,
     /// Passes over the training set.
     pub epochs: usize,
@@ -57,6 +64,9 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Early-stopping patience in epochs, if enabled.
     pub early_stopping: Option<usize>,
+    /// Early stopping's smallest improvement (Keras' `min_delta`, default 0).
+    #[serde(default)]
+    pub early_stopping_min_delta: f32,
     /// Reduce-on-plateau settings, if enabled.
     pub reduce_lr: Option<ReduceLrConfig>,
     /// Data augmentation, if enabled.
@@ -64,4 +74,10 @@ pub struct TrainConfig {
     /// Where TensorBoard event files go, if anywhere.
     #[serde(default)]
     pub tensorboard: Option<PathBuf>,
+    /// The model file whose weights and normalization the run started from, if any.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// Leading layers kept fixed (Keras' `trainable = False`).
+    #[serde(default)]
+    pub freeze: usize,
 }

@@ -21,6 +21,14 @@ pub enum TrainError {
         /// The failure.
         error: std::io::Error,
     },
+    /// A run directory that cannot be used.
+    #[error("{}: {problem}", path.display())]
+    RunDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why not.
+        problem: String,
+    },
     /// An image file could not be read or holds no digit.
     #[error("{}: {problem}", path.display())]
     Image {

@@ -40,12 +40,39 @@ pub struct FitOptions {
     pub learning_rate: f32,
     /// Learning rate over the run.
     pub schedule: Schedule,
-    /// Stop after this many epochs without improvement, restoring the best weights.
-    pub early_stopping: Option<usize>,
+    /// Stop when the monitored loss has not improved for a while, restoring the best weights.
+    pub early_stopping: Option<EarlyStopping>,
     /// Reduce the base learning rate when the monitored loss plateaus.
     pub reduce_lr: Option<ReduceOnPlateau>,
     /// Random transforms of the training images, drawn anew each epoch.
     pub augmentation: Option<Augmentation>,
+}
+
+/// Keras' `EarlyStopping(patience, min_delta, restore_best_weights=True)` on the monitored loss.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStopping {
+    /// Epochs in a row without improvement after which training stops (Keras stops when its
+    /// `wait` counter reaches `patience`).
+    pub patience: usize,
+    /// An epoch improves only if its loss is below the best by more than this.
+    pub min_delta: f32,
+}
+
+impl EarlyStopping {
+    /// Whether `loss` improves on `best` (Keras: `loss < best - min_delta`).
+    pub fn improves(&self, loss: f32, best: Option<(f32, usize)>) -> bool {
+        improves(loss, best, self.min_delta)
+    }
+
+    /// Whether to stop after 1-based `epoch`, the best so far being `best_epoch`: `patience`
+    /// epochs in a row have not improved.
+    pub fn stops(&self, epoch: usize, best_epoch: usize) -> bool {
+        epoch > best_epoch && epoch - best_epoch >= self.patience
+    }
+}
+
+fn improves(loss: f32, best: Option<(f32, usize)>, min_delta: f32) -> bool {
+    best.is_none_or(|(best, _)| loss < best - min_delta)
 }
 
 /// What one epoch did.
@@ -108,6 +135,10 @@ pub trait Observer {
 
     /// A batch finished, `seen` images into the epoch; the running means cover them.
     fn batch_finished(&mut self, _seen: usize, _running_loss: f32, _running_accuracy: f32) {}
+
+    /// A callback acted (early stopping, a learning-rate reduction); `message` says how, as
+    /// Keras prints it with the epoch.
+    fn callback_fired(&mut self, _message: &str) {}
 
     /// An epoch finished; `improved` says whether the monitored loss is the best so far, and
     /// `state` is what a checkpoint must hold to continue from here.
@@ -229,16 +260,31 @@ pub fn fit(
             images_per_second: seen as f64 / seconds.max(1e-9),
         };
         let monitored = record.monitored_loss();
-        let improved = state.best.is_none_or(|(loss, _)| monitored < loss);
+        let monitor = if record.val_loss.is_some() {
+            "val_loss"
+        } else {
+            "loss"
+        };
+        let improved = match options.early_stopping {
+            Some(stopping) => stopping.improves(monitored, state.best),
+            None => improves(monitored, state.best, 0.0),
+        };
         if improved {
             state.best = Some((monitored, epoch + 1));
             if options.early_stopping.is_some() {
                 best_weights = Some(snapshot(model));
             }
         }
+        let mut fired = Vec::new();
         if let Some(reduce) = state.reduce_lr.as_mut()
             && let Some(reduced) = reduce.observe(monitored, state.base_lr)
         {
+            fired.push(format!(
+                "epoch {}: ReduceLROnPlateau reducing the learning rate to {reduced:.2e} \
+                 ({monitor} {monitored:.4} has not improved for {} epoch(s))",
+                epoch + 1,
+                reduce.patience
+            ));
             state.base_lr = reduced;
         }
         state.history.push(record);
@@ -247,12 +293,22 @@ pub fn fit(
             observer.epoch_finished(record, model, optimizer, &state, improved)?;
         }
 
-        let best_epoch = state.best.map_or(0, |(_, e)| e);
-        if let Some(patience) = options.early_stopping
-            && epoch + 1 - best_epoch > patience
+        if let (Some(stopping), Some((best, best_epoch))) = (options.early_stopping, state.best)
+            && stopping.stops(epoch + 1, best_epoch)
             && epoch + 1 < options.epochs
         {
+            fired.push(format!(
+                "epoch {}: early stopping: {monitor} has not improved on {best:.4} (epoch \
+                 {best_epoch}) for {} epoch(s); restoring the weights of epoch {best_epoch}",
+                epoch + 1,
+                epoch + 1 - best_epoch
+            ));
             stopped_early = true;
+        }
+        for message in &fired {
+            observer.callback_fired(message);
+        }
+        if stopped_early {
             break;
         }
     }
@@ -290,4 +346,46 @@ fn restore(model: &mut Sequential, weights: Vec<ArrayD<f32>>) -> Result<(), Trai
         Ok(())
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 1-based epoch early stopping ends on, and the best epoch, for a history of
+    /// monitored losses, deciding as `fit` does.
+    fn stopping(losses: &[f32], patience: usize, min_delta: f32) -> (Option<usize>, usize) {
+        let stopping = EarlyStopping {
+            patience,
+            min_delta,
+        };
+        let mut best = None;
+        for (i, &loss) in losses.iter().enumerate() {
+            if stopping.improves(loss, best) {
+                best = Some((loss, i + 1));
+            }
+            let best_epoch = best.map_or(0, |(_, e)| e);
+            if stopping.stops(i + 1, best_epoch) {
+                return (Some(i + 1), best_epoch);
+            }
+        }
+        (None, best.map_or(0, |(_, e)| e))
+    }
+
+    /// Hand-worked against Keras 3's EarlyStopping.on_epoch_end: `wait` counts epochs since the
+    /// last improvement (`loss < best - min_delta`), and training stops once `wait >= patience`.
+    #[test]
+    fn early_stopping_counts_patience_as_keras() {
+        let losses = [1.0, 0.9, 0.95, 0.92, 0.91, 0.8];
+        // Best at epoch 2; epochs 3 and 4 are flat: patience 2 stops after epoch 4 (it went on
+        // to epoch 5 before this change).
+        assert_eq!(stopping(&losses, 2, 0.0), (Some(4), 2));
+        assert_eq!(stopping(&losses, 3, 0.0), (Some(5), 2));
+        // Patience 0 stops at the first flat epoch.
+        assert_eq!(stopping(&losses, 0, 0.0), (Some(3), 2));
+        // Patience 4 never runs out: epoch 6 improves.
+        assert_eq!(stopping(&losses, 4, 0.0), (None, 6));
+        // min_delta 0.2: 0.9 is no improvement on 1.0, so the best stays at epoch 1.
+        assert_eq!(stopping(&losses, 2, 0.2), (Some(3), 1));
+    }
 }

@@ -25,7 +25,8 @@ pub use digit_image::{
 pub use error::TrainError;
 pub use evaluate::{ClassMetrics, Evaluation, evaluate};
 pub use fit::{
-    EpochRecord, FitData, FitOptions, FitOutcome, FitState, Observer, Resume, fit, snapshot,
+    EarlyStopping, EpochRecord, FitData, FitOptions, FitOutcome, FitState, Observer, Resume, fit,
+    snapshot,
 };
 pub use history::history_csv;
 pub use plots::{confusion_heatmap, history_plots, mistakes_grid};

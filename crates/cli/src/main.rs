@@ -2,31 +2,30 @@
 
 mod args;
 mod progress;
+mod train_command;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
-use cli::{FitData, FitOptions, Resume, RunDir, TensorBoard, TrainConfig, evaluate, fit};
-use mnist_data::{
-    Augmentation, DataError, Dataset, Elastic, LoadOptions, Normalization, Split, ValidationSplit,
-    load_dir, load_split,
-};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
+use cli::evaluate;
+use mnist_data::{DataError, Dataset, LoadOptions, Normalization, Split, load_dir, load_split};
 use ndarray::Array2;
-use nn::{
-    InputNormalization, Mode, ModelInfo, ModelSpec, Optimizer, ReduceOnPlateau, Sequential,
-    load_model, summary,
-};
+use nn::{Mode, ModelSpec, Sequential, load_model, summary};
 
-use crate::args::{
-    BenchArgs, Cli, Command, EvaluateArgs, ModelChoice, PredictArgs, SummaryArgs, TrainArgs,
-};
-use crate::progress::ProgressObserver;
+use crate::args::{BenchArgs, Cli, Command, EvaluateArgs, ModelChoice, PredictArgs, SummaryArgs};
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
-        Command::Train(args) => train(&args),
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let result = match cli.command {
+        Command::Train(args) => train_command::train(&args, &given_flags(&matches, "train")),
         Command::Evaluate(args) => evaluate_command(&args),
         Command::Predict(args) => predict(&args),
         Command::Summary(args) => summary_command(&args),
@@ -42,6 +41,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The ids of the flags of `subcommand` given on the command line or through the environment
+/// (not left at their defaults).
+fn given_flags(matches: &clap::ArgMatches, subcommand: &str) -> HashSet<String> {
+    let Some(matches) = matches.subcommand_matches(subcommand) else {
+        return HashSet::new();
+    };
+    matches
+        .ids()
+        .filter(|id| {
+            matches!(
+                matches.value_source(id.as_str()),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })
+        .map(|id| id.as_str().to_string())
+        .collect()
 }
 
 /// `text` with every control character escaped (`\n` as `\\n`), so it prints as one line.
@@ -63,7 +80,7 @@ fn load_test_set(dir: &Path) -> Result<mnist_data::LabeledImages> {
 }
 
 /// Loads the dataset, turning a missing one into instructions.
-fn load_dataset(dir: &Path) -> Result<Dataset> {
+pub(crate) fn load_dataset(dir: &Path) -> Result<Dataset> {
     load_dir(dir, &LoadOptions::default()).map_err(|e| explain_data_error(e, dir))
 }
 
@@ -80,7 +97,7 @@ fn explain_data_error(e: DataError, dir: &Path) -> anyhow::Error {
 }
 
 /// The architecture named by `--model` or read from `--arch`.
-fn resolve_spec(choice: &ModelChoice) -> Result<ModelSpec> {
+pub(crate) fn resolve_spec(choice: &ModelChoice) -> Result<ModelSpec> {
     if let Some(path) = &choice.arch {
         let json = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -98,244 +115,29 @@ fn resolve_spec(choice: &ModelChoice) -> Result<ModelSpec> {
     })
 }
 
-fn train(args: &TrainArgs) -> Result<()> {
-    let (config, run_dir, resuming) = match &args.resume {
-        Some(dir) => {
-            let path = dir.join("config.json");
-            let json = std::fs::read_to_string(&path).with_context(|| {
-                format!("cannot resume {}: no {}", dir.display(), path.display())
-            })?;
-            let config: TrainConfig =
-                serde_json::from_str(&json).with_context(|| format!("{}", path.display()))?;
-            (config, Some(dir.clone()), true)
-        }
-        None => (config_from_args(args)?, args.run_dir.clone(), false),
-    };
-    start_threads(config.threads)?;
-    on_a_worker(|| train_with(args, config, run_dir, resuming))
-}
-
 /// Runs `work` on a thread of the worker pool and waits for it. From there, a kernel's parallel
 /// loop starts at once and the other workers steal from it; called from outside the pool,
 /// each loop would be sent to the pool while the caller sleeps until it is done, two thread
 /// switches per loop (lenet5 trained at 25k images/s that way, 27.5-29k this way).
-fn on_a_worker<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+pub(crate) fn on_a_worker<T: Send>(work: impl FnOnce() -> T + Send) -> T {
     rayon::scope(|_| work())
 }
 
-/// [`train`] once the configuration is known.
-fn train_with(
-    args: &TrainArgs,
-    config: TrainConfig,
-    run_dir: Option<std::path::PathBuf>,
-    resuming: bool,
-) -> Result<()> {
-    let data = load_dataset(&config.data_dir)?;
-    let (train_set, validation) = data
-        .train
-        .split(ValidationSplit::Last {
-            fraction: config.val_split,
-        })
-        .context("cannot split off the validation set")?;
-    let normalization = Normalization::fit(&train_set);
-    let spec = config.model.clone();
-    let mut model = Sequential::new(spec.clone(), config.seed).context("cannot build the model")?;
-    let mut optimizer = Optimizer::new(config.optimizer, config.learning_rate)?;
-    let mut run = RunDir::create(run_dir, &spec.name)?;
-
-    let resume =
-        if resuming {
-            let state = run.load_checkpoint(&mut model, &mut optimizer).with_context(|| {
-            format!(
-                "cannot resume {}: no usable checkpoint (one is written after every finished \
-                 epoch; start the run again if none finished)",
-                run.path().display()
-            )
-        })?;
-            if state.epochs_done >= config.epochs {
-                bail!(
-                    "{} already finished its {} epochs; see final.safetensors there",
-                    run.path().display(),
-                    config.epochs
-                );
-            }
-            // Early stopping restores the best epoch's weights at the end: bring them back too.
-            let best = run.path().join("best.safetensors");
-            let best_weights = match config.early_stopping {
-                Some(_) if best.exists() => Some(cli::snapshot(
-                    &load_model(&best).context("cannot load the best model")?.0,
-                )),
-                _ => None,
-            };
-            let line = format!(
-                "resuming after epoch {} of {}",
-                state.epochs_done, config.epochs
-            );
-            run.log(&line)?;
-            if !args.quiet && !args.json {
-                eprintln!("{line} ({})", run.path().display());
-            }
-            Some(Resume {
-                state,
-                best_weights,
-            })
-        } else {
-            run.write_config(&config)?;
-            None
-        };
-    let header = format!(
-        "{} | {} train, {} validation, {} test images | {}, lr {}, batch {}, {} epoch(s), seed {}, {} thread(s)",
-        spec,
-        train_set.len(),
-        validation.len(),
-        data.test.len(),
-        config.optimizer,
-        config.learning_rate,
-        config.batch_size,
-        config.epochs,
-        config.seed,
-        config.threads
-    );
-    run.log(&header)?;
-    if !args.quiet && !args.json {
-        eprintln!("{header}");
-        eprintln!("run directory: {}", run.path().display());
-    }
-    let info = |training: serde_json::Value| ModelInfo {
-        normalization: Some(InputNormalization {
-            mean: normalization.mean,
-            std: normalization.std,
-        }),
-        training,
-    };
-    let options = FitOptions {
-        epochs: config.epochs,
-        batch_size: config.batch_size,
-        seed: config.seed,
-        label_smoothing: config.label_smoothing,
-        learning_rate: config.learning_rate,
-        schedule: config.schedule,
-        early_stopping: config.early_stopping,
-        reduce_lr: config
-            .reduce_lr
-            .map(|r| ReduceOnPlateau::new(r.factor, r.patience, r.min_lr)),
-        augmentation: config.augment.map(|a| Augmentation {
-            degrees: a.degrees,
-            zoom: a.zoom,
-            shift: a.shift,
-            elastic: a.elastic.map(|(alpha, sigma)| Elastic { alpha, sigma }),
-        }),
-    };
-    let fit_data = FitData {
-        train: &train_set,
-        validation: (!validation.is_empty()).then_some(&validation),
-        normalization,
-    };
-    // Into the run directory unless --tensorboard names another place.
-    let tensorboard_dir = config
-        .tensorboard
-        .clone()
-        .unwrap_or_else(|| run.path().join("tensorboard"));
-    let tensorboard = Some(TensorBoard::create(&tensorboard_dir)?);
-    let mut observer = ProgressObserver::new(
-        &mut run,
-        args.quiet,
-        args.json,
-        info(serde_json::Value::Null),
-        tensorboard,
-    );
-    let outcome = match fit(
-        &mut model,
-        &mut optimizer,
-        &fit_data,
-        &options,
-        &mut observer,
-        resume,
-    ) {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            let kept = run.path().join("last.safetensors");
-            let note = if kept.exists() {
-                format!("the last good model is {}", kept.display())
-            } else {
-                "no epoch finished, so no model was saved".to_string()
-            };
-            let _ = run.log(&format!("stopped: {e}; {note}"));
-            return Err(anyhow::Error::new(e).context(note));
-        }
-    };
-
-    let test = cli::evaluate(&mut model, &data.test, &normalization)?;
-    let final_facts = serde_json::json!({
-        "epochs_run": outcome.history.len(),
-        "best_epoch": outcome.best_epoch,
-        "stopped_early": outcome.stopped_early,
-        "test_loss": test.loss,
-        "test_accuracy": test.accuracy,
-        "history": outcome.history,
-        "config": config,
-    });
-    // With early stopping the model now holds the best epoch's weights; save what is evaluated.
-    let final_path = run.save_model("final", &model, &info(final_facts))?;
-    let line = format!(
-        "test loss {:.4}, test accuracy {:.4} ({} of {}); model: {}",
-        test.loss,
-        test.accuracy,
-        (test.accuracy * data.test.len() as f32).round(),
-        data.test.len(),
-        final_path.display()
-    );
-    run.log(&line)?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"test_loss": test.loss, "test_accuracy": test.accuracy, "model": final_path})
-        );
-    } else if !args.quiet {
-        println!("{line}");
-    }
-    Ok(())
-}
-
 /// The number of cores, the default thread count.
-fn all_cores() -> usize {
+pub(crate) fn all_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Sizes the worker pool every kernel runs on.
-fn start_threads(threads: usize) -> Result<()> {
+pub(crate) fn start_threads(threads: usize) -> Result<()> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
         .context("cannot start the worker threads")
 }
 
-/// The run configuration the command-line arguments describe.
-fn config_from_args(args: &TrainArgs) -> Result<TrainConfig> {
-    if args.nesterov && (args.optimizer != args::OptimizerName::Sgd || args.momentum == 0.0) {
-        bail!("--nesterov needs --optimizer sgd and a --momentum above 0");
-    }
-    Ok(TrainConfig {
-        model: resolve_spec(&args.model)?,
-        data_dir: args.data.data_dir.clone(),
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        optimizer: args.rule(),
-        learning_rate: args.learning_rate(),
-        schedule: args.schedule,
-        label_smoothing: args.label_smoothing,
-        val_split: args.val_split,
-        seed: args.seed,
-        threads: args.threads.unwrap_or_else(all_cores),
-        early_stopping: args.early_stopping,
-        reduce_lr: args.reduce_lr(),
-        augment: args.augment(),
-        tensorboard: args.tensorboard.clone(),
-    })
-}
-
 /// A model file and the normalization it was trained with.
-fn open_model(path: &Path) -> Result<(Sequential, Normalization)> {
+pub(crate) fn open_model(path: &Path) -> Result<(Sequential, Normalization)> {
     let (model, info) = load_model(path).context("cannot load the model")?;
     // No silent default: a model fed inputs scaled otherwise than in training is quietly wrong.
     let n = info.normalization.with_context(|| {
@@ -501,7 +303,7 @@ fn summary_command(args: &SummaryArgs) -> Result<()> {
             .clone(),
         None => resolve_spec(&args.model)?,
     };
-    print!("{}", summary(&spec)?);
+    print!("{}", summary(&spec, args.freeze)?);
     Ok(())
 }
 

@@ -78,6 +78,15 @@ impl Observer for ProgressObserver<'_> {
         }
     }
 
+    fn callback_fired(&mut self, message: &str) {
+        // Logged for the record; a failed log write is not worth stopping the run for, and
+        // the next epoch's write will report it.
+        let _ = self.run.log(message);
+        if !self.quiet && !self.json {
+            eprintln!("{message}");
+        }
+    }
+
     fn epoch_finished(
         &mut self,
         record: &EpochRecord,

@@ -23,10 +23,56 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `path`, or `runs/<UTC time>-<model>` when none is given (the model's name made
-    /// safe as one file name: it comes from a spec, which anyone may have written). Removes the
-    /// temporary files an interrupted run left behind.
-    pub fn create(path: Option<PathBuf>, model_name: &str) -> Result<RunDir, TrainError> {
+    /// Refuses a directory a new run must not write into: one holding files, unless
+    /// `overwrite` is given and it is a run directory (it has a `config.json`), which is then
+    /// replaced. Checked before any data is loaded; [`RunDir::create`] checks again.
+    pub fn check_new(path: &Path, overwrite: bool) -> Result<(), TrainError> {
+        let refuse = |problem: String| TrainError::RunDir {
+            path: path.to_path_buf(),
+            problem,
+        };
+        if path.exists() && !path.is_dir() {
+            return Err(refuse("exists and is not a directory".into()));
+        }
+        let mut entries = match fs::read_dir(path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => {
+                return Err(TrainError::Io {
+                    path: path.to_path_buf(),
+                    error,
+                });
+            }
+        };
+        if entries.next().is_none() {
+            return Ok(());
+        }
+        if !overwrite {
+            return Err(refuse(format!(
+                "already holds a run; pass --overwrite to replace it, --resume {} to continue \
+                 it, or choose another --run-dir",
+                path.display()
+            )));
+        }
+        if !path.join("config.json").is_file() {
+            return Err(refuse(
+                "holds files but no config.json, so it is not a run directory: --overwrite \
+                 replaces run directories only"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates `path` for a new run, or `runs/<UTC time>-<model>` when none is given (the
+    /// model's name made safe as one file name: it comes from a spec, which anyone may have
+    /// written). A directory that already holds a run is refused, or with `overwrite` replaced
+    /// (see [`RunDir::check_new`]).
+    pub fn create(
+        path: Option<PathBuf>,
+        model_name: &str,
+        overwrite: bool,
+    ) -> Result<RunDir, TrainError> {
         let path = path.unwrap_or_else(|| {
             PathBuf::from("runs").join(format!(
                 "{}-{}",
@@ -34,9 +80,22 @@ impl RunDir {
                 safe_file_name(model_name)
             ))
         });
-        let io = |error| TrainError::Io {
+        RunDir::check_new(&path, overwrite)?;
+        if overwrite && path.join("config.json").is_file() {
+            fs::remove_dir_all(&path).map_err(|error| TrainError::Io {
+                path: path.clone(),
+                error,
+            })?;
+        }
+        RunDir::open(path)
+    }
+
+    /// Opens the directory of a run to continue it (creating it if needed); removes the
+    /// temporary files an interrupted run left behind.
+    pub fn open(path: PathBuf) -> Result<RunDir, TrainError> {
+        let io = |source| TrainError::Io {
             path: path.clone(),
-            error,
+            error: source,
         };
         fs::create_dir_all(&path).map_err(io)?;
         remove_stray_temporary_files(&path).map_err(io)?;
@@ -207,13 +266,32 @@ mod tests {
         fs::create_dir(&run_path).unwrap();
         fs::write(run_path.join(".tmpA1b2C3"), b"half a model").unwrap();
         fs::write(run_path.join("history.csv"), b"epoch\n").unwrap();
-        RunDir::create(Some(run_path.clone()), "m").unwrap();
+        RunDir::open(run_path.clone()).unwrap();
         let mut left: Vec<_> = fs::read_dir(&run_path)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
         assert_eq!(left, ["history.csv", "train.log"]);
+    }
+
+    #[test]
+    fn a_directory_holding_a_run_is_refused_unless_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        RunDir::create(Some(run.clone()), "m", false).unwrap();
+        fs::write(run.join("config.json"), b"{}").unwrap();
+        let error = RunDir::create(Some(run.clone()), "m", false).unwrap_err();
+        assert!(error.to_string().contains("pass --overwrite"), "{error}");
+        RunDir::create(Some(run.clone()), "m", true).unwrap();
+        assert!(!run.join("config.json").exists());
+        // Not a run directory: never deleted, even with --overwrite.
+        let other = dir.path().join("photos");
+        fs::create_dir(&other).unwrap();
+        fs::write(other.join("cat.jpg"), b"meow").unwrap();
+        let error = RunDir::create(Some(other.clone()), "m", true).unwrap_err();
+        assert!(error.to_string().contains("not a run directory"), "{error}");
+        assert!(other.join("cat.jpg").exists());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use cli::{FitData, FitOptions, Observer, fit};
+use cli::{EarlyStopping, FitData, FitOptions, Observer, fit};
 use mnist_data::{LoadOptions, Normalization, ValidationSplit, load_dir};
 use nn::{Optimizer, Rule, Schedule, Sequential, preset};
 
@@ -26,8 +26,8 @@ fn early_stopping_restores_the_weights_of_the_best_epoch() {
         validation: Some(&validation),
         normalization,
     };
-    // With this seed and rate the model learns, then diverges (validation loss 1.24, 0.69, 2.34,
-    // 2.33): early stopping must stop after epoch 4 and bring back epoch 2.
+    // With this seed and rate the model learns, then diverges: early stopping with patience 1
+    // must stop after the first epoch that does not improve, and bring back the best.
     let options = FitOptions {
         epochs: 6,
         batch_size: 32,
@@ -35,7 +35,10 @@ fn early_stopping_restores_the_weights_of_the_best_epoch() {
         label_smoothing: 0.0,
         learning_rate: 0.1,
         schedule: Schedule::Constant,
-        early_stopping: Some(1),
+        early_stopping: Some(EarlyStopping {
+            patience: 1,
+            min_delta: 0.0,
+        }),
         reduce_lr: None,
         augmentation: None,
     };
@@ -62,9 +65,9 @@ fn early_stopping_restores_the_weights_of_the_best_epoch() {
         .min_by(|a, b| a.1.total_cmp(b.1))
         .unwrap();
     assert_eq!(outcome.best_epoch, best_index + 1, "{losses:?}");
-    // Patience 1: stopped two epochs after the best, before the last epoch.
+    // Patience 1: stopped one epoch after the best (Keras' wait >= patience), before the last.
     assert!(outcome.stopped_early, "{losses:?}");
-    assert_eq!(outcome.history.len(), outcome.best_epoch + 2, "{losses:?}");
+    assert_eq!(outcome.history.len(), outcome.best_epoch + 1, "{losses:?}");
     // The model holds the best epoch's weights: it scores exactly that epoch's validation loss.
     let loss = cli::evaluate(&mut model, &validation, &normalization)
         .unwrap()

@@ -6,6 +6,8 @@
 mod common;
 
 use std::path::Path;
+
+use common::weights;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,22 +18,6 @@ fn mnist() -> Command {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     command
-}
-
-/// Every parameter and buffer of a model file, as bits.
-fn weights(path: &Path) -> Vec<(String, Vec<u32>)> {
-    let (model, _) = nn::load_model(path).unwrap();
-    let mut out = Vec::new();
-    model.visit_params(|name, p| {
-        out.push((
-            name.to_string(),
-            p.value.iter().map(|v| v.to_bits()).collect(),
-        ))
-    });
-    model.visit_buffers(|name, b| {
-        out.push((name.to_string(), b.iter().map(|v| v.to_bits()).collect()))
-    });
-    out
 }
 
 #[test]
@@ -121,7 +107,7 @@ fn a_killed_run_resumes_to_the_same_weights() {
     };
     assert_eq!(history(&straight), history(&killed));
 
-    // Resuming a finished run says so.
+    // Resuming a finished run without more epochs says so.
     let out = mnist()
         .args(["train", "--resume", killed.to_str().unwrap()])
         .output()

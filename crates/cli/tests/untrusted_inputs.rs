@@ -230,7 +230,7 @@ fn a_run_directory_that_cannot_be_made_says_why_once() {
         "--data-dir",
         dir.path().to_str().unwrap(),
         "--run-dir",
-        file.to_str().unwrap(),
+        file.join("run").to_str().unwrap(),
     ]);
-    refused(&output, "taken", "File exists");
+    refused(&output, "taken", "Not a directory");
 }

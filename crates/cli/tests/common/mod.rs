@@ -5,6 +5,23 @@ use std::path::Path;
 use mnist_data::{Encoding, IdxArray, write_idx_file};
 use ndarray::{ArrayD, IxDyn};
 
+/// Every parameter and buffer of a model file, as bits.
+#[allow(dead_code)]
+pub fn weights(path: &Path) -> Vec<(String, Vec<u32>)> {
+    let (model, _) = nn::load_model(path).unwrap();
+    let mut out = Vec::new();
+    model.visit_params(|name, p| {
+        out.push((
+            name.to_string(),
+            p.value.iter().map(|v| v.to_bits()).collect(),
+        ))
+    });
+    model.visit_buffers(|name, b| {
+        out.push((name.to_string(), b.iter().map(|v| v.to_bits()).collect()))
+    });
+    out
+}
+
 /// `n` images per split where class k is a bright vertical bar at columns 2k+4..2k+6, with a
 /// little pseudo-random noise: learnable in one epoch.
 #[allow(dead_code)]
