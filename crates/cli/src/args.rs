@@ -308,8 +308,11 @@ pub struct PredictArgs {
     /// A model file written by `train`.
     #[arg(long, value_name = "FILE")]
     pub model_file: PathBuf,
-    /// Images of digits (PNG, JPEG), brought to MNIST's form: grayscale, inverted when the
-    /// background is light, cropped, fitted into 20x20, centred by mass in 28x28.
+    /// Images of digits (PNG, JPEG; a directory for every image in it, `-` for standard
+    /// input), brought to MNIST's form: transparency flattened, grayscale, inverted when the
+    /// background is light, paper and its shading removed, cropped, fitted into 20x20, centred
+    /// by mass in 28x28. Each is answered; one that cannot be read is reported on its own line
+    /// and makes the exit code 1.
     #[arg(value_name = "IMAGE", conflicts_with_all = ["test_index", "random"])]
     pub images: Vec<PathBuf>,
     /// Predict test image N (0-based).
@@ -323,7 +326,7 @@ pub struct PredictArgs {
     pub save_image: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataDirArg,
-    /// Print the prediction as JSON.
+    /// Print one JSON entry per input: the prediction, or the error.
     #[arg(long)]
     pub json: bool,
 }

@@ -192,10 +192,13 @@ fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
     Ok(())
 }
 
+/// One input of `predict`: what it is, the 28x28 image or why there is none, its label when
+/// known.
+type PredictInput = (String, Result<Array2<u8>, String>, Option<u8>);
+
 fn predict(args: &PredictArgs) -> Result<()> {
     let (mut model, normalization) = open_model(&args.model_file)?;
-    // (what it is, the 28x28 image, its label when known)
-    let mut inputs: Vec<(String, Array2<u8>, Option<u8>)> = Vec::new();
+    let mut inputs: Vec<PredictInput> = Vec::new();
     if args.images.is_empty() {
         let test = load_test_set(&args.data.data_dir)?;
         let n = test.len();
@@ -217,19 +220,51 @@ fn predict(args: &PredictArgs) -> Result<()> {
         };
         inputs.push((
             format!("test image {index}"),
-            test.image(index).to_owned(),
+            Ok(test.image(index).to_owned()),
             Some(test.labels()[index]),
         ));
     } else {
-        for path in &args.images {
-            inputs.push((path.display().to_string(), cli::load_digit(path)?, None));
+        for path in image_files(&args.images)? {
+            let image = if path.as_os_str() == "-" {
+                read_stdin_image()
+            } else {
+                cli::load_digit(&path).map_err(|e| e.to_string())
+            };
+            let name = if path.as_os_str() == "-" {
+                "standard input".to_string()
+            } else {
+                path.display().to_string()
+            };
+            // A decoding error names the file already; keep the message to the problem.
+            let image = image.map_err(|e| {
+                e.strip_prefix(&format!("{name}: "))
+                    .map_or(e.clone(), str::to_string)
+            });
+            inputs.push((name, image, None));
         }
     }
-    if let Some(png) = &args.save_image {
-        save_png(png, &inputs[0].1)?;
+    if let Some(png) = &args.save_image
+        && let Some((_, Ok(image), _)) = inputs.iter().find(|(_, image, _)| image.is_ok())
+    {
+        save_png(png, image)?;
     }
     let mut results = Vec::new();
+    let mut failed = 0;
     for (name, image, label) in &inputs {
+        let image = match image {
+            Ok(image) => image,
+            // One image: its error is the command's, on one line.
+            Err(problem) if inputs.len() == 1 && !args.json => bail!("{name}: {problem}"),
+            Err(problem) => {
+                failed += 1;
+                if args.json {
+                    results.push(serde_json::json!({"input": name, "error": problem}));
+                } else {
+                    eprintln!("error: {}", one_line(&format!("{name}: {problem}")));
+                }
+                continue;
+            }
+        };
         let (predicted, probabilities) = classify(&mut model, image, &normalization)?;
         if args.json {
             results.push(serde_json::json!({"input": name, "label": label, "predicted": predicted, "probabilities": probabilities}));
@@ -240,7 +275,61 @@ fn predict(args: &PredictArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::Value::Array(results));
     }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} images could not be read; the others were answered",
+            inputs.len()
+        );
+    }
     Ok(())
+}
+
+/// The image files `paths` name: files as given, `-` for standard input, and every PNG or
+/// JPEG of a directory (not its subdirectories), in name order.
+fn image_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot list {}", path.display()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str())
+                    })
+            })
+            .collect();
+        if found.is_empty() {
+            bail!(
+                "{}: no PNG or JPEG images in this directory",
+                path.display()
+            );
+        }
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
+}
+
+/// An image read from standard input, at most [`cli::MAX_IMAGE_FILE_BYTES`].
+fn read_stdin_image() -> Result<Array2<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .take(cli::MAX_IMAGE_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > cli::MAX_IMAGE_FILE_BYTES {
+        return Err(format!(
+            "more than the limit of {} bytes for an image",
+            cli::MAX_IMAGE_FILE_BYTES
+        ));
+    }
+    cli::decode_digit(&bytes)
 }
 
 /// The predicted class and every class's softmax probability for one image of bytes.

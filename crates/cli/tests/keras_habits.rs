@@ -312,3 +312,89 @@ fn a_run_directory_is_not_reused_unless_overwritten() {
         .count();
     assert_eq!(events, 1);
 }
+
+#[test]
+fn predict_answers_every_image_it_can_and_reports_each_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    common::synthetic_dataset(&data, 100, 20);
+    let mut base = TRAIN.to_vec();
+    base.extend(["1", "--epochs", "1", "--run-dir", "run"]);
+    ok(&mnist(dir.path(), &base));
+    let model = dir.path().join("run/final.safetensors");
+    let model = model.to_str().unwrap();
+    // A bar, as the synthetic classes are drawn, in a PNG; a directory of two; a broken file.
+    let bar = image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([if (8..10).contains(&x) && (4..24).contains(&y) {
+            230
+        } else {
+            0
+        }])
+    });
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    bar.save(images.join("a.png")).unwrap();
+    bar.save(images.join("b.png")).unwrap();
+    std::fs::write(images.join("notes.txt"), "not an image").unwrap();
+    std::fs::write(dir.path().join("broken.png"), b"\x89PNG broken").unwrap();
+    let output = mnist(
+        dir.path(),
+        &["predict", "--model-file", model, "images", "broken.png"],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = refused(&output, "1 of 3 images could not be read");
+    assert_eq!(stdout.matches(": predicted ").count(), 2, "{stdout}");
+    assert!(
+        stdout.contains("a.png") && stdout.contains("b.png"),
+        "{stdout}"
+    );
+    assert_eq!(stderr.lines().count(), 2, "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .next()
+            .unwrap()
+            .starts_with("error: broken.png: not a PNG"),
+        "{stderr}"
+    );
+
+    let output = mnist(
+        dir.path(),
+        &[
+            "predict",
+            "--model-file",
+            model,
+            "--json",
+            "images/a.png",
+            "broken.png",
+        ],
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(entries[0]["input"], "images/a.png");
+    assert!(entries[0]["predicted"].is_u64(), "{entries}");
+    assert_eq!(entries[1]["input"], "broken.png");
+    assert!(
+        entries[1]["error"].as_str().unwrap().contains("not a PNG"),
+        "{entries}"
+    );
+    assert_eq!(output.status.code(), Some(1));
+
+    // Standard input.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mnist"))
+        .current_dir(dir.path())
+        .args(["predict", "--model-file", model, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        &std::fs::read(images.join("a.png")).unwrap(),
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    ok(&output);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("standard input: predicted"));
+}
