@@ -407,19 +407,22 @@ mod tests {
         assert_eq!((inverted[(3, 14)], inverted[(3, 13)]), (255, 0));
     }
 
-    #[test]
-    fn the_running_min_and_max_match_a_naive_window() {
-        let line: Vec<u8> = (0..37u32).map(|i| ((i * 97 + 13) % 251) as u8).collect();
-        for r in [0, 1, 2, 5, 18, 40] {
-            for pick in [u8::min, u8::max] {
-                let naive: Vec<u8> = (0..line.len())
-                    .map(|i| {
-                        let (lo, hi) = (i.saturating_sub(r), (i + r).min(line.len() - 1));
-                        line[lo..=hi].iter().copied().reduce(pick).unwrap()
-                    })
-                    .collect();
-                assert_eq!(running(&line, r, pick), naive, "r {r}");
-            }
+    proptest::proptest! {
+        /// The running minimum and maximum against the plain window, on random lines and radii.
+        #[test]
+        fn the_running_min_and_max_match_a_naive_window(
+            line in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..80),
+            r in 0usize..50,
+            max in proptest::prelude::any::<bool>(),
+        ) {
+            let pick: fn(u8, u8) -> u8 = if max { u8::max } else { u8::min };
+            let naive: Vec<u8> = (0..line.len())
+                .map(|i| {
+                    let (lo, hi) = (i.saturating_sub(r), (i + r).min(line.len() - 1));
+                    line[lo..=hi].iter().copied().fold(if max { 0 } else { 255 }, pick)
+                })
+                .collect();
+            proptest::prop_assert_eq!(running(&line, r, pick), naive);
         }
     }
 

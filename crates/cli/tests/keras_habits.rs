@@ -398,3 +398,37 @@ fn predict_answers_every_image_it_can_and_reports_each_failure() {
     ok(&output);
     assert!(String::from_utf8_lossy(&output.stdout).contains("standard input: predicted"));
 }
+
+#[test]
+fn evaluate_and_predict_need_only_the_test_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    common::synthetic_dataset(&data, 100, 20);
+    let mut base = TRAIN.to_vec();
+    base.extend(["1", "--epochs", "1", "--run-dir", "run"]);
+    ok(&mnist(dir.path(), &base));
+    for name in ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"] {
+        std::fs::remove_file(data.join(name)).unwrap();
+    }
+    let model = dir.path().join("run/final.safetensors");
+    let model = model.to_str().unwrap();
+    ok(&mnist(
+        dir.path(),
+        &["evaluate", "--model-file", model, "--data-dir", "data"],
+    ));
+    let output = mnist(
+        dir.path(),
+        &[
+            "predict",
+            "--model-file",
+            model,
+            "--data-dir",
+            "data",
+            "--test-index",
+            "3",
+        ],
+    );
+    ok(&output);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("test image 3"));
+}
