@@ -27,6 +27,27 @@ pub enum Command {
     Summary(SummaryArgs),
     /// Measure a preset's training and inference speed (what `cargo xtask bench` runs).
     Bench(BenchArgs),
+    /// Write a model file as ONNX, for onnxruntime, Netron and every ONNX tool.
+    Export(ExportArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// ONNX, opset 13: input float32 pixels in 0..1, outputs logits and probabilities.
+    Onnx,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A model file written by `train`.
+    #[arg(long, value_name = "FILE")]
+    pub model_file: PathBuf,
+    /// The format to write.
+    #[arg(long, value_enum, default_value = "onnx")]
+    pub format: ExportFormat,
+    /// Where to write it.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 #[derive(Args)]

@@ -16,7 +16,10 @@ use mnist_data::{DataError, Dataset, LoadOptions, Normalization, Split, load_dir
 use ndarray::Array2;
 use nn::{Mode, ModelSpec, Sequential, load_model, summary};
 
-use crate::args::{BenchArgs, Cli, Command, EvaluateArgs, ModelChoice, PredictArgs, SummaryArgs};
+use crate::args::{
+    BenchArgs, Cli, Command, EvaluateArgs, ExportArgs, ExportFormat, ModelChoice, PredictArgs,
+    SummaryArgs,
+};
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => predict(&args),
         Command::Summary(args) => summary_command(&args),
         Command::Bench(args) => bench_command(&args),
+        Command::Export(args) => export_command(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -393,6 +397,33 @@ fn summary_command(args: &SummaryArgs) -> Result<()> {
         None => resolve_spec(&args.model)?,
     };
     print!("{}", summary(&spec, args.freeze)?);
+    Ok(())
+}
+
+fn export_command(args: &ExportArgs) -> Result<()> {
+    let (model, info) = load_model(&args.model_file).context("cannot load the model")?;
+    match args.format {
+        ExportFormat::Onnx => onnx_export::write_onnx(&args.output, &model, &info)
+            .with_context(|| format!("cannot export {}", args.model_file.display()))?,
+    }
+    println!(
+        "{} -> {} (ONNX opset {}, IR version {}): input \"{}\" [N, {}] float32 pixels in 0..1; \
+         outputs \"{}\" and \"{}\"",
+        args.model_file.display(),
+        args.output.display(),
+        onnx_export::OPSET,
+        onnx_export::IR_VERSION,
+        onnx_export::INPUT,
+        model
+            .spec()
+            .input
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        onnx_export::LOGITS,
+        onnx_export::PROBABILITIES,
+    );
     Ok(())
 }
 
