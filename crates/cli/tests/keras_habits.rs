@@ -43,6 +43,22 @@ fn same_weights(a: &Path, b: &Path) {
     }
 }
 
+/// A scratch directory holding a synthetic dataset in `data/`.
+fn scratch(train: usize, test: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    common::synthetic_dataset(&data, train, test);
+    dir
+}
+
+/// Trains lenet5 for one epoch on the data in `dir` into the run directory `dir/<run>`.
+fn trained_for_an_epoch(dir: &Path, run: &str) {
+    let mut args = TRAIN.to_vec();
+    args.extend(["1", "--epochs", "1", "--run-dir", run]);
+    ok(&mnist(dir, &args));
+}
+
 const TRAIN: [&str; 9] = [
     "train",
     "--model",
@@ -57,10 +73,7 @@ const TRAIN: [&str; 9] = [
 
 #[test]
 fn a_finished_run_continues_to_more_epochs_with_the_weights_of_a_longer_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    common::synthetic_dataset(&data, 400, 50);
+    let dir = scratch(400, 50);
     // A relative --data-dir, then a resume from elsewhere: the stored path must be absolute.
     let mut three = TRAIN.to_vec();
     three.extend(["4", "--epochs", "3", "--run-dir", "three"]);
@@ -120,13 +133,8 @@ fn a_finished_run_continues_to_more_epochs_with_the_weights_of_a_longer_run() {
 
 #[test]
 fn fine_tuning_keeps_the_frozen_layers_bytes_and_trains_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    common::synthetic_dataset(&data, 300, 50);
-    let mut base = TRAIN.to_vec();
-    base.extend(["1", "--epochs", "1", "--run-dir", "base"]);
-    ok(&mnist(dir.path(), &base));
+    let dir = scratch(300, 50);
+    trained_for_an_epoch(dir.path(), "base");
     let source = dir.path().join("base/final.safetensors");
     let source_str = source.to_str().unwrap();
 
@@ -184,10 +192,7 @@ fn fine_tuning_keeps_the_frozen_layers_bytes_and_trains_the_rest() {
 
 #[test]
 fn mistakes_are_refused_before_data_is_read_or_a_run_directory_made() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    common::synthetic_dataset(&data, 200, 20);
+    let dir = scratch(200, 20);
     let spec = |name: &str, json: &str| {
         let path = dir.path().join(name);
         std::fs::write(&path, json).unwrap();
@@ -239,10 +244,7 @@ fn mistakes_are_refused_before_data_is_read_or_a_run_directory_made() {
 
 #[test]
 fn a_spec_ending_in_softmax_trains_on_the_scores_before_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    common::synthetic_dataset(&data, 300, 50);
+    let dir = scratch(300, 50);
     let layers = r#"{"type":"Conv2d","filters":4,"kernel":[3,3]},{"type":"ReLU"},{"type":"MaxPool2d","kernel":[2,2]},{"type":"Flatten"},{"type":"Dense","units":10}"#;
     let plain = format!(r#"{{"name":"plain","input":[1,28,28],"layers":[{layers}]}}"#);
     let keras =
@@ -281,10 +283,7 @@ fn a_spec_ending_in_softmax_trains_on_the_scores_before_it() {
 
 #[test]
 fn a_run_directory_is_not_reused_unless_overwritten() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    common::synthetic_dataset(&data, 100, 20);
+    let dir = scratch(100, 20);
     let args = [
         "train",
         "--model",
@@ -315,13 +314,8 @@ fn a_run_directory_is_not_reused_unless_overwritten() {
 
 #[test]
 fn predict_answers_every_image_it_can_and_reports_each_failure() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    common::synthetic_dataset(&data, 100, 20);
-    let mut base = TRAIN.to_vec();
-    base.extend(["1", "--epochs", "1", "--run-dir", "run"]);
-    ok(&mnist(dir.path(), &base));
+    let dir = scratch(100, 20);
+    trained_for_an_epoch(dir.path(), "run");
     let model = dir.path().join("run/final.safetensors");
     let model = model.to_str().unwrap();
     // A bar, as the synthetic classes are drawn, in a PNG; a directory of two; a broken file.
@@ -401,15 +395,10 @@ fn predict_answers_every_image_it_can_and_reports_each_failure() {
 
 #[test]
 fn evaluate_and_predict_need_only_the_test_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    common::synthetic_dataset(&data, 100, 20);
-    let mut base = TRAIN.to_vec();
-    base.extend(["1", "--epochs", "1", "--run-dir", "run"]);
-    ok(&mnist(dir.path(), &base));
+    let dir = scratch(100, 20);
+    trained_for_an_epoch(dir.path(), "run");
     for name in ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"] {
-        std::fs::remove_file(data.join(name)).unwrap();
+        std::fs::remove_file(dir.path().join("data").join(name)).unwrap();
     }
     let model = dir.path().join("run/final.safetensors");
     let model = model.to_str().unwrap();
