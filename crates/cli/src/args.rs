@@ -29,6 +29,27 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write a model file as ONNX, for onnxruntime, Netron and every ONNX tool.
     Export(ExportArgs),
+    /// Serve a model: a page to draw digits on, and a JSON API (see the README).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A model file written by `train`.
+    #[arg(long, value_name = "FILE")]
+    pub model_file: PathBuf,
+    /// The address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// The port (0: any free one).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// At most this many images in one forward pass.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    pub max_batch: usize,
+    /// After a batch's first request, wait at most this many milliseconds for more.
+    #[arg(long, value_name = "MS", default_value_t = 2)]
+    pub max_wait_ms: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -29,12 +29,12 @@ pub enum TrainError {
         /// Why not.
         problem: String,
     },
-    /// An image file could not be read or holds no digit.
+    /// A figure could not be drawn.
     #[error("{}: {problem}", path.display())]
     Image {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
+        /// What went wrong.
         problem: String,
     },
     /// The loss stopped being a finite number.

@@ -6,7 +6,6 @@
 
 mod bench;
 mod config;
-mod digit_image;
 mod error;
 mod evaluate;
 mod fit;
@@ -19,9 +18,7 @@ pub use bench::{
     BenchCase, BenchResult, ProfileRow, bench, bench_cases, peak_rss_mb, profile_table,
 };
 pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
-pub use digit_image::{
-    MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, decode_digit, load_digit, to_mnist_form,
-};
+// Images of digits in MNIST's form live in `mnist-data`, shared with the server.
 pub use error::TrainError;
 pub use evaluate::{ClassMetrics, Evaluation, evaluate};
 pub use fit::{
@@ -29,6 +26,9 @@ pub use fit::{
     snapshot,
 };
 pub use history::history_csv;
+pub use mnist_data::{
+    MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, decode_digit, load_digit, to_mnist_form,
+};
 pub use plots::{confusion_heatmap, history_plots, mistakes_grid};
 pub use run_dir::{RunDir, safe_file_name, utc_timestamp};
 pub use tensorboard::{TensorBoard, crc32c, masked_crc32c};

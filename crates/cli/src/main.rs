@@ -18,7 +18,7 @@ use nn::{Mode, ModelSpec, Sequential, load_model, summary};
 
 use crate::args::{
     BenchArgs, Cli, Command, EvaluateArgs, ExportArgs, ExportFormat, ModelChoice, PredictArgs,
-    SummaryArgs,
+    ServeArgs, SummaryArgs,
 };
 
 fn main() -> ExitCode {
@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         Command::Summary(args) => summary_command(&args),
         Command::Bench(args) => bench_command(&args),
         Command::Export(args) => export_command(&args),
+        Command::Serve(args) => serve_command(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -397,6 +398,41 @@ fn summary_command(args: &SummaryArgs) -> Result<()> {
         None => resolve_spec(&args.model)?,
     };
     print!("{}", summary(&spec, args.freeze)?);
+    Ok(())
+}
+
+fn serve_command(args: &ServeArgs) -> Result<()> {
+    let (model, normalization) = open_model(&args.model_file)?;
+    let limits = serve::Limits {
+        batch: serve::BatchPolicy {
+            max_batch: args.max_batch,
+            max_wait: std::time::Duration::from_millis(args.max_wait_ms),
+            ..serve::BatchPolicy::default()
+        },
+        ..serve::Limits::default()
+    };
+    let state = serve::AppState::new(model, normalization, &args.model_file, limits)
+        .with_context(|| format!("cannot serve {}", args.model_file.display()))?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let address = std::net::SocketAddr::new(args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address}"))?;
+        let bound = listener.local_addr().context("no local address")?;
+        println!(
+            "serving {} at http://{bound}/ (Ctrl-C to stop)",
+            args.model_file.display()
+        );
+        // Ctrl-C stops accepting; requests in flight finish.
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        serve::serve(listener, state, shutdown)
+            .await
+            .context("the server stopped")
+    })?;
+    println!("stopped");
     Ok(())
 }
 

@@ -140,6 +140,14 @@ pub enum DataError {
         /// Columns expected.
         expected_cols: usize,
     },
+    /// An image file could not be read or holds no digit.
+    #[error("{}: {problem}", path.display())]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
     /// A label is not a valid class index (for labels not read from a file).
     #[error("label {label} at index {index} is outside the {classes} classes 0..{classes}")]
     InvalidLabel {

@@ -20,6 +20,7 @@ mod atomic_file;
 mod augment;
 mod batch;
 mod dataset;
+mod digit_image;
 mod error;
 mod idx;
 mod images;
@@ -31,6 +32,10 @@ pub mod testing;
 pub use augment::{Augmentation, Elastic};
 pub use batch::{Batch, BatchOrder, Batches};
 pub use dataset::{Dataset, LoadOptions, MNIST_FILE_NAMES, Split, find_file, load_dir, load_split};
+pub use digit_image::{
+    MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, decode_digit, flatten_alpha,
+    load_digit, to_mnist_form,
+};
 pub use error::{DataError, IdxError};
 pub use idx::{
     ElementType, Encoding, IdxArray, read_idx, read_idx_file, write_idx, write_idx_file,

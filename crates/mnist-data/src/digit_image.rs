@@ -21,7 +21,7 @@ use image::imageops::FilterType;
 use image::{DynamicImage, GrayImage, Luma};
 use ndarray::Array2;
 
-use crate::error::TrainError;
+use crate::error::DataError;
 
 /// A 28x28 image with no pixel above this (after inversion) is blank.
 const INK_THRESHOLD: u8 = 40;
@@ -43,8 +43,8 @@ pub const MAX_IMAGE_PIXELS: u64 = 48_000_000;
 const MAX_DECODE_BYTES: u64 = 256 << 20;
 
 /// Reads an image file and returns it in MNIST's form, 28x28 bytes.
-pub fn load_digit(path: &Path) -> Result<Array2<u8>, TrainError> {
-    let at = |problem: String| TrainError::Image {
+pub fn load_digit(path: &Path) -> Result<Array2<u8>, DataError> {
+    let at = |problem: String| DataError::Image {
         path: path.to_path_buf(),
         problem,
     };

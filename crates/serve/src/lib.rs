@@ -1,0 +1,169 @@
+//! The HTTP server behind `mnist serve`: a page to draw a digit on, and a JSON API that answers
+//! predictions under load, batching concurrent requests into one forward pass.
+//!
+//! Routes: `GET /` (the page), `POST /api/predict`, `GET /api/model`, `GET /healthz`,
+//! `GET /metrics` (Prometheus). Every error is a 4xx (the client's) or 5xx (ours) with a JSON
+//! body `{"error": "..."}`. Images go through `mnist_data::decode_digit`, the one preprocessing
+//! `mnist predict` uses too, with its limits checked before decoding.
+//!
+//! Architecture invariant: [`router`] builds the whole service from an [`AppState`], with no
+//! socket, so tests drive it in-process; [`serve`] only adds the listener and the graceful
+//! shutdown.
+
+mod api;
+mod batcher;
+mod error;
+mod metrics;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use mnist_data::Normalization;
+use nn::Sequential;
+use serde_json::{Value, json};
+use tower::limit::ConcurrencyLimitLayer;
+
+pub use batcher::{BatchPolicy, Batcher};
+pub use error::ServeError;
+pub use metrics::Metrics;
+
+/// What the server accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The largest request body, in bytes.
+    pub body_bytes: usize,
+    /// How long a client may take to send its body.
+    pub request_timeout: Duration,
+    /// Requests handled at once; more wait for a slot.
+    pub concurrency: usize,
+    /// How predictions are batched.
+    pub batch: BatchPolicy,
+}
+
+impl Default for Limits {
+    /// 8 MiB bodies, 10 s to send one, 512 requests at once, [`BatchPolicy::default`].
+    fn default() -> Self {
+        Limits {
+            body_bytes: 8 << 20,
+            request_timeout: Duration::from_secs(10),
+            concurrency: 512,
+            batch: BatchPolicy::default(),
+        }
+    }
+}
+
+/// Everything the routes share.
+#[derive(Debug)]
+pub struct AppState {
+    /// The model's name, in every prediction.
+    pub name: String,
+    /// What `GET /api/model` answers.
+    pub description: Value,
+    /// The way to the model thread.
+    pub batcher: Batcher,
+    /// Counters for `/metrics`, shared with the model thread.
+    pub metrics: Arc<Metrics>,
+    /// What requests may be.
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// The state for `model`, loaded from `model_file` (whose run directory's `history.csv`,
+    /// when there is one, is served as its training history). The model must take 28x28 grey
+    /// images, the form every input is brought to.
+    pub fn new(
+        model: Sequential,
+        normalization: Normalization,
+        model_file: &Path,
+        limits: Limits,
+    ) -> Result<Arc<AppState>, ServeError> {
+        let spec = model.spec().clone();
+        if spec.input != [1, 28, 28] {
+            return Err(ServeError::Internal(format!(
+                "{} takes {:?} inputs; the server brings every image to MNIST's 1x28x28",
+                spec.name, spec.input
+            )));
+        }
+        let counts = model.param_counts();
+        let history = model_file
+            .parent()
+            .map(|dir| dir.join("history.csv"))
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(|csv| history_rows(&csv));
+        let description = json!({
+            "name": spec.name,
+            "spec": spec,
+            "summary": nn::summary(&spec, 0).unwrap_or_default(),
+            "parameters": {"trainable": counts.trainable, "non_trainable": counts.non_trainable},
+            "normalization": {"mean": normalization.mean, "std": normalization.std},
+            "history": history,
+        });
+        let metrics = Arc::new(Metrics::default());
+        let batcher = Batcher::start(model, normalization, limits.batch, metrics.clone())?;
+        Ok(Arc::new(AppState {
+            name: spec.name,
+            description,
+            batcher,
+            metrics,
+            limits,
+        }))
+    }
+}
+
+/// `history.csv` as one JSON object per epoch, numbers where the cells are numbers.
+fn history_rows(csv: &str) -> Value {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    Value::Array(
+        lines
+            .map(|line| {
+                let row = header
+                    .iter()
+                    .zip(line.split(','))
+                    .map(|(key, cell)| {
+                        let value = cell
+                            .parse::<f64>()
+                            .ok()
+                            .and_then(serde_json::Number::from_f64)
+                            .map_or(Value::String(cell.to_string()), Value::Number);
+                        (key.to_string(), value)
+                    })
+                    .collect();
+                Value::Object(row)
+            })
+            .collect(),
+    )
+}
+
+/// The whole service: routes, metrics, errors as JSON, a cap on requests in flight.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(api::page))
+        .route("/api/predict", post(api::predict))
+        .route("/api/model", get(api::model))
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::track,
+        ))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(ConcurrencyLimitLayer::new(state.limits.concurrency.max(1)))
+        .with_state(state)
+}
+
+/// Serves [`router`] on `listener` until `shutdown` completes; requests in flight then finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
