@@ -102,6 +102,31 @@ impl Sequential {
         }
     }
 
+    /// Every layer's output for `images` in evaluation mode, each layer run alone (a fused
+    /// convolution's ReLU and pooling included), in order: what a model shows of itself, e.g.
+    /// the feature maps of its convolutions. The fusion setting is restored afterwards.
+    pub fn layer_outputs(&mut self, images: Array4<f32>) -> Result<Vec<ArrayD<f32>>, NnError> {
+        let fused = self.steps.iter().any(|step| step.len() > 1);
+        self.fuse_layers(false);
+        let mut outputs = Vec::with_capacity(self.layers.len());
+        let mut x: ArrayD<f32> = images.into_dyn();
+        let mut result = Ok(());
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            match layer.forward(x.clone(), Mode::Eval) {
+                Ok(y) => {
+                    x = y;
+                    outputs.push(x.clone());
+                }
+                Err(e) => {
+                    result = Err(at_layer(e, index));
+                    break;
+                }
+            }
+        }
+        self.fuse_layers(fused);
+        result.map(|()| outputs)
+    }
+
     /// Fixes the first `layers` layers, as Keras' `layer.trainable = False` does: the optimizer
     /// skips their parameters, backward passes stop before them (computing no gradient for
     /// them), and they run as in evaluation (a frozen BatchNorm uses and keeps its running

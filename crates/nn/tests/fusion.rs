@@ -71,3 +71,23 @@ fn fused_and_unfused_presets_train_to_the_same_bits() {
         );
     }
 }
+
+#[test]
+fn layer_outputs_end_in_the_scores_forward_gives_and_keep_the_fusion() {
+    let mut model = nn::Sequential::new(nn::preset("two-conv").unwrap(), 4).unwrap();
+    let images = ndarray::Array4::from_shape_fn((2, 1, 28, 28), |(n, _, h, w)| {
+        ((n * 5 + h * 3 + w * 7) % 11) as f32 / 11.0
+    });
+    let scores = model.forward(images.clone(), nn::Mode::Eval).unwrap();
+    let outputs = model.layer_outputs(images.clone()).unwrap();
+    assert_eq!(outputs.len(), 10);
+    assert_eq!(outputs[1].shape(), [2, 32, 26, 26]);
+    assert!(outputs[1].iter().all(|&v| v >= 0.0), "after the ReLU");
+    assert_eq!(outputs[9], scores.into_dyn());
+    // Fused again: the next forward pass gives the same bits as before.
+    assert_eq!(model.computed_by(2), 0);
+    assert_eq!(
+        model.forward(images, nn::Mode::Eval).unwrap().into_dyn(),
+        outputs[9]
+    );
+}

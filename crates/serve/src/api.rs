@@ -66,6 +66,33 @@ pub async fn predict(
     })))
 }
 
+/// `POST /api/explain`: the same input as a prediction; the prediction, every convolution's
+/// feature maps and the first convolution's filters, as numbers the page draws.
+pub async fn explain(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ServeError> {
+    let bytes = read_body(&state, body).await?;
+    let image = input_image(&headers, bytes).await?;
+    let explanation = state.batcher.explain(image.clone()).await?;
+    let digit = explanation
+        .probabilities
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i);
+    let rows: Vec<Vec<u8>> = image.outer_iter().map(|r| r.to_vec()).collect();
+    Ok(Json(json!({
+        "digit": digit,
+        "probabilities": explanation.probabilities,
+        "input": rows,
+        "model": state.name,
+        "feature_maps": explanation.feature_maps,
+        "filters": explanation.filters,
+    })))
+}
+
 /// Any other path.
 pub async fn not_found(State(state): State<Arc<AppState>>, uri: Uri) -> ServeError {
     let error = ServeError::NotFound(uri.path().chars().take(200).collect());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mnist_data::Normalization;
 use ndarray::{Array2, Array4, Axis};
-use nn::{Mode, Sequential};
+use nn::{LayerSpec, Mode, Sequential};
 use tokio::sync::oneshot;
 
 use crate::error::ServeError;
@@ -36,11 +36,49 @@ impl Default for BatchPolicy {
     }
 }
 
-/// One image waiting for its class probabilities.
-struct Job {
-    /// `[28, 28]` bytes in MNIST's form.
-    image: Array2<u8>,
-    reply: oneshot::Sender<Result<Vec<f32>, String>>,
+/// One image waiting for the model thread.
+enum Job {
+    /// Its class probabilities, computed in a batch with whatever else waits.
+    Predict {
+        /// `[28, 28]` bytes in MNIST's form.
+        image: Array2<u8>,
+        reply: oneshot::Sender<Result<Vec<f32>, String>>,
+    },
+    /// What each convolution makes of it, computed alone.
+    Explain {
+        /// `[28, 28]` bytes in MNIST's form.
+        image: Array2<u8>,
+        reply: oneshot::Sender<Result<Explanation, String>>,
+    },
+}
+
+/// Grey-scale tiles: `channels` maps of `height` x `width`, each scaled to 0-255 by its own
+/// range so that its pattern shows whatever its magnitude.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Tiles {
+    /// The layer's index in the spec.
+    pub layer: usize,
+    /// The layer type.
+    pub kind: &'static str,
+    /// How many maps.
+    pub channels: usize,
+    /// Rows of each.
+    pub height: usize,
+    /// Columns of each.
+    pub width: usize,
+    /// Row-major bytes, one list per map.
+    pub values: Vec<Vec<u8>>,
+}
+
+/// What the page shows inside the network for one input.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Explanation {
+    /// The class probabilities.
+    pub probabilities: Vec<f32>,
+    /// For every convolution, its maps after what follows it (BatchNorm, the activation).
+    pub feature_maps: Vec<Tiles>,
+    /// The first convolution's filters (each output channel's first input channel).
+    pub filters: Option<Tiles>,
 }
 
 /// The handle requests use to reach the model thread.
@@ -62,19 +100,30 @@ impl Batcher {
             .name("model".into())
             .spawn(move || {
                 while let Ok(first) = queue.recv() {
-                    let mut batch = vec![first];
+                    let mut jobs = vec![first];
                     let deadline = Instant::now() + policy.max_wait;
-                    while batch.len() < policy.max_batch.max(1) {
+                    while jobs.len() < policy.max_batch.max(1) {
                         let left = deadline.saturating_duration_since(Instant::now());
                         match queue.recv_timeout(left) {
-                            Ok(job) => batch.push(job),
+                            Ok(job) => jobs.push(job),
                             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                                 break;
                             }
                         }
                     }
-                    metrics.batch();
-                    run(&mut model, &normalization, batch);
+                    let mut batch = Vec::new();
+                    for job in jobs {
+                        match job {
+                            Job::Predict { image, reply } => batch.push((image, reply)),
+                            Job::Explain { image, reply } => {
+                                let _ = reply.send(explain(&mut model, &normalization, &image));
+                            }
+                        }
+                    }
+                    if !batch.is_empty() {
+                        metrics.batch();
+                        run(&mut model, &normalization, batch);
+                    }
                 }
             })
             .map_err(|e| ServeError::Internal(format!("cannot start the model thread: {e}")))?;
@@ -84,31 +133,169 @@ impl Batcher {
     /// The class probabilities of one `[28, 28]` image.
     pub async fn predict(&self, image: Array2<u8>) -> Result<Vec<f32>, ServeError> {
         let (reply, answer) = oneshot::channel();
-        match self.jobs.try_send(Job { image, reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(ServeError::Busy),
+        self.send(Job::Predict { image, reply })?;
+        receive(answer).await
+    }
+
+    /// The probabilities, feature maps and filters for one `[28, 28]` image.
+    pub async fn explain(&self, image: Array2<u8>) -> Result<Explanation, ServeError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Explain { image, reply })?;
+        receive(answer).await
+    }
+
+    fn send(&self, job: Job) -> Result<(), ServeError> {
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ServeError::Busy),
             Err(TrySendError::Disconnected(_)) => {
-                return Err(ServeError::Internal("the model thread has stopped".into()));
+                Err(ServeError::Internal("the model thread has stopped".into()))
             }
-        }
-        match answer.await {
-            Ok(Ok(probabilities)) => Ok(probabilities),
-            Ok(Err(problem)) => Err(ServeError::Internal(problem)),
-            Err(_) => Err(ServeError::Internal(
-                "the model thread dropped a request".into(),
-            )),
         }
     }
 }
 
+async fn receive<T>(answer: oneshot::Receiver<Result<T, String>>) -> Result<T, ServeError> {
+    match answer.await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(problem)) => Err(ServeError::Internal(problem)),
+        Err(_) => Err(ServeError::Internal(
+            "the model thread dropped a request".into(),
+        )),
+    }
+}
+
+/// One image as the model's input `[1, 1, 28, 28]`.
+fn input(image: &Array2<u8>, normalization: &Normalization) -> Array4<f32> {
+    let mut x = Array4::<f32>::zeros((1, 1, 28, 28));
+    x.index_axis_mut(Axis(0), 0)
+        .index_axis_mut(Axis(0), 0)
+        .assign(&image.mapv(|p| normalization.apply(p)));
+    x
+}
+
+/// Every layer's output for one image, read as tiles.
+fn explain(
+    model: &mut Sequential,
+    normalization: &Normalization,
+    image: &Array2<u8>,
+) -> Result<Explanation, String> {
+    let outputs = model
+        .layer_outputs(input(image, normalization))
+        .map_err(|e| e.to_string())?;
+    let layers = &model.spec().layers;
+    // The scores come before a final Softmax (see `Sequential::forward`).
+    let scores = outputs
+        .len()
+        .checked_sub(1 + usize::from(model.ends_in_softmax()))
+        .and_then(|i| outputs.get(i))
+        .ok_or("the model has no layers")?;
+    let scores = scores
+        .view()
+        .into_dimensionality::<ndarray::Ix2>()
+        .map_err(|e| e.to_string())?;
+    let mut probabilities = Array2::zeros(scores.raw_dim());
+    tensor::softmax(scores, Axis(1), probabilities.view_mut()).map_err(|e| e.to_string())?;
+    let mut feature_maps = Vec::new();
+    for (index, layer) in layers.iter().enumerate() {
+        if !matches!(layer, LayerSpec::Conv2d { .. }) {
+            continue;
+        }
+        // The maps as the next layer sees them: after BatchNorm and the activation.
+        let mut shown = index;
+        while let Some(next) = layers.get(shown + 1)
+            && matches!(
+                next,
+                LayerSpec::BatchNorm2d { .. }
+                    | LayerSpec::ReLU
+                    | LayerSpec::LeakyReLU { .. }
+                    | LayerSpec::Sigmoid
+                    | LayerSpec::Tanh
+            )
+        {
+            shown += 1;
+        }
+        if let Some(maps) = outputs.get(shown) {
+            feature_maps.push(tiles(index, "Conv2d", maps.view())?);
+        }
+    }
+    let first_conv = layers
+        .iter()
+        .position(|l| matches!(l, LayerSpec::Conv2d { .. }));
+    let mut filters = None;
+    if let Some(index) = first_conv {
+        let name = format!("{index}.weight");
+        let mut weight = None;
+        model.visit_params(|n, p| {
+            if n == name {
+                weight = Some(p.value.clone());
+            }
+        });
+        if let Some(w) = weight {
+            // [O, C, KH, KW]: each output channel's first input channel.
+            let first_channel = w.index_axis(Axis(1), 0).insert_axis(Axis(0)).into_owned();
+            filters = Some(tiles(index, "Conv2d", first_channel.view())?);
+        }
+    }
+    Ok(Explanation {
+        probabilities: probabilities.row(0).to_vec(),
+        feature_maps,
+        filters,
+    })
+}
+
+/// `[1, C, H, W]` maps as tiles, each scaled by its own range.
+fn tiles(
+    layer: usize,
+    kind: &'static str,
+    maps: ndarray::ArrayViewD<'_, f32>,
+) -> Result<Tiles, String> {
+    let maps = maps
+        .into_dimensionality::<ndarray::Ix4>()
+        .map_err(|_| format!("layer {layer} does not give [N, C, H, W] maps"))?;
+    let (_, channels, height, width) = maps.dim();
+    let values = maps
+        .index_axis(Axis(0), 0)
+        .outer_iter()
+        .map(|map| {
+            let (lo, hi) = map
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                    (lo.min(v), hi.max(v))
+                });
+            let span = hi - lo;
+            map.iter()
+                .map(|&v| {
+                    if span > 0.0 {
+                        ((v - lo) / span * 255.0).round() as u8
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    Ok(Tiles {
+        layer,
+        kind,
+        channels,
+        height,
+        width,
+        values,
+    })
+}
+
+/// A prediction waiting in a batch: its image and where its answer goes.
+type Waiting = (Array2<u8>, oneshot::Sender<Result<Vec<f32>, String>>);
+
 /// One forward pass for the whole batch; every job gets its row of probabilities.
-fn run(model: &mut Sequential, normalization: &Normalization, batch: Vec<Job>) {
+fn run(model: &mut Sequential, normalization: &Normalization, batch: Vec<Waiting>) {
     let n = batch.len();
     let mut x = Array4::<f32>::zeros((n, 1, 28, 28));
-    for (mut slot, job) in x.outer_iter_mut().zip(&batch) {
+    for (mut slot, (image, _)) in x.outer_iter_mut().zip(&batch) {
         // The same byte-to-input mapping as training and `mnist predict`.
         slot.index_axis_mut(Axis(0), 0)
-            .assign(&job.image.mapv(|p| normalization.apply(p)));
+            .assign(&image.mapv(|p| normalization.apply(p)));
     }
     let result = model.forward(x, Mode::Eval).and_then(|logits| {
         let mut p = Array2::zeros(logits.raw_dim());
@@ -117,13 +304,13 @@ fn run(model: &mut Sequential, normalization: &Normalization, batch: Vec<Job>) {
     });
     match result {
         Ok(probabilities) => {
-            for (row, job) in probabilities.outer_iter().zip(batch) {
-                let _ = job.reply.send(Ok(row.to_vec()));
+            for (row, (_, reply)) in probabilities.outer_iter().zip(batch) {
+                let _ = reply.send(Ok(row.to_vec()));
             }
         }
         Err(e) => {
-            for job in batch {
-                let _ = job.reply.send(Err(e.to_string()));
+            for (_, reply) in batch {
+                let _ = reply.send(Err(e.to_string()));
             }
         }
     }

@@ -1,7 +1,8 @@
 //! The HTTP server behind `mnist serve`: a page to draw a digit on, and a JSON API that answers
 //! predictions under load, batching concurrent requests into one forward pass.
 //!
-//! Routes: `GET /` (the page), `POST /api/predict`, `GET /api/model`, `GET /healthz`,
+//! Routes: `GET /` (the page), `POST /api/predict`, `POST /api/explain`, `GET /api/model`,
+//! `GET /healthz`,
 //! `GET /metrics` (Prometheus). Every error is a 4xx (the client's) or 5xx (ours) with a JSON
 //! body `{"error": "..."}`. Images go through `mnist_data::decode_digit`, the one preprocessing
 //! `mnist predict` uses too, with its limits checked before decoding.
@@ -27,7 +28,7 @@ use nn::Sequential;
 use serde_json::{Value, json};
 use tower::limit::ConcurrencyLimitLayer;
 
-pub use batcher::{BatchPolicy, Batcher};
+pub use batcher::{BatchPolicy, Batcher, Explanation, Tiles};
 pub use error::ServeError;
 pub use metrics::Metrics;
 
@@ -144,6 +145,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(api::page))
         .route("/api/predict", post(api::predict))
+        .route("/api/explain", post(api::explain))
         .route("/api/model", get(api::model))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))

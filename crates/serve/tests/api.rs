@@ -378,3 +378,70 @@ async fn the_page_the_model_health_and_metrics_are_served() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn explain_gives_the_prediction_every_convolutions_maps_and_the_first_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Sequential::new(preset("two-conv").unwrap(), 2).unwrap();
+    let state = serve::AppState::new(
+        model,
+        NORMALIZATION,
+        &dir.path().join("m.safetensors"),
+        serve::Limits::default(),
+    )
+    .unwrap();
+    let image = digit(5);
+    let body = pixels_request(&image, false);
+    let (status, explained) = call(
+        &state,
+        "POST",
+        "/api/explain",
+        Some("application/json"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&explained)
+    );
+    let explained = json_body(&explained);
+    let (_, predicted) = call(
+        &state,
+        "POST",
+        "/api/predict",
+        Some("application/json"),
+        body,
+    )
+    .await;
+    let predicted = json_body(&predicted);
+    let a: Vec<f32> = serde_json::from_value(explained["probabilities"].clone()).unwrap();
+    let b: Vec<f32> = serde_json::from_value(predicted["probabilities"].clone()).unwrap();
+    assert!(close(&a, &b), "{a:?} vs {b:?}");
+    assert_eq!(explained["digit"], predicted["digit"]);
+    let maps = explained["feature_maps"].as_array().unwrap();
+    let shapes: Vec<(u64, u64, u64, u64)> = maps
+        .iter()
+        .map(|m| {
+            let v = |k: &str| m[k].as_u64().unwrap();
+            (v("layer"), v("channels"), v("height"), v("width"))
+        })
+        .collect();
+    // Each convolution's maps after its ReLU (layers 1 and 4 of two-conv).
+    assert_eq!(shapes, [(0, 32, 26, 26), (3, 64, 11, 11)]);
+    assert_eq!(maps[1]["values"][63].as_array().unwrap().len(), 121);
+    let filters = &explained["filters"];
+    assert_eq!(
+        (filters["channels"].as_u64(), filters["height"].as_u64()),
+        (Some(32), Some(3))
+    );
+    // Each tile is scaled to its own range: some pixel is 255 wherever the map is not flat.
+    assert!(
+        maps[0]["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|tile| tile.as_array().unwrap().contains(&json!(255)))
+    );
+}
