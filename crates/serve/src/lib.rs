@@ -8,8 +8,8 @@
 //! `mnist predict` uses too, with its limits checked before decoding.
 //!
 //! Architecture invariant: [`router`] builds the whole service from an [`AppState`], with no
-//! socket, so tests drive it in-process; [`serve`] only adds the listener and the graceful
-//! shutdown.
+//! socket, so tests drive it in-process; [`serve`] only adds the connections (hyper's HTTP/1
+//! with a header-read timeout and a cap on open connections) and the graceful shutdown.
 
 mod api;
 mod batcher;
@@ -23,9 +23,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use mnist_data::Normalization;
 use nn::Sequential;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 use tower::limit::ConcurrencyLimitLayer;
 
 pub use batcher::{BatchPolicy, Batcher, Explanation, Tiles};
@@ -41,17 +45,21 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Requests handled at once; more wait for a slot.
     pub concurrency: usize,
+    /// Connections open at once; more wait in the listen queue.
+    pub connections: usize,
     /// How predictions are batched.
     pub batch: BatchPolicy,
 }
 
 impl Default for Limits {
-    /// 8 MiB bodies, 10 s to send one, 512 requests at once, [`BatchPolicy::default`].
+    /// 8 MiB bodies, 10 s to send headers or a body, 512 requests and 1024 connections at
+    /// once, [`BatchPolicy::default`].
     fn default() -> Self {
         Limits {
             body_bytes: 8 << 20,
             request_timeout: Duration::from_secs(10),
             concurrency: 512,
+            connections: 1024,
             batch: BatchPolicy::default(),
         }
     }
@@ -159,13 +167,54 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves [`router`] on `listener` until `shutdown` completes; requests in flight then finish.
+/// Serves [`router`] on `listener` until `shutdown` completes; then stops accepting, and
+/// requests in flight finish (for at most the request timeout). Each connection must send its
+/// headers within the request timeout, and at most `limits.connections` are open at once
+/// (more wait in the listen queue).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = state.limits;
+    let service = TowerToHyperService::new(router(state));
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.connections.max(1)));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // A connection that failed before it was accepted (reset, too many open
+                // files): the listener itself is fine.
+                Err(_) => continue,
+            },
+            () = &mut shutdown => break,
+        };
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.request_timeout)
+            .max_buf_size(MAX_HEADER_BYTES);
+        let connection = builder.serve_connection(TokioIo::new(stream), service.clone());
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that breaks its connection is the client's affair.
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    let _ = tokio::time::timeout(limits.request_timeout, graceful.shutdown()).await;
+    Ok(())
 }
+
+/// The size of each connection's read buffer, in bytes: a bound on what one connection holds
+/// while its request head arrives (hyper answers a head it cannot fit with 431).
+const MAX_HEADER_BYTES: usize = 64 << 10;
