@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// After a batch's first request, wait at most this many milliseconds for more.
     #[arg(long, value_name = "MS", default_value_t = 2)]
     pub max_wait_ms: u64,
+    /// A dataset directory whose test set the page offers: random test images with their
+    /// labels, and the model's most confident mistakes.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

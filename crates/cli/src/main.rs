@@ -411,8 +411,10 @@ fn serve_command(args: &ServeArgs) -> Result<()> {
         },
         ..serve::Limits::default()
     };
-    let state = serve::AppState::new(model, normalization, &args.model_file, limits)
-        .with_context(|| format!("cannot serve {}", args.model_file.display()))?;
+    let test = args.data_dir.as_deref().map(load_test_set).transpose()?;
+    let state =
+        serve::AppState::with_test_set(model, normalization, &args.model_file, limits, test)
+            .with_context(|| format!("cannot serve {}", args.model_file.display()))?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let address = std::net::SocketAddr::new(args.host, args.port);

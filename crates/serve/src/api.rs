@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
@@ -91,6 +91,62 @@ pub async fn explain(
         "feature_maps": explanation.feature_maps,
         "filters": explanation.filters,
     })))
+}
+
+/// `GET /api/test/{index}`: a test image (28x28 bytes) and its label, when the server has the
+/// test set.
+pub async fn test_image(
+    State(state): State<Arc<AppState>>,
+    Path(index): Path<String>,
+) -> Result<Json<Value>, ServeError> {
+    let test = state.test.as_ref().ok_or_else(no_test_set)?;
+    let n = test.images.len();
+    let index: usize = index.parse().ok().filter(|&i| i < n).ok_or_else(|| {
+        ServeError::NotFound(format!("test image {index:.20}: there are {n}, 0..{n}"))
+    })?;
+    let image: Vec<Vec<u8>> = test
+        .images
+        .image(index)
+        .outer_iter()
+        .map(|r| r.to_vec())
+        .collect();
+    Ok(Json(json!({
+        "index": index,
+        "label": test.images.labels()[index],
+        "pixels": image,
+    })))
+}
+
+/// `GET /api/mistakes`: the model's most confident mistakes on the test set, most confident
+/// first, with their images.
+pub async fn mistakes(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ServeError> {
+    let test = state.test.as_ref().ok_or_else(no_test_set)?;
+    let mistakes: Vec<Value> = test
+        .mistakes
+        .iter()
+        .map(|m| {
+            let pixels: Vec<Vec<u8>> = test
+                .images
+                .image(m.index)
+                .outer_iter()
+                .map(|r| r.to_vec())
+                .collect();
+            json!({
+                "index": m.index,
+                "label": m.label,
+                "predicted": m.predicted,
+                "confidence": m.confidence,
+                "pixels": pixels,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"accuracy": test.accuracy, "mistakes": mistakes}),
+    ))
+}
+
+fn no_test_set() -> ServeError {
+    ServeError::NotFound("no test set: start the server with --data-dir".into())
 }
 
 /// Any other path.

@@ -26,7 +26,7 @@ use axum::routing::{get, post};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use mnist_data::Normalization;
+use mnist_data::{LabeledImages, Normalization};
 use nn::Sequential;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -78,6 +78,89 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// What requests may be.
     pub limits: Limits,
+    /// The test set, when the server was given one: for test images and the mistakes view.
+    pub test: Option<TestSet>,
+}
+
+/// A labelled test set and the model's most confident mistakes on it.
+#[derive(Debug)]
+pub struct TestSet {
+    /// The images and labels.
+    pub images: LabeledImages,
+    /// The most confident mistakes, most confident first.
+    pub mistakes: Vec<Mistake>,
+    /// The model's accuracy on the whole set.
+    pub accuracy: f32,
+}
+
+/// One test image the model gets wrong.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Mistake {
+    /// Its index in the test set.
+    pub index: usize,
+    /// The true class.
+    pub label: usize,
+    /// The predicted class.
+    pub predicted: usize,
+    /// The predicted class's probability.
+    pub confidence: f32,
+}
+
+/// How many mistakes the mistakes view shows.
+const MISTAKES_SHOWN: usize = 36;
+
+impl TestSet {
+    /// Runs `model` over every image of `images` and keeps its most confident mistakes.
+    fn new(
+        model: &mut Sequential,
+        normalization: &Normalization,
+        images: LabeledImages,
+    ) -> Result<TestSet, ServeError> {
+        let mut mistakes = Vec::new();
+        let mut right = 0;
+        let batches = mnist_data::Batches::new(
+            &images,
+            1000,
+            mnist_data::BatchOrder::Sequential,
+            normalization,
+        )
+        .map_err(|e| ServeError::Internal(e.to_string()))?;
+        let mut index = 0;
+        for batch in batches {
+            let logits = model
+                .forward(batch.images, nn::Mode::Eval)
+                .map_err(|e| ServeError::Internal(e.to_string()))?;
+            let mut p = ndarray::Array2::zeros(logits.raw_dim());
+            tensor::softmax(logits.view(), ndarray::Axis(1), p.view_mut())
+                .map_err(|e| ServeError::Internal(e.to_string()))?;
+            for (row, &label) in p.outer_iter().zip(batch.labels.iter()) {
+                let (predicted, confidence) = row
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .unwrap_or((0, 0.0));
+                if predicted == usize::from(label) {
+                    right += 1;
+                } else {
+                    mistakes.push(Mistake {
+                        index,
+                        label: usize::from(label),
+                        predicted,
+                        confidence,
+                    });
+                }
+                index += 1;
+            }
+        }
+        mistakes.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+        mistakes.truncate(MISTAKES_SHOWN);
+        Ok(TestSet {
+            accuracy: right as f32 / images.len().max(1) as f32,
+            images,
+            mistakes,
+        })
+    }
 }
 
 impl AppState {
@@ -89,6 +172,18 @@ impl AppState {
         normalization: Normalization,
         model_file: &Path,
         limits: Limits,
+    ) -> Result<Arc<AppState>, ServeError> {
+        AppState::with_test_set(model, normalization, model_file, limits, None)
+    }
+
+    /// [`AppState::new`], with a test set for `GET /api/test/{index}` and `GET /api/mistakes`
+    /// (the model is run over all of it once, here).
+    pub fn with_test_set(
+        mut model: Sequential,
+        normalization: Normalization,
+        model_file: &Path,
+        limits: Limits,
+        test: Option<LabeledImages>,
     ) -> Result<Arc<AppState>, ServeError> {
         let spec = model.spec().clone();
         if spec.input != [1, 28, 28] {
@@ -103,6 +198,12 @@ impl AppState {
             .map(|dir| dir.join("history.csv"))
             .and_then(|path| std::fs::read_to_string(path).ok())
             .map(|csv| history_rows(&csv));
+        let test = match test {
+            Some(images) if images.rows() == 28 && images.cols() == 28 => {
+                Some(TestSet::new(&mut model, &normalization, images)?)
+            }
+            _ => None,
+        };
         let description = json!({
             "name": spec.name,
             "spec": spec,
@@ -110,6 +211,8 @@ impl AppState {
             "parameters": {"trainable": counts.trainable, "non_trainable": counts.non_trainable},
             "normalization": {"mean": normalization.mean, "std": normalization.std},
             "history": history,
+            "test_images": test.as_ref().map(|t| t.images.len()),
+            "test_accuracy": test.as_ref().map(|t| t.accuracy),
         });
         let metrics = Arc::new(Metrics::default());
         let batcher = Batcher::start(model, normalization, limits.batch, metrics.clone())?;
@@ -119,6 +222,7 @@ impl AppState {
             batcher,
             metrics,
             limits,
+            test,
         }))
     }
 }
@@ -155,6 +259,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/predict", post(api::predict))
         .route("/api/explain", post(api::explain))
         .route("/api/model", get(api::model))
+        .route("/api/test/{index}", get(api::test_image))
+        .route("/api/mistakes", get(api::mistakes))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
         .route_layer(axum::middleware::from_fn_with_state(

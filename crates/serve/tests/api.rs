@@ -445,3 +445,68 @@ async fn explain_gives_the_prediction_every_convolutions_maps_and_the_first_filt
             .any(|tile| tile.as_array().unwrap().contains(&json!(255)))
     );
 }
+
+#[tokio::test]
+async fn test_images_and_the_most_confident_mistakes_come_from_the_test_set() {
+    let n = 50;
+    let images = ndarray::Array3::from_shape_fn((n, 28, 28), |(i, r, c)| digit(i)[(r, c)]);
+    let labels = ndarray::Array1::from_shape_fn(n, |i| (i % 10) as u8);
+    let test = mnist_data::LabeledImages::new(images, labels).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = serve::AppState::with_test_set(
+        model(),
+        NORMALIZATION,
+        &dir.path().join("m.safetensors"),
+        serve::Limits::default(),
+        Some(test),
+    )
+    .unwrap();
+    let (status, image) = call(&state, "GET", "/api/test/13", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    let image = json_body(&image);
+    assert_eq!(image["label"], 3);
+    assert_eq!(image["pixels"][10][12], digit(13)[(10, 12)]);
+    let (status, missing) = call(&state, "GET", "/api/test/50", None, vec![]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        json_body(&missing)["error"]
+            .as_str()
+            .unwrap()
+            .contains("there are 50")
+    );
+
+    let (_, answer) = call(&state, "GET", "/api/mistakes", None, vec![]).await;
+    let answer = json_body(&answer);
+    let mistakes = answer["mistakes"].as_array().unwrap();
+    // An untrained model is wrong about most of them; the view keeps the 36 surest.
+    let accuracy = answer["accuracy"].as_f64().unwrap();
+    assert_eq!(
+        mistakes.len(),
+        ((1.0 - accuracy) * n as f64).round().min(36.0) as usize
+    );
+    let confidences: Vec<f64> = mistakes
+        .iter()
+        .map(|m| m["confidence"].as_f64().unwrap())
+        .collect();
+    assert!(
+        confidences.windows(2).all(|w| w[0] >= w[1]),
+        "{confidences:?}"
+    );
+    for m in mistakes {
+        assert_ne!(m["label"], m["predicted"]);
+        let index = m["index"].as_u64().unwrap() as usize;
+        assert_eq!(m["label"], index % 10);
+        let want = expected(&digit(index));
+        let best = want.iter().copied().fold(0.0f32, f32::max);
+        assert!((m["confidence"].as_f64().unwrap() as f32 - best).abs() < 1e-5);
+    }
+    // Without a test set, both say how to get one.
+    let (status, none) = call(&self::state(), "GET", "/api/mistakes", None, vec![]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        json_body(&none)["error"]
+            .as_str()
+            .unwrap()
+            .contains("--data-dir")
+    );
+}
