@@ -127,6 +127,88 @@ impl Sequential {
         result.map(|()| outputs)
     }
 
+    /// The gradient of the score of `class` (before any final Softmax) with respect to the
+    /// input `images` `[1, C, H, W]`, the model as in evaluation: a saliency map, from the
+    /// hand-written backward passes. BatchNorm is the affine map of its running statistics and
+    /// Dropout the identity, as in evaluation; every other layer runs its training forward pass
+    /// (the same values) to keep what its backward pass reads. Parameter gradients written on
+    /// the way are cleared, and the fusion setting is restored.
+    pub fn input_gradient(
+        &mut self,
+        images: Array4<f32>,
+        class: usize,
+    ) -> Result<ArrayD<f32>, NnError> {
+        let fused = self.steps.iter().any(|step| step.len() > 1);
+        self.fuse_layers(false);
+        let result = self.input_gradient_unfused(images, class);
+        self.zero_grad();
+        self.fuse_layers(fused);
+        result
+    }
+
+    fn input_gradient_unfused(
+        &mut self,
+        images: Array4<f32>,
+        class: usize,
+    ) -> Result<ArrayD<f32>, NnError> {
+        let end = self.layers.len() - usize::from(self.ends_in_softmax());
+        let specs = self.spec.layers.clone();
+        let evaluated = |spec: &LayerSpec| {
+            matches!(
+                spec,
+                LayerSpec::BatchNorm2d { .. }
+                    | LayerSpec::BatchNorm1d { .. }
+                    | LayerSpec::Dropout { .. }
+            )
+        };
+        let mut x: ArrayD<f32> = images.into_dyn();
+        for (index, layer) in self.layers[..end].iter_mut().enumerate() {
+            let mode = if evaluated(&specs[index]) {
+                Mode::Eval
+            } else {
+                Mode::Train
+            };
+            x = layer.forward(x, mode).map_err(|e| at_layer(e, index))?;
+        }
+        let classes = x.shape().get(1).copied().unwrap_or(0);
+        if x.ndim() != 2 || x.shape()[0] != 1 || class >= classes {
+            return Err(NnError::Shape {
+                layer: end.saturating_sub(1),
+                kind: "output",
+                detail: format!("class {class} of scores {:?} for one image", x.shape()),
+            });
+        }
+        let mut g = ArrayD::<f32>::zeros(x.raw_dim());
+        g[[0, class]] = 1.0;
+        for index in (0..end).rev() {
+            g = match specs[index] {
+                LayerSpec::Dropout { .. } => g,
+                LayerSpec::BatchNorm2d { eps, .. } | LayerSpec::BatchNorm1d { eps, .. } => {
+                    // y = gamma (x - mean) / sqrt(var + eps) + beta: dx = dy gamma / sqrt(var + eps).
+                    let layer = &self.layers[index];
+                    let gamma = layer.params().first().map(|(_, p)| p.value.clone());
+                    let var = layer
+                        .buffers()
+                        .iter()
+                        .find(|(name, _)| *name == "running_var")
+                        .map(|(_, b)| (*b).clone());
+                    let (Some(gamma), Some(var)) = (gamma, var) else {
+                        return Err(NnError::NoForwardCache("BatchNorm"));
+                    };
+                    for (c, mut channel) in g.axis_iter_mut(ndarray::Axis(1)).enumerate() {
+                        channel *= gamma[[c]] / (var[[c]] + eps).sqrt();
+                    }
+                    g
+                }
+                _ => self.layers[index]
+                    .backward(g, true)
+                    .map_err(|e| at_layer(e, index))?
+                    .ok_or(NnError::NoForwardCache("input gradient"))?,
+            };
+        }
+        Ok(g)
+    }
+
     /// Fixes the first `layers` layers, as Keras' `layer.trainable = False` does: the optimizer
     /// skips their parameters, backward passes stop before them (computing no gradient for
     /// them), and they run as in evaluation (a frozen BatchNorm uses and keeps its running

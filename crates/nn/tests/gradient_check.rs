@@ -367,3 +367,67 @@ fn a_whole_small_model_end_to_end() {
         assert_eq!(y.dim(), (2, 10), "{name}");
     }
 }
+
+/// The saliency map (`Sequential::input_gradient`) against central differences of the score,
+/// the model in evaluation: BatchNorm with moved statistics, Dropout, convolutions, both
+/// poolings, LeakyReLU, Tanh.
+#[test]
+fn input_gradient_matches_finite_differences_of_the_score() {
+    let spec = nn::ModelSpec::from_json(
+        r#"{"name": "saliency", "input": [1, 8, 8], "layers": [
+            {"type": "Conv2d", "filters": 3, "kernel": [3, 3], "padding": "same"},
+            {"type": "BatchNorm2d"}, {"type": "LeakyReLU", "negative_slope": 0.2},
+            {"type": "AvgPool2d", "kernel": [2, 2]},
+            {"type": "Conv2d", "filters": 4, "kernel": [2, 2]}, {"type": "Tanh"},
+            {"type": "MaxPool2d", "kernel": [3, 3]},
+            {"type": "Flatten"}, {"type": "Dense", "units": 6}, {"type": "BatchNorm1d"},
+            {"type": "Dropout", "rate": 0.5}, {"type": "Dense", "units": 3}, {"type": "Softmax"}]}"#,
+    )
+    .unwrap();
+    let mut model = nn::Sequential::new(spec, 7).unwrap();
+    // Move BatchNorm's running statistics well away from 0 and 1, and its scales from 1, so
+    // that getting either wrong shows.
+    let batch = ndarray::Array4::from_shape_fn((4, 1, 8, 8), |(n, _, h, w)| {
+        (((n * 7 + h * 3 + w * 5) % 13) as f32 / 6.0 - 1.0) * 4.0
+    });
+    for _ in 0..20 {
+        model.forward(batch.clone(), nn::Mode::Train).unwrap();
+    }
+    model
+        .visit_params_mut(|name, p| {
+            if name == "1.weight" || name == "9.weight" {
+                p.value
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v = 0.5 + i as f32 * 0.7);
+            }
+            Ok(())
+        })
+        .unwrap();
+    let x = ndarray::Array4::from_shape_fn((1, 1, 8, 8), |(_, _, h, w)| {
+        ((h * 5 + w * 3) % 11) as f32 / 5.0 - 1.0
+    });
+    let class = 1;
+    let gradient = model.input_gradient(x.clone(), class).unwrap();
+    assert_eq!(gradient.shape(), [1, 1, 8, 8]);
+    let mut score = |x: &ndarray::Array4<f32>| {
+        f64::from(model.forward(x.clone(), nn::Mode::Eval).unwrap()[[0, class]])
+    };
+    let h = 1e-2f32;
+    let mut checked = 0;
+    for i in 0..8 {
+        for j in 0..8 {
+            let (mut up, mut down) = (x.clone(), x.clone());
+            up[[0, 0, i, j]] += h;
+            down[[0, 0, i, j]] -= h;
+            let numeric = (score(&up) - score(&down)) / (2.0 * f64::from(h));
+            let analytic = f64::from(gradient[[0, 0, i, j]]);
+            assert!(
+                (numeric - analytic).abs() <= 2e-3 + 2e-2 * numeric.abs().max(analytic.abs()),
+                "pixel ({i}, {j}): numeric {numeric}, analytic {analytic}"
+            );
+            checked += usize::from(analytic != 0.0);
+        }
+    }
+    assert!(checked > 10, "only {checked} pixels have a gradient");
+}

@@ -67,7 +67,8 @@ pub async fn predict(
 }
 
 /// `POST /api/explain`: the same input as a prediction; the prediction, every convolution's
-/// feature maps and the first convolution's filters, as numbers the page draws.
+/// feature maps, the first convolution's filters and the saliency map, as numbers the page
+/// draws.
 pub async fn explain(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -90,6 +91,7 @@ pub async fn explain(
         "model": state.name,
         "feature_maps": explanation.feature_maps,
         "filters": explanation.filters,
+        "saliency": explanation.saliency,
     })))
 }
 

@@ -79,6 +79,9 @@ pub struct Explanation {
     pub feature_maps: Vec<Tiles>,
     /// The first convolution's filters (each output channel's first input channel).
     pub filters: Option<Tiles>,
+    /// How much each input pixel moves the predicted class's score: the magnitude of its
+    /// gradient, from the hand-written backward pass.
+    pub saliency: Tiles,
 }
 
 /// The handle requests use to reach the model thread.
@@ -237,10 +240,21 @@ fn explain(
             filters = Some(tiles(index, "Conv2d", first_channel.view())?);
         }
     }
+    let predicted = probabilities
+        .row(0)
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i);
+    let gradient = model
+        .input_gradient(input(image, normalization), predicted)
+        .map_err(|e| e.to_string())?;
+    let saliency = tiles(0, "input", gradient.mapv(f32::abs).view())?;
     Ok(Explanation {
         probabilities: probabilities.row(0).to_vec(),
         feature_maps,
         filters,
+        saliency,
     })
 }
 

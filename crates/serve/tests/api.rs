@@ -436,6 +436,26 @@ async fn explain_gives_the_prediction_every_convolutions_maps_and_the_first_filt
         (filters["channels"].as_u64(), filters["height"].as_u64()),
         (Some(32), Some(3))
     );
+    // The saliency of the predicted class over the 28x28 input, from the backward pass.
+    let saliency = &explained["saliency"];
+    assert_eq!(
+        (saliency["height"].as_u64(), saliency["width"].as_u64()),
+        (Some(28), Some(28))
+    );
+    let mut model = Sequential::new(preset("two-conv").unwrap(), 2).unwrap();
+    let x = image
+        .mapv(|p| NORMALIZATION.apply(p))
+        .into_shape_with_order((1, 1, 28, 28))
+        .unwrap();
+    let class = explained["digit"].as_u64().unwrap() as usize;
+    let gradient = model.input_gradient(x, class).unwrap().mapv(f32::abs);
+    let strongest = gradient
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0;
+    assert_eq!(saliency["values"][0][strongest], 255);
     // Each tile is scaled to its own range: some pixel is 255 wherever the map is not flat.
     assert!(
         maps[0]["values"]
