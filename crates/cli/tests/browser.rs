@@ -55,6 +55,31 @@ fn webdriver(agent: &ureq::Agent, method: &str, url: &str, body: Option<Value>) 
     answer["value"].clone()
 }
 
+/// The WebDriver id of the first element `css` selects.
+fn element(agent: &ureq::Agent, session: &str, css: &str) -> String {
+    let found = webdriver(
+        agent,
+        "POST",
+        &format!("{session}/element"),
+        Some(json!({"using": "css selector", "value": css})),
+    );
+    let id = found
+        .as_object()
+        .and_then(|o| o.values().next())
+        .and_then(Value::as_str);
+    id.unwrap_or_else(|| panic!("no element {css}")).to_string()
+}
+
+/// What `script` returns in the page.
+fn script(agent: &ureq::Agent, session: &str, script: &str) -> Value {
+    webdriver(
+        agent,
+        "POST",
+        &format!("{session}/execute/sync"),
+        Some(json!({"script": script, "args": []})),
+    )
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -136,25 +161,19 @@ fn serve(model: &Path) -> (Running, String) {
 fn shown_digit(agent: &ureq::Agent, session: &str, previous: &str) -> String {
     let started = Instant::now();
     loop {
-        let digit = webdriver(
+        let digit = script(
             agent,
-            "POST",
-            &format!("{session}/execute/sync"),
-            Some(
-                json!({"script": "return document.getElementById('digit').textContent", "args": []}),
-            ),
+            session,
+            "return document.getElementById('digit').textContent",
         );
         let digit = digit.as_str().unwrap_or("?").to_string();
         if digit != "?" && digit != previous {
             // Let the debounced requests settle, then read it again.
             std::thread::sleep(Duration::from_millis(600));
-            let settled = webdriver(
+            let settled = script(
                 agent,
-                "POST",
-                &format!("{session}/execute/sync"),
-                Some(
-                    json!({"script": "return document.getElementById('digit').textContent", "args": []}),
-                ),
+                session,
+                "return document.getElementById('digit').textContent",
             );
             return settled.as_str().unwrap_or("?").to_string();
         }
@@ -168,13 +187,10 @@ fn shown_digit(agent: &ureq::Agent, session: &str, previous: &str) -> String {
 
 /// What the API answers for the canvas as it is now (the PNG the page sends).
 fn api_digit_of_canvas(agent: &ureq::Agent, session: &str, base: &str) -> u64 {
-    let data_url = webdriver(
+    let data_url = script(
         agent,
-        "POST",
-        &format!("{session}/execute/sync"),
-        Some(
-            json!({"script": "return document.getElementById('pad').toDataURL('image/png')", "args": []}),
-        ),
+        session,
+        "return document.getElementById('pad').toDataURL('image/png')",
     );
     let png = decode_base64(
         data_url
@@ -305,21 +321,7 @@ fn the_page_shows_what_the_api_answers_for_drawn_and_uploaded_digits() {
         &format!("{session}/url"),
         Some(json!({"url": format!("{base}/")})),
     );
-    let pad = webdriver(
-        &agent,
-        "POST",
-        &format!("{session}/element"),
-        Some(json!({"using": "css selector", "value": "#pad"})),
-    );
-    let pad = pad
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
+    let pad = element(&agent, &session, "#pad");
 
     // A "1": one vertical stroke. Then a "7".
     let mut shown = "?".to_string();
@@ -328,21 +330,7 @@ fn the_page_shows_what_the_api_answers_for_drawn_and_uploaded_digits() {
         ("seven", vec![(-70, -100), (70, -100), (-10, 110)], true),
     ] {
         if clear {
-            let button = webdriver(
-                &agent,
-                "POST",
-                &format!("{session}/element"),
-                Some(json!({"using": "css selector", "value": "#clear"})),
-            );
-            let button = button
-                .as_object()
-                .unwrap()
-                .values()
-                .next()
-                .unwrap()
-                .as_str()
-                .unwrap()
-                .to_string();
+            let button = element(&agent, &session, "#clear");
             webdriver(
                 &agent,
                 "POST",
@@ -355,13 +343,10 @@ fn the_page_shows_what_the_api_answers_for_drawn_and_uploaded_digits() {
         let api = api_digit_of_canvas(&agent, &session, &base);
         println!("drew a {name}: the page shows {shown}, the API answers {api}");
         assert_eq!(shown, api.to_string(), "{name}");
-        let tiles = webdriver(
+        let tiles = script(
             &agent,
-            "POST",
-            &format!("{session}/execute/sync"),
-            Some(
-                json!({"script": "return document.querySelectorAll('#maps canvas').length", "args": []}),
-            ),
+            &session,
+            "return document.querySelectorAll('#maps canvas').length",
         );
         // lenet5: 6 maps of its first convolution and 16 of its second.
         assert_eq!(tiles, json!(22), "{name}: feature-map tiles");
@@ -376,21 +361,7 @@ fn the_page_shows_what_the_api_answers_for_drawn_and_uploaded_digits() {
     });
     let path = dir.path().join("one.png");
     transparent.save(&path).unwrap();
-    let input = webdriver(
-        &agent,
-        "POST",
-        &format!("{session}/element"),
-        Some(json!({"using": "css selector", "value": "#file"})),
-    );
-    let input = input
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
+    let input = element(&agent, &session, "#file");
     webdriver(
         &agent,
         "POST",

@@ -48,20 +48,14 @@ pub async fn predict(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ServeError> {
-    let bytes = read_body(&state, body).await?;
-    let image = input_image(&headers, bytes).await?;
+    let image = request_image(&state, &headers, body).await?;
     let probabilities = state.batcher.predict(image.clone()).await?;
-    let digit = probabilities
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i);
+    let digit = argmax(&probabilities);
     state.metrics.prediction(digit);
-    let rows: Vec<Vec<u8>> = image.outer_iter().map(|r| r.to_vec()).collect();
     Ok(Json(json!({
         "digit": digit,
         "probabilities": probabilities,
-        "input": rows,
+        "input": rows(&image.view()),
         "model": state.name,
     })))
 }
@@ -74,20 +68,12 @@ pub async fn explain(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ServeError> {
-    let bytes = read_body(&state, body).await?;
-    let image = input_image(&headers, bytes).await?;
+    let image = request_image(&state, &headers, body).await?;
     let explanation = state.batcher.explain(image.clone()).await?;
-    let digit = explanation
-        .probabilities
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i);
-    let rows: Vec<Vec<u8>> = image.outer_iter().map(|r| r.to_vec()).collect();
     Ok(Json(json!({
-        "digit": digit,
+        "digit": argmax(&explanation.probabilities),
         "probabilities": explanation.probabilities,
-        "input": rows,
+        "input": rows(&image.view()),
         "model": state.name,
         "feature_maps": explanation.feature_maps,
         "filters": explanation.filters,
@@ -106,16 +92,10 @@ pub async fn test_image(
     let index: usize = index.parse().ok().filter(|&i| i < n).ok_or_else(|| {
         ServeError::NotFound(format!("test image {index:.20}: there are {n}, 0..{n}"))
     })?;
-    let image: Vec<Vec<u8>> = test
-        .images
-        .image(index)
-        .outer_iter()
-        .map(|r| r.to_vec())
-        .collect();
     Ok(Json(json!({
         "index": index,
         "label": test.images.labels()[index],
-        "pixels": image,
+        "pixels": rows(&test.images.image(index)),
     })))
 }
 
@@ -127,18 +107,12 @@ pub async fn mistakes(State(state): State<Arc<AppState>>) -> Result<Json<Value>,
         .mistakes
         .iter()
         .map(|m| {
-            let pixels: Vec<Vec<u8>> = test
-                .images
-                .image(m.index)
-                .outer_iter()
-                .map(|r| r.to_vec())
-                .collect();
             json!({
                 "index": m.index,
                 "label": m.label,
                 "predicted": m.predicted,
                 "confidence": m.confidence,
-                "pixels": pixels,
+                "pixels": rows(&test.images.image(m.index)),
             })
         })
         .collect();
@@ -180,6 +154,30 @@ pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: N
         .metrics
         .request(&route, response.status().as_u16(), started.elapsed());
     response
+}
+
+/// The 28x28 image a prediction or explanation request carries.
+async fn request_image(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Array2<u8>, ServeError> {
+    let bytes = read_body(state, body).await?;
+    input_image(headers, bytes).await
+}
+
+/// The most probable class.
+fn argmax(probabilities: &[f32]) -> usize {
+    probabilities
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+/// An image as rows of bytes, as JSON carries it.
+fn rows(image: &ndarray::ArrayView2<'_, u8>) -> Vec<Vec<u8>> {
+    image.outer_iter().map(|r| r.to_vec()).collect()
 }
 
 /// The body, at most the limit, within the request timeout.
