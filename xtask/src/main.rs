@@ -4,6 +4,7 @@
 mod bench;
 mod fetch;
 mod fuzz;
+mod serve_bench;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,9 @@ enum Command {
     /// Run thousands of mutated model files, specs, images and data directories through the
     /// release binary under memory and time limits; fail on any panic, signal or bad message.
     FuzzFiles(fuzz::FuzzArgs),
+    /// Load `mnist serve` with oha (1, 16, 64 clients; JSON and PNG bodies), beside the
+    /// FastAPI + PyTorch server when BENCH_PYTHON has torch, fastapi and uvicorn.
+    ServeBench(serve_bench::ServeBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         Command::FetchData(args) => fetch::run(args),
         Command::Bench(args) => bench::run(args),
         Command::FuzzFiles(args) => fuzz::run(args),
+        Command::ServeBench(args) => serve_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
