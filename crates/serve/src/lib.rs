@@ -31,6 +31,7 @@ use nn::Sequential;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tower::limit::ConcurrencyLimitLayer;
+use tower_http::compression::CompressionLayer;
 
 pub use batcher::{BatchPolicy, Batcher, Explanation, Tiles};
 pub use error::ServeError;
@@ -269,6 +270,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
+        // Gzip for clients that ask (browsers do): /api/explain's tiles shrink several times.
+        .layer(CompressionLayer::new())
         .layer(ConcurrencyLimitLayer::new(state.limits.concurrency.max(1)))
         .with_state(state)
 }

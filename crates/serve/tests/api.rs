@@ -545,3 +545,37 @@ async fn test_images_and_the_most_confident_mistakes_come_from_the_test_set() {
             .contains("--data-dir")
     );
 }
+
+#[tokio::test]
+async fn answers_are_gzipped_for_clients_that_ask() {
+    let state = state();
+    let body = pixels_request(&digit(2), false);
+    let ask = |gzip: bool| {
+        let mut request = Request::builder()
+            .method("POST")
+            .uri("/api/explain")
+            .header(header::CONTENT_TYPE, "application/json");
+        if gzip {
+            request = request.header(header::ACCEPT_ENCODING, "gzip");
+        }
+        request.body(Body::from(body.clone())).unwrap()
+    };
+    let plain = serve::router(state.clone())
+        .oneshot(ask(false))
+        .await
+        .unwrap();
+    let zipped = serve::router(state.clone())
+        .oneshot(ask(true))
+        .await
+        .unwrap();
+    assert_eq!(zipped.headers()[header::CONTENT_ENCODING], "gzip");
+    assert!(plain.headers().get(header::CONTENT_ENCODING).is_none());
+    let size = |r: axum::response::Response| async {
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .len()
+    };
+    let (plain, zipped) = (size(plain).await, size(zipped).await);
+    assert!(zipped * 2 < plain, "{zipped} bytes gzipped, {plain} plain");
+}
