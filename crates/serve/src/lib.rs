@@ -258,7 +258,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(api::page))
         .route("/api/predict", post(api::predict))
-        .route("/api/explain", post(api::explain))
+        // Gzip for clients that ask (browsers do): the tiles shrink several times. Only here:
+        // on /api/predict's small answers the layer cost 10% of the throughput.
+        .route(
+            "/api/explain",
+            post(api::explain).layer(CompressionLayer::new()),
+        )
         .route("/api/model", get(api::model))
         .route("/api/test/{index}", get(api::test_image))
         .route("/api/mistakes", get(api::mistakes))
@@ -270,8 +275,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
-        // Gzip for clients that ask (browsers do): /api/explain's tiles shrink several times.
-        .layer(CompressionLayer::new())
         .layer(ConcurrencyLimitLayer::new(state.limits.concurrency.max(1)))
         .with_state(state)
 }
