@@ -220,6 +220,33 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer() {
     );
 }
 
+/// A 4 KB PNG whose header claims `side` x `side` grey pixels: a decompression bomb.
+fn png_bomb(side: u32) -> Vec<u8> {
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    for _ in 0..200 {
+        std::io::Write::write_all(&mut encoder, &vec![0u8; side as usize + 1]).unwrap();
+    }
+    let idat = encoder.finish().unwrap();
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        let mut crc = flate2::Crc::new();
+        crc.update(&body);
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+        out
+    };
+    let mut ihdr = side.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&side.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(b"IDAT", &idat));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
 /// (method, path, content type, body, the status it must get, what its message must say)
 type BadRequest = (
     &'static str,
@@ -241,6 +268,14 @@ async fn every_bad_request_gets_a_4xx_and_a_json_message() {
         png.into_inner()
     };
     let cases: Vec<BadRequest> = vec![
+        (
+            "POST",
+            "/api/predict",
+            Some("image/png"),
+            png_bomb(20_000),
+            StatusCode::BAD_REQUEST,
+            "refused before decoding",
+        ),
         (
             "POST",
             "/api/predict",
