@@ -70,59 +70,27 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     let bodies = bodies(&args.data_dir, scratch.path())?;
     let mut rows = Vec::new();
 
-    let port = free_port()?;
-    let server = Server(
-        Command::new("target/release/mnist")
+    rows.extend(measure("mnist serve", &bodies, args.seconds, |port| {
+        let mut command = Command::new("target/release/mnist");
+        command
             .args(["serve", "--port", &port.to_string(), "--model-file"])
-            .arg(&args.model_file)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("cannot start mnist serve")?,
-    );
-    wait_for(port)?;
-    for (body, content_type, file) in &bodies {
-        for clients in CLIENTS {
-            rows.push(load(
-                "mnist serve",
-                body,
-                content_type,
-                file,
-                clients,
-                port,
-                args.seconds,
-            )?);
-        }
-    }
-    drop(server);
-
+            .arg(&args.model_file);
+        command
+    })?);
     match python_with_torch() {
-        Some(python) => {
-            let port = free_port()?;
-            let server = Server(
-                Command::new(&python)
+        Some(python) => rows.extend(measure(
+            "FastAPI + PyTorch",
+            &bodies,
+            args.seconds,
+            |port| {
+                let mut command = Command::new(&python);
+                command
                     .arg("xtask/serve_torch.py")
                     .arg(&args.model_file)
-                    .arg(port.to_string())
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .context("cannot start xtask/serve_torch.py")?,
-            );
-            wait_for(port)?;
-            for (body, content_type, file) in &bodies {
-                for clients in CLIENTS {
-                    rows.push(load(
-                        "FastAPI + PyTorch",
-                        body,
-                        content_type,
-                        file,
-                        clients,
-                        port,
-                        args.seconds,
-                    )?);
-                }
-            }
-            drop(server);
-        }
+                    .arg(port.to_string());
+                command
+            },
+        )?),
         None => eprintln!(
             "no BENCH_PYTHON with torch, fastapi and uvicorn: measuring mnist serve alone"
         ),
@@ -133,6 +101,39 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
         write_table(&table)?;
     }
     Ok(())
+}
+
+/// Starts the server `command` makes for a free port, loads it with every body and client
+/// count, and stops it.
+fn measure(
+    server: &'static str,
+    bodies: &[(&'static str, &'static str, PathBuf)],
+    seconds: u64,
+    command: impl FnOnce(u16) -> Command,
+) -> Result<Vec<Row>> {
+    let port = free_port()?;
+    let _running = Server(
+        command(port)
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {server}"))?,
+    );
+    wait_for(port)?;
+    let mut rows = Vec::new();
+    for (body, content_type, file) in bodies {
+        for clients in CLIENTS {
+            rows.push(load(
+                server,
+                body,
+                content_type,
+                file,
+                clients,
+                port,
+                seconds,
+            )?);
+        }
+    }
+    Ok(rows)
 }
 
 /// The JSON and PNG request bodies of the first test image, as files for oha.
