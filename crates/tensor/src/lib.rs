@@ -38,5 +38,5 @@ pub use pool::{
     Pool2dDims, avg_pool2d_backward, avg_pool2d_forward, global_avg_pool_backward,
     global_avg_pool_forward, max_pool2d_backward, max_pool2d_forward,
 };
-pub use simd::ISA_CAP_VARIABLE;
+pub use simd::{ISA_CAP_VARIABLE, instruction_set};
 pub use softmax::{log_softmax, log_softmax_backward, softmax, softmax_backward};

@@ -97,6 +97,23 @@ impl Isa {
     }
 }
 
+/// The instruction set this process's own kernels run with: `avx512`, `avx2` or `baseline`
+/// (also their bits differ: a wider register sums in another order).
+pub fn instruction_set() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match Isa::detected() {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Baseline => "baseline",
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "baseline"
+    }
+}
+
 /// A multiply-add, fused into one rounding or not: the bodies are generic over it so that one
 /// source compiles both to FMA instructions and to the baseline target.
 pub(crate) trait MulAdd {

@@ -1,0 +1,238 @@
+//! The bits of training: a few Adam steps of each preset (and of architectures that take the
+//! other convolution algorithms) from a fixed seed on a fixed batch give exactly the recorded
+//! weights, with 1 thread and with 2, and with the fused
+//! convolution + ReLU + pooling layers as with separate ones.
+//!
+//! The recorded SHA-256 digests come from this implementation itself (commit 4dc572a, before
+//! the convolution module was split up, x86_64): they guard against unintended changes only.
+//! Correctness against an outside reference is `torch_gradients.rs`'s job. A change that is
+//! meant to move the bits (a different summation order) must say so and re-record them
+//! (`RECORD_TRAINING_BITS=1 cargo test -p nn --test training_bits -- --nocapture`).
+
+#![allow(clippy::unwrap_used)]
+
+use ndarray::{Array1, Array4};
+use nn::{Mode, ModelSpec, Optimizer, Rule, Sequential, Targets, preset, softmax_cross_entropy};
+use sha2::{Digest, Sha256};
+
+/// 64 sparse "digits": about a fifth of the pixels lit, at positions from a fixed LCG, so
+/// that ReLU and pooling leave gradients as sparse as real MNIST's.
+fn batch() -> (Array4<f32>, Array1<u8>) {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) as u32
+    };
+    let images = Array4::from_shape_fn((64, 1, 28, 28), |_| {
+        let r = next();
+        if r % 5 == 0 {
+            (r % 251) as f32 / 250.0
+        } else {
+            0.0
+        }
+    });
+    let labels = Array1::from_shape_fn(64, |n| (n * 7 % 10) as u8);
+    (images, labels)
+}
+
+/// Architectures beyond the presets, so that every convolution algorithm trains here:
+/// im2col + GEMM on large images (28x28, 12 filters), on small gathered ones, strided and
+/// unpooled; BatchNorm and Dropout.
+fn extra_specs() -> Vec<ModelSpec> {
+    let im2col = r#"{"name": "im2col", "input": [1, 28, 28], "layers": [
+        {"type": "Conv2d", "filters": 8, "kernel": [3, 3], "padding": "same"}, {"type": "ReLU"},
+        {"type": "Conv2d", "filters": 12, "kernel": [3, 3], "padding": "same"}, {"type": "ReLU"},
+        {"type": "MaxPool2d", "kernel": [2, 2]},
+        {"type": "Conv2d", "filters": 12, "kernel": [3, 3]}, {"type": "ReLU"},
+        {"type": "MaxPool2d", "kernel": [3, 3], "stride": [2, 2]},
+        {"type": "Conv2d", "filters": 10, "kernel": [3, 3], "stride": [2, 2]},
+        {"type": "Flatten"}, {"type": "Dense", "units": 10}]}"#;
+    let bn_cnn = r#"{"name": "bn-cnn", "input": [1, 28, 28], "layers": [
+        {"type": "Conv2d", "filters": 16, "kernel": [3, 3], "padding": "same", "bias": false},
+        {"type": "BatchNorm2d"}, {"type": "ReLU"},
+        {"type": "Conv2d", "filters": 32, "kernel": [3, 3], "padding": "same", "bias": false},
+        {"type": "BatchNorm2d"}, {"type": "ReLU"}, {"type": "MaxPool2d", "kernel": [2, 2]},
+        {"type": "Conv2d", "filters": 32, "kernel": [3, 3], "padding": "same"}, {"type": "ReLU"},
+        {"type": "MaxPool2d", "kernel": [2, 2]}, {"type": "Flatten"},
+        {"type": "Dense", "units": 32}, {"type": "BatchNorm1d"}, {"type": "ReLU"},
+        {"type": "Dropout", "rate": 0.4}, {"type": "Dense", "units": 10}]}"#;
+    [im2col, bn_cnn]
+        .iter()
+        .map(|json| ModelSpec::from_json(json).unwrap())
+        .collect()
+}
+
+/// SHA-256 of every parameter's and buffer's bits after three Adam steps, and of the logits
+/// of the batch in inference mode after them; `fused` as [`Sequential::fuse_layers`].
+fn trained_digest(spec: ModelSpec, fused: bool) -> String {
+    let (images, labels) = batch();
+    let mut model = Sequential::new(spec, 7).unwrap();
+    model.fuse_layers(fused);
+    let mut optimizer = Optimizer::new(Rule::adam(), 1e-3).unwrap();
+    for _ in 0..3 {
+        model.zero_grad();
+        let logits = model.forward(images.clone(), Mode::Train).unwrap();
+        let out =
+            softmax_cross_entropy(logits.view(), Targets::Classes(labels.view()), 0.0).unwrap();
+        model.backward(out.grad).unwrap();
+        optimizer.step(&mut model).unwrap();
+    }
+    let mut hash = Sha256::new();
+    model.visit_params(|name, param| {
+        hash.update(name.as_bytes());
+        param
+            .value
+            .iter()
+            .for_each(|v: &f32| hash.update(v.to_le_bytes()));
+    });
+    model.visit_buffers(|name, buffer| {
+        hash.update(name.as_bytes());
+        buffer
+            .iter()
+            .for_each(|v: &f32| hash.update(v.to_le_bytes()));
+    });
+    let logits = model.forward(images, Mode::Eval).unwrap();
+    logits
+        .iter()
+        .for_each(|v: &f32| hash.update(v.to_le_bytes()));
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+#[test]
+fn training_bits_are_the_recorded_ones_with_one_and_two_threads() {
+    let specs = nn::PRESETS
+        .iter()
+        .map(|name| preset(name).unwrap())
+        .chain(extra_specs());
+    // The kernels' bits depend on their vector width; CI runs this under each cap.
+    let isa = tensor::instruction_set();
+    let mut failures = Vec::new();
+    for spec in specs {
+        let name = spec.name.clone();
+        let one = in_pool(1, || trained_digest(spec.clone(), true));
+        let two = in_pool(2, || trained_digest(spec.clone(), true));
+        assert_eq!(one, two, "{name}: 1 and 2 threads differ");
+        let unfused = in_pool(2, || trained_digest(spec, false));
+        assert_eq!(one, unfused, "{name}: fused and separate layers differ");
+        if std::env::var_os("RECORD_TRAINING_BITS").is_some() {
+            println!("(\"{isa}\", \"{name}\", \"{one}\"),");
+            continue;
+        }
+        let recorded = RECORDED
+            .iter()
+            .find(|(i, n, _)| *i == isa && *n == name)
+            .map(|(_, _, digest)| *digest);
+        if recorded != Some(one.as_str()) {
+            failures.push(format!("{isa} {name}: {one}, recorded {recorded:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "the bits moved:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// (instruction set, architecture, digest).
+const RECORDED: [(&str, &str, &str); 18] = [
+    (
+        "avx512",
+        "two-conv",
+        "58ea0d01eb5a9da9fb3aa148262eb024eb91db060c9f6d8316e7d5e99caf47b0",
+    ),
+    (
+        "avx512",
+        "one-conv",
+        "1758b9b24c7f74765237f11f9f2b034b7f4f0a835f09016541d71d447bcd1c60",
+    ),
+    (
+        "avx512",
+        "one-conv-dropout",
+        "60f7ad8c7d1bf3fb9754c75869f7f5d8967a05d155a8e52c9bdd400fe55a8500",
+    ),
+    (
+        "avx512",
+        "lenet5",
+        "8b7eb6ae1daf7711c7b37bc1b8d0b4ca3de1c951e4ae138262b95aaf35701d38",
+    ),
+    (
+        "avx512",
+        "im2col",
+        "893126ba754bcbc5296b67e801a6fc6b316971753266bb839a3086ae6d8dfe67",
+    ),
+    (
+        "avx512",
+        "bn-cnn",
+        "228a2e949fd360be646895d9d2d903a3643221c8b96ae0ac3c5b13e7b6326db8",
+    ),
+    (
+        "avx2",
+        "two-conv",
+        "ec7b16cc760d8354adfe6d3eadfc221278dc6daf49f6dd6fbdabdaa730faf5b4",
+    ),
+    (
+        "avx2",
+        "one-conv",
+        "5683efa9ff09d0e91789ed791c2691d2499104cd8fc0d64d8b4c1f8abee56598",
+    ),
+    (
+        "avx2",
+        "one-conv-dropout",
+        "b772eaea8d8af97654f1438d08592f6e7a564ee0d7e17bd3269f07d4ee8ea2b7",
+    ),
+    (
+        "avx2",
+        "lenet5",
+        "dd6a5a0b90ee99db028bdeda18963ae8a640dbb65b319a1c440109aabe4646e0",
+    ),
+    (
+        "avx2",
+        "im2col",
+        "bd4bab3030ba5d21fdd250ab9ef5592cc266a0f6387a37d314ae8875c776e9f0",
+    ),
+    (
+        "avx2",
+        "bn-cnn",
+        "895a8b65535ad65c8a1c5a217cb459a8627aeb0aa9cfd18d51e48fd638eee327",
+    ),
+    (
+        "baseline",
+        "two-conv",
+        "05dcd1f6e752dad462a4b135348482305c8c7ad99374131db87125c57c0c56ed",
+    ),
+    (
+        "baseline",
+        "one-conv",
+        "a41e5fd3ce4163482ce6e573b22bc89803f8b7517756232b6507c11db7780508",
+    ),
+    (
+        "baseline",
+        "one-conv-dropout",
+        "c5c923670caa8ce0f2afa085c7f094dcf54cf10b0bae6a53732c289f1ca6dc5f",
+    ),
+    (
+        "baseline",
+        "lenet5",
+        "dc270f79e07ee4ca99ef2ef8241eda3a7fd0856beb6b397b1ff38006723a479f",
+    ),
+    (
+        "baseline",
+        "im2col",
+        "033b360ae52b2f347e20faa0d0153b95332421896709ea2ab4d224f79d0e81f2",
+    ),
+    (
+        "baseline",
+        "bn-cnn",
+        "824cf189b1778f867020eec3f5adc88620e6d6cf9bc247be888957bb76117244",
+    ),
+];
