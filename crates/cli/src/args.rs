@@ -388,6 +388,9 @@ pub struct SummaryArgs {
     /// Count the first N layers' parameters as non-trainable, as `train --freeze N` would.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub freeze: usize,
+    /// Also say how each layer is computed (each convolution's algorithm).
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 fn number<T: std::str::FromStr>(text: &str) -> Result<T, String> {

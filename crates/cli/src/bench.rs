@@ -142,9 +142,15 @@ pub fn bench(
             .zip(shapes)
             .enumerate()
             .map(|(index, ((layer, t), shape))| ProfileRow {
-                name: match model.computed_by(index) {
-                    by if by == index => format!("{index} {} {shape:?}", layer.kind()),
-                    by => format!("{index} {} {shape:?}, in {by}'s time", layer.kind()),
+                name: {
+                    let kind = match layer.algorithm() {
+                        Some(algorithm) => format!("{} [{algorithm}]", layer.kind()),
+                        None => layer.kind().to_string(),
+                    };
+                    match model.computed_by(index) {
+                        by if by == index => format!("{index} {kind} {shape:?}"),
+                        by => format!("{index} {kind} {shape:?}, in {by}'s time"),
+                    }
                 },
                 forward_ms: t.mean_forward().as_secs_f64() * 1e3,
                 backward_ms: t.mean_backward().as_secs_f64() * 1e3,

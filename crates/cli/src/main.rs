@@ -397,7 +397,12 @@ fn summary_command(args: &SummaryArgs) -> Result<()> {
             .clone(),
         None => resolve_spec(&args.model)?,
     };
-    print!("{}", summary(&spec, args.freeze)?);
+    let table = if args.verbose {
+        nn::detailed_summary(&spec, args.freeze)?
+    } else {
+        summary(&spec, args.freeze)?
+    };
+    print!("{table}");
     Ok(())
 }
 

@@ -25,8 +25,13 @@ pub type PoolWindow = ([usize; 2], [usize; 2]);
 ///
 /// Shapes include the batch: `[N, C, H, W]` for images, `[N, F]` for features.
 pub trait Layer: Send + std::fmt::Debug {
-    /// The layer type as PyTorch names it, e.g. "Conv2d".
+    /// The layer type as specs name it, e.g. "Conv2d" or "Dense".
     fn kind(&self) -> &'static str;
+
+    /// How the layer is computed, when there is a choice (a convolution's algorithm).
+    fn algorithm(&self) -> Option<&'static str> {
+        None
+    }
 
     /// The output shape for an input of `input` shape, or why the input does not fit.
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>, String>;

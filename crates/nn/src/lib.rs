@@ -56,4 +56,4 @@ pub use plan::{
 pub use profile::LayerTimes;
 pub use schedule::{ReduceOnPlateau, Schedule};
 pub use spec::{LayerSpec, ModelSpec, PRESETS, PaddingSpec, preset};
-pub use summary::{group_digits, human_bytes, summary};
+pub use summary::{detailed_summary, group_digits, human_bytes, summary};

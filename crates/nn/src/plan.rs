@@ -7,7 +7,7 @@
 //! MNIST family (two-conv has 225,034 parameters and 33,000 activations per image) and far
 //! below what would exhaust a laptop; docs/model-format.md lists them.
 
-use tensor::{Conv2dDims, Pool2dDims};
+use tensor::{Conv2dDims, ConvAlgorithm, Pool2dDims};
 
 use crate::error::NnError;
 use crate::model::ParamCounts;
@@ -39,12 +39,14 @@ pub struct TensorPlan {
 /// One layer as a spec will build it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerPlan {
-    /// The layer type as PyTorch names it (what summaries print).
+    /// The layer type as specs name it (what summaries print).
     pub kind: &'static str,
     /// The output shape of one example (no batch axis).
     pub output: Vec<usize>,
     /// Parameters, then saved state, in the order the layer visits them.
     pub tensors: Vec<TensorPlan>,
+    /// How a convolution is computed (`None` for other layers).
+    pub algorithm: Option<ConvAlgorithm>,
 }
 
 /// A whole architecture as a spec will build it, checked against the limits.
@@ -228,6 +230,7 @@ fn plan_layer(spec: &LayerSpec, shape: &[usize], index: usize) -> Result<Planned
         }
     };
     let same_shape = |kind| LayerPlan {
+        algorithm: None,
         kind,
         output: shape.to_vec(),
         tensors: Vec::new(),
@@ -262,6 +265,7 @@ fn plan_layer(spec: &LayerSpec, shape: &[usize], index: usize) -> Result<Planned
             }
             Ok(Planned {
                 layer: LayerPlan {
+                    algorithm: Some(dims.algorithm()),
                     kind: "Conv2d",
                     output: vec![o, oh, ow],
                     tensors,
@@ -275,6 +279,7 @@ fn plan_layer(spec: &LayerSpec, shape: &[usize], index: usize) -> Result<Planned
                 .map_err(|e| e.to_string())?;
             let [_, c, oh, ow] = dims.output_shape();
             plain(LayerPlan {
+                algorithm: None,
                 kind: spec.name(),
                 output: vec![c, oh, ow],
                 tensors: Vec::new(),
@@ -283,6 +288,7 @@ fn plan_layer(spec: &LayerSpec, shape: &[usize], index: usize) -> Result<Planned
         LayerSpec::Flatten => {
             let n = product(shape).ok_or_else(|| format!("flattening {shape:?} overflows"))?;
             plain(LayerPlan {
+                algorithm: None,
                 kind: "Flatten",
                 output: vec![n],
                 tensors: Vec::new(),
@@ -298,8 +304,8 @@ fn plan_layer(spec: &LayerSpec, shape: &[usize], index: usize) -> Result<Planned
                 tensors.push(tensor("bias", vec![units], true));
             }
             plain(LayerPlan {
-                // PyTorch's name for it, which summaries print.
-                kind: "Linear",
+                algorithm: None,
+                kind: "Dense",
                 output: vec![units],
                 tensors,
             })
@@ -336,6 +342,7 @@ fn plan_layer(spec: &LayerSpec, shape: &[usize], index: usize) -> Result<Planned
                 tensor("num_batches_tracked", Vec::new(), false),
             ];
             plain(LayerPlan {
+                algorithm: None,
                 kind: spec.name(),
                 output: shape.to_vec(),
                 tensors,

@@ -9,6 +9,25 @@ use crate::spec::ModelSpec;
 /// `model.summary()` prints it; worked out from the spec's plan, so it allocates no weights
 /// however large the model.
 pub fn summary(spec: &ModelSpec, frozen: usize) -> Result<String, NnError> {
+    table(spec, frozen, Detail::Keras)
+}
+
+/// [`summary`] with a column saying how each layer is computed: the algorithm of each
+/// convolution (see [`tensor::ConvAlgorithm`]).
+pub fn detailed_summary(spec: &ModelSpec, frozen: usize) -> Result<String, NnError> {
+    table(spec, frozen, Detail::ComputedBy)
+}
+
+/// The columns of a summary.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Detail {
+    /// Keras': layer, output shape, parameters.
+    Keras,
+    /// And how the layer is computed.
+    ComputedBy,
+}
+
+fn table(spec: &ModelSpec, frozen: usize, detail: Detail) -> Result<String, NnError> {
     let plan = spec.plan()?;
     let mut rows = Vec::new();
     for (index, layer) in plan.layers.iter().enumerate() {
@@ -21,8 +40,12 @@ pub fn summary(spec: &ModelSpec, frozen: usize) -> Result<String, NnError> {
         let shape: Vec<String> = std::iter::once("None".to_string())
             .chain(layer.output.iter().map(usize::to_string))
             .collect();
+        let mut name = format!("{index} ({})", layer.kind);
+        if let (Detail::ComputedBy, Some(algorithm)) = (detail, layer.algorithm) {
+            name += &format!(" [{algorithm}]");
+        }
         rows.push((
-            format!("{index} ({})", layer.kind),
+            name,
             format!("({})", shape.join(", ")),
             group_digits(params),
         ));

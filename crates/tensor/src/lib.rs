@@ -28,7 +28,7 @@ pub use activation::{
 };
 pub use bias::{add_channel_bias, add_row_bias, channel_bias_grad, row_bias_grad};
 pub use conv::{
-    Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, NO_GRADIENT, Padding, col2im,
+    Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, ConvAlgorithm, NO_GRADIENT, Padding, col2im,
     conv2d_backward, conv2d_forward, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward,
     im2col,
 };

@@ -18,21 +18,26 @@
 //! forward pass of a plain convolution need not unfold (and keep) its input for the backward
 //! pass, which cost conv 32->64 a third of its forward pass.
 
-use super::Conv2dDims;
-use super::scatter;
+use ndarray::parallel::prelude::*;
+use ndarray::{ArrayView2, ArrayViewMut4, Axis};
+
+use super::buffers::{ImplicitBuffers, resize};
+use super::chunks::{ChunkGrad, ChunkOutput};
+use super::fused::relu_max_pool_image;
+use super::im2col::{DenseProducts, KeptInput, backward_gemm};
+use super::layout::{self, ALIGN_SLACK, aligned, aligned_mut};
+use super::{
+    Conv2dDims, ForwardPass, Partials, as_matrix, as_matrix_mut, contiguous, contiguous_mut,
+    images_per_chunk,
+};
+use crate::gemm::sgemm_unchecked;
 use crate::pool::replaces_max;
 use crate::simd::{MulAdd, dispatched};
 use crate::vector::{Simd, vector_dispatched};
 
 /// The output channels must be a multiple of this: one vector register of the widest
 /// instruction set, two of AVX2's.
-const CHANNEL_BLOCK: usize = 16;
-
-/// Whether [`Conv2dDims`] has an output channel count the kernel covers, and a receptive field
-/// long enough that im2col + GEMM would be the alternative (not a direct convolution).
-pub(crate) fn applies(dims: &Conv2dDims) -> bool {
-    dims.out_channels.is_multiple_of(CHANNEL_BLOCK) && !dims.computed_directly()
-}
+pub(super) const CHANNEL_BLOCK: usize = 16;
 
 /// Writes `weight [O, C*KH*KW]` (rows in (c, kh, kw) order) into `out` as `[KH, KW, C, O]`:
 /// the weights of one receptive-field value for every output channel, consecutive.
@@ -53,6 +58,196 @@ pub(crate) fn transpose_into(dims: &Conv2dDims, out_cl: &[f32], out: &mut [f32])
         for (v, pixel) in row.iter_mut().zip(out_cl.chunks_exact(o_count)) {
             *v = pixel[o];
         }
+    }
+}
+
+/// The forward pass: each image is copied channels last (and kept, for the backward pass,
+/// when `pass.keep`), convolved by the implicit GEMM and transposed into NCHW order (or
+/// pooled), into one `outputs` entry per chunk of the batch.
+pub(super) fn forward(
+    pass: &ForwardPass<'_, '_>,
+    own: &mut ImplicitBuffers,
+    outputs: Vec<ChunkOutput<'_>>,
+) {
+    let ForwardPass {
+        dims,
+        x,
+        weight,
+        bias,
+        keep: keep_columns,
+    } = *pass;
+    let (o, pixels) = (dims.out_channels, dims.out_pixels());
+    let per_chunk = images_per_chunk(dims.batch);
+    let chunks = dims.batch.div_ceil(per_chunk);
+    let image_len = layout::image_len(dims);
+    let kept_images = if keep_columns { per_chunk } else { 1 };
+    let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
+    let staged = if pooled { (o, pixels) } else { (0, 0) };
+    // The backward pass reads the kept channels-last images (see `weight_grad`), or, for
+    // kernel rows too short for it, unfolds them again: no columns are kept.
+    resize(
+        &mut own.channels_last,
+        (chunks, kept_images * image_len + ALIGN_SLACK),
+    );
+    resize(
+        &mut own.out_channels_last,
+        (chunks, pixels * o + ALIGN_SLACK),
+    );
+    resize(&mut own.staged, (chunks, staged.0, staged.1));
+    resize(&mut own.weight_by_tap, o * dims.patch_len() + ALIGN_SLACK);
+    let weight = weight.as_standard_layout();
+    let weight = contiguous(&weight);
+    // Inference calls again and again with the same weights: pack them only when they (or
+    // the shapes that order them) changed since the last packing.
+    let key = (dims.in_channels, dims.kernel_h, dims.kernel_w, o);
+    let same_bits = |packed: &[f32]| {
+        packed.len() == weight.len()
+            && packed
+                .iter()
+                .zip(weight)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    };
+    if own
+        .packed_for
+        .as_ref()
+        .is_none_or(|(k, packed)| *k != key || !same_bits(packed))
+    {
+        pack_weight(
+            dims,
+            weight,
+            aligned_mut(contiguous_mut(&mut own.weight_by_tap)),
+        );
+        // (Reusing the copy's allocation: training changes the weights every step.)
+        let (packed_key, copy) = own.packed_for.get_or_insert_with(Default::default);
+        *packed_key = key;
+        copy.clear();
+        copy.extend_from_slice(weight);
+    }
+    let weight = &aligned(contiguous(&own.weight_by_tap))[..o * dims.patch_len()];
+    let bias = bias.map(|b| b.to_vec());
+    let ImplicitBuffers {
+        channels_last,
+        out_channels_last,
+        staged,
+        ..
+    } = own;
+    channels_last
+        .outer_iter_mut()
+        .into_par_iter()
+        .zip(out_channels_last.outer_iter_mut())
+        .zip(staged.outer_iter_mut())
+        .zip(x.axis_chunks_iter(Axis(0), per_chunk))
+        .zip(outputs)
+        .for_each(
+            |((((mut images, mut out_cl), mut staged), x), mut output)| {
+                let images = aligned_mut(contiguous_mut(&mut images));
+                let out_cl = &mut aligned_mut(contiguous_mut(&mut out_cl))[..pixels * o];
+                for (j, x) in x.outer_iter().enumerate() {
+                    let slot = if keep_columns { j } else { 0 };
+                    let image = &mut images[slot * image_len..(slot + 1) * image_len];
+                    layout::to_channels_last(dims, x, image);
+                    // A 2x2 pooling reads the output's first 2*PH rows and 2*PW columns only
+                    // (conv 32->64 on 13x13: 100 of 121 pixels).
+                    let covered = match &output {
+                        ChunkOutput::ReluMaxPool(pool, ..) if pool.is_2x2_stride_2() => {
+                            (dims.out_h() / 2 * 2, dims.out_w() / 2 * 2)
+                        }
+                        _ => (dims.out_h(), dims.out_w()),
+                    };
+                    let bias = bias.as_deref();
+                    forward_image(dims, image, weight, bias, covered, out_cl);
+                    match &mut output {
+                        ChunkOutput::Conv(y) => transpose_into(
+                            dims,
+                            out_cl,
+                            contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
+                        ),
+                        ChunkOutput::ReluMaxPool(pool, y, argmax) if pool.is_2x2_stride_2() => {
+                            relu_max_pool_2x2(
+                                dims,
+                                out_cl,
+                                contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
+                                argmax.image_2x2(j),
+                            );
+                        }
+                        ChunkOutput::ReluMaxPool(pool, y, argmax) => {
+                            transpose_into(dims, out_cl, contiguous_mut(&mut staged));
+                            relu_max_pool_image(
+                                pool,
+                                staged.view(),
+                                y.index_axis_mut(Axis(0), j),
+                                argmax.image(j),
+                            );
+                        }
+                    }
+                }
+            },
+        );
+}
+
+/// The backward pass: im2col + GEMM's (see `im2col::backward_gemm`), with the products of a
+/// dense gradient computed from the kept channels-last images where the kernel rows are long
+/// enough for [`weight_grad`], else from the input unfolded again.
+pub(super) fn backward(
+    dims: &Conv2dDims,
+    weight: ArrayView2<'_, f32>,
+    chunk_grads: Vec<ChunkGrad<'_>>,
+    own: &mut ImplicitBuffers,
+    partials: Partials<'_>,
+    dx_chunks: Vec<Option<ArrayViewMut4<'_, f32>>>,
+) {
+    let kept = KeptInput {
+        columns: None,
+        channels_last: own.channels_last.view(),
+    };
+    let dense = if weight_grad_applies(dims) {
+        DenseProducts::ChannelsLast
+    } else {
+        DenseProducts::Gemm
+    };
+    let grads = (chunk_grads, dx_chunks);
+    backward_gemm(
+        dims,
+        weight,
+        grads,
+        kept,
+        &mut own.backward,
+        partials,
+        dense,
+    );
+}
+
+/// `dx [N, C, H, W] = col2im(W^T * dy)` for N images whose output gradient is
+/// `grads_cl [N*OH*OW, O]`, from the weight channels last, `weight_cl [O, KH*KW*C]`:
+/// `dcols_cl [N*OH*OW, KH*KW*C]` is their unfolded gradient, folded onto `dx_cl` (one padded
+/// channels-last image) an image at a time.
+pub(super) fn input_grad_channels_last(
+    dims: &Conv2dDims,
+    weight_cl: &[f32],
+    grads_cl: &[f32],
+    dcols: &mut [f32],
+    dx_cl: &mut [f32],
+    mut dx: ArrayViewMut4<'_, f32>,
+) {
+    let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
+    let rows = grads_cl.len() / o;
+    // dcols_cl [N*OH*OW, KH*KW*C] = grads_cl [N*OH*OW, O] * weight_cl [O, KH*KW*C].
+    let mut dcols = as_matrix_mut(dcols, rows, patch);
+    let weight_cl = as_matrix(weight_cl, o, patch);
+    sgemm_unchecked(
+        1.0,
+        &as_matrix(grads_cl, rows, o),
+        &weight_cl,
+        0.0,
+        dcols.view_mut(),
+    );
+    let dcols = contiguous(&dcols);
+    let len = layout::image_len(dims);
+    let dx_cl = &mut dx_cl[..len];
+    for (dcols, dx) in dcols.chunks_exact(pixels * patch).zip(dx.outer_iter_mut()) {
+        dx_cl.fill(0.0);
+        fold_input_grad(dims, dcols, dx_cl);
+        layout::from_channels_last(dims, dx_cl, dx);
     }
 }
 
@@ -167,7 +362,7 @@ fn tiles<M: MulAdd, const LANES: usize, const ROWS: usize, const VECTORS: usize>
 
 vector_dispatched! {
     /// Adds the weight gradient of `count` zero-padded channels-last images (`images`, each
-    /// `scatter::image_len` values) with output gradients `grads_cl [count*OH*OW, O]` onto
+    /// `layout::image_len` values) with output gradients `grads_cl [count*OH*OW, O]` onto
     /// `dw_cl [O, KH*KW*C]`: `dw_cl^T += cols * grads_cl`, cols read in place.
     fn weight_grad(
         dims: &Conv2dDims,
@@ -184,8 +379,8 @@ const MAX_TILE_ROWS: usize = 8;
 /// Whether [`weight_grad`] covers these dimensions: a kernel row (KW*C values, consecutive in a
 /// channels-last image) at least as long as a tile, whose values are then loaded from one
 /// pointer at constant offsets.
-pub(crate) fn weight_grad_applies(dims: &Conv2dDims) -> bool {
-    applies(dims) && dims.kernel_w * dims.in_channels >= MAX_TILE_ROWS
+fn weight_grad_applies(dims: &Conv2dDims) -> bool {
+    dims.kernel_w * dims.in_channels >= MAX_TILE_ROWS
 }
 
 #[inline(always)]
@@ -229,7 +424,7 @@ fn grad_tiles<S: Simd, const ROWS: usize, const VECTORS: usize>(
     debug_assert!(block <= SUMS_LEN && ROWS <= MAX_TILE_ROWS);
     let run = dims.kernel_w * dims.in_channels;
     let row_step = dims.padded_w() * dims.in_channels;
-    let image_len = scatter::image_len(dims);
+    let image_len = layout::image_len(dims);
     // Tiles of ROWS consecutive values of one kernel row (channels-last order (kw, c)); a
     // row's last tile starts early enough to end with it, and stores only its new values.
     for kh in 0..dims.kernel_h {
@@ -279,7 +474,7 @@ fn grad_tiles<S: Simd, const ROWS: usize, const VECTORS: usize>(
 vector_dispatched! {
     /// Adds the unfolded input gradient of one image, `dcols_cl [OH*OW, KH*KW*C]` (columns in
     /// channels-last order (kh, kw, c)), onto its padded channels-last image `dx_cl`
-    /// (`scatter::image_len` values): col2im, a kernel row of KW*C consecutive values at a time.
+    /// (`layout::image_len` values): col2im, a kernel row of KW*C consecutive values at a time.
     /// (Folding NCHW columns moved rows of OW values, 16% of a conv 32->64 training step.)
     fn fold_input_grad(dims: &Conv2dDims, dcols_cl: &[f32], dx_cl: &mut [f32]) => fold_body;
 }

@@ -3,7 +3,8 @@
 use ndarray::{Array1, Array4, s};
 use proptest::prelude::*;
 use tensor::{
-    Conv2dBuffers, Conv2dDims, Conv2dGrads, Padding, TensorError, conv2d_backward, conv2d_forward,
+    Conv2dBuffers, Conv2dDims, Conv2dGrads, ConvAlgorithm, Padding, TensorError, conv2d_backward,
+    conv2d_forward,
 };
 
 use crate::reference::{self, Values, assert_close};
@@ -24,8 +25,8 @@ fn any_padding() -> impl Strategy<Value = Padding> {
 }
 
 /// Runs forward and backward on one random case and compares all four results with the
-/// reference; returns without checking when the configuration is (rightly) refused. `path`,
-/// when given, is whether the case must be computed directly (else by im2col + GEMM). A
+/// reference; returns without checking when the configuration is (rightly) refused. With an
+/// `algorithm`, the case is computed by it (and skipped if it does not support the shape). A
 /// `sparse` output gradient (one entry in seven nonzero, as behind ReLU and pooling) takes the
 /// backward pass that scatters nonzeros instead of multiplying.
 #[allow(clippy::too_many_arguments)]
@@ -38,7 +39,7 @@ fn check_against_reference(
     with_bias: bool,
     strided_input: bool,
     seed: u64,
-    path: Option<bool>,
+    algorithm: Option<ConvAlgorithm>,
     sparse: bool,
 ) -> Result<(), TestCaseError> {
     let (n, c, h, w) = input;
@@ -50,9 +51,7 @@ fn check_against_reference(
         padding,
     );
     let dims = match dims {
-        Ok(dims) if path.is_some_and(|direct| dims.computed_directly() != direct) => {
-            panic!("{dims:?} is not computed by the path under test ({path:?})")
-        }
+        Ok(dims) if algorithm.is_some_and(|a| a.supports(&dims).is_err()) => return Ok(()),
         Ok(dims) => dims,
         Err(TensorError::Config { .. }) => {
             // Only a kernel larger than the padded input may be refused.
@@ -83,7 +82,7 @@ fn check_against_reference(
     let bias = values.array1(out_channels);
     let bias = with_bias.then(|| bias.view());
 
-    let mut buffers = Conv2dBuffers::default();
+    let mut buffers = algorithm.map_or_else(Conv2dBuffers::default, Conv2dBuffers::new);
     let mut y = Array4::from_elem(dims.output_shape(), f32::NAN);
     conv2d_forward(
         &dims,
@@ -156,6 +155,31 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(150))]
+
+    #[test]
+    fn every_algorithm_matches_the_direct_reference_wherever_it_applies(
+        // Each algorithm forced on shapes the default would give another (the implicit GEMM on
+        // one input channel, im2col on 16 outputs, ...), where it supports them at all.
+        input in (1usize..12, 1usize..5, 1usize..12, 1usize..12),
+        out_channels in prop_oneof![1usize..5, Just(16usize), Just(32)],
+        kernel in (1usize..4, 1usize..4),
+        stride in (1usize..3, 1usize..3),
+        padding in any_padding(),
+        with_bias in any::<bool>(),
+        seed in any::<u64>(),
+        sparse in any::<bool>(),
+        algorithm in prop_oneof![
+            Just(ConvAlgorithm::Direct),
+            Just(ConvAlgorithm::ImplicitGemm),
+            Just(ConvAlgorithm::Im2colGemm),
+        ],
+    ) {
+        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, false, seed, Some(algorithm), sparse)?;
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
     #[test]
@@ -190,7 +214,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         prop_assume!(input.1 * kernel.0 * kernel.1 <= 32);
-        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, strided_input, seed, Some(true), false)?;
+        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, strided_input, seed, Some(ConvAlgorithm::Direct), false)?;
     }
 }
 
@@ -209,7 +233,7 @@ proptest! {
         seed in any::<u64>(),
         sparse in any::<bool>(),
     ) {
-        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, false, seed, Some(false), sparse)?;
+        check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, false, seed, Some(ConvAlgorithm::Im2colGemm), sparse)?;
     }
 }
 
@@ -231,7 +255,7 @@ proptest! {
         seed in any::<u64>(),
         sparse in any::<bool>(),
     ) {
-        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, strided_input, seed, Some(false), sparse)?;
+        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, strided_input, seed, Some(ConvAlgorithm::ImplicitGemm), sparse)?;
     }
 }
 
@@ -254,7 +278,7 @@ proptest! {
         sparse in any::<bool>(),
     ) {
         let input = (batch, channels, size.0, size.1);
-        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, false, seed, Some(false), sparse)?;
+        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, false, seed, Some(ConvAlgorithm::ImplicitGemm), sparse)?;
     }
 }
 
@@ -402,7 +426,8 @@ fn inference_forward_matches_training_forward(channels: usize, out_channels: usi
         Padding::Same,
     )
     .unwrap();
-    assert_eq!(dims.computed_directly(), channels == 3);
+    let direct = dims.algorithm() == ConvAlgorithm::Direct;
+    assert_eq!(direct, channels == 3);
     let mut values = Values::new(21);
     let x = values.array4(dims.input_shape());
     let w = values.array4(dims.weight_shape());
