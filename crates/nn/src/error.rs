@@ -8,11 +8,20 @@ pub enum NnError {
     /// A kernel refused its operands.
     #[error(transparent)]
     Tensor(#[from] tensor::TensorError),
-    /// A layer received an input of the wrong shape.
+    /// A layer of a model received an input of the wrong shape.
     #[error("layer {layer} ({kind}): {detail}")]
     Shape {
         /// Position in the model, as PyTorch's `Sequential` numbers it.
         layer: usize,
+        /// The layer type, e.g. "Conv2d".
+        kind: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A layer received an input (or holds a parameter) of the wrong shape; a model reports
+    /// it as [`NnError::Shape`], with the layer's position.
+    #[error("{kind}: {detail}")]
+    Input {
         /// The layer type, e.g. "Conv2d".
         kind: &'static str,
         /// What was wrong.

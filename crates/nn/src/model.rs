@@ -473,14 +473,10 @@ fn relu_then_max_pool(layers: Option<&[Box<dyn Layer>]>) -> Option<PoolWindow> {
     }
 }
 
-/// Fills in the layer index of a shape error raised inside a layer.
+/// A layer's input error as the model's, naming the layer by its position.
 fn at_layer(error: NnError, index: usize) -> NnError {
     match error {
-        NnError::Shape {
-            layer: usize::MAX,
-            kind,
-            detail,
-        } => NnError::Shape {
+        NnError::Input { kind, detail } => NnError::Shape {
             layer: index,
             kind,
             detail,

@@ -98,8 +98,7 @@ pub(crate) fn fixed_mut<'a, D: ndarray::Dimension>(
 }
 
 fn bad_param_shape(what: &'static str, shape: Vec<usize>) -> crate::NnError {
-    crate::NnError::Shape {
-        layer: usize::MAX,
+    crate::NnError::Input {
         kind: what,
         detail: format!(
             "parameter has shape {shape:?}, not the number of dimensions the layer needs"

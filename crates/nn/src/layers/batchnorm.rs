@@ -52,8 +52,7 @@ impl BatchNorm {
     /// The input as `[N, C, S]` with S the pixels per channel (1 for features).
     fn as_ncs(&self, x: ArrayD<f32>) -> Result<Array3<f32>, NnError> {
         let shape = x.shape().to_vec();
-        self.output_shape(&shape).map_err(|detail| NnError::Shape {
-            layer: usize::MAX,
+        self.output_shape(&shape).map_err(|detail| NnError::Input {
             kind: self.kind(),
             detail,
         })?;
@@ -101,8 +100,7 @@ impl Layer for BatchNorm {
         let beta = fixed::<Ix1>(&self.bias.value, "BatchNorm bias")?;
         let (mean, var) = if mode == Mode::Train {
             if count < 2 {
-                return Err(NnError::Shape {
-                    layer: usize::MAX,
+                return Err(NnError::Input {
                     kind: self.kind(),
                     detail: format!(
                         "training needs more than one value per channel, got input {shape:?}"

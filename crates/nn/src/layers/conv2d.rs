@@ -10,8 +10,8 @@ use crate::layers::expect_dim;
 use crate::param::{Param, fixed, fixed_mut, weight_and_bias, weight_and_bias_mut};
 use crate::spec::{LayerSpec, PaddingSpec};
 use tensor::{
-    Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, Pool2dDims, conv2d_backward, conv2d_forward,
-    conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward,
+    Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, ConvAlgorithm, Pool2dDims, conv2d_backward,
+    conv2d_forward, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward,
 };
 
 /// The hyper-parameters of a [`Conv2d`], apart from its weights.
@@ -80,12 +80,24 @@ impl Conv2dConfig {
             config: self,
             weight: Param::new(weight),
             bias: bias.map(Param::new),
-            buffers: Conv2dBuffers::default(),
+            // Chosen once, from the layer's shape (the algorithm does not depend on the batch
+            // or the image size).
+            buffers: Conv2dBuffers::new(self.algorithm()),
             forward_dims: None,
             fused_pool: None,
             pool_dims: None,
             argmax: Array4::zeros((0, 0, 0, 0)),
         })
+    }
+
+    /// How this convolution is computed.
+    pub fn algorithm(&self) -> ConvAlgorithm {
+        ConvAlgorithm::for_layer(
+            self.in_channels,
+            self.out_channels,
+            self.kernel,
+            self.stride,
+        )
     }
 
     /// `[O, C, KH, KW]`, or why the config has none.
@@ -147,8 +159,7 @@ impl Conv2d {
     }
 
     fn shape_error(&self, detail: String) -> NnError {
-        NnError::Shape {
-            layer: usize::MAX,
+        NnError::Input {
             kind: "Conv2d",
             detail,
         }
@@ -158,6 +169,10 @@ impl Conv2d {
 impl Layer for Conv2d {
     fn kind(&self) -> &'static str {
         "Conv2d"
+    }
+
+    fn algorithm(&self) -> Option<&'static str> {
+        Some(self.config.algorithm().name())
     }
 
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>, String> {

@@ -1,4 +1,4 @@
-//! Fully connected layer (PyTorch's Linear): `y [N, out] = x [N, in] * W^T + b`, with W
+//! Fully connected layer (Keras' Dense, PyTorch's Linear): `y [N, out] = x [N, in] * W^T + b`, with W
 //! `[out, in]` as PyTorch stores it.
 
 use ndarray::{Array2, ArrayD, Ix1, Ix2, Zip};
@@ -90,7 +90,7 @@ impl Dense {
 
 impl Layer for Dense {
     fn kind(&self) -> &'static str {
-        "Linear"
+        "Dense"
     }
 
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>, String> {
@@ -105,18 +105,17 @@ impl Layer for Dense {
 
     fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>, NnError> {
         self.output_shape(x.shape())
-            .map_err(|detail| NnError::Shape {
-                layer: usize::MAX,
-                kind: "Linear",
+            .map_err(|detail| NnError::Input {
+                kind: "Dense",
                 detail,
             })?;
-        let x = expect_dim::<Ix2>(x, "Linear", "[N, F]")?;
-        let w = fixed::<Ix2>(&self.weight.value, "Linear weight")?;
+        let x = expect_dim::<Ix2>(x, "Dense", "[N, F]")?;
+        let w = fixed::<Ix2>(&self.weight.value, "Dense weight")?;
         let mut y = Array2::zeros((x.nrows(), self.out_features));
         let beta = match &self.bias {
             Some(b) => {
                 // Start from the bias; GEMM adds x W^T onto it.
-                let b = fixed::<Ix1>(&b.value, "Linear bias")?;
+                let b = fixed::<Ix1>(&b.value, "Dense bias")?;
                 y.rows_mut().into_iter().for_each(|mut row| row.assign(&b));
                 1.0
             }
@@ -136,15 +135,15 @@ impl Layer for Dense {
         let x = self
             .input
             .as_ref()
-            .ok_or(NnError::NoForwardCache("Linear"))?;
-        let dy = expect_dim::<Ix2>(dy, "Linear", "[N, out] gradient")?;
+            .ok_or(NnError::NoForwardCache("Dense"))?;
+        let dy = expect_dim::<Ix2>(dy, "Dense", "[N, out] gradient")?;
         // dW [out, in] (+)= dy^T [out, N] * x [N, in]
         let (dw, beta) = self.weight.grad_to_write();
-        let dw = fixed_mut::<Ix2>(dw, "Linear weight")?;
+        let dw = fixed_mut::<Ix2>(dw, "Dense weight")?;
         gemm_parallel(1.0, dy.t(), x.view(), beta, dw)?;
         if let Some(b) = &mut self.bias {
             // db [out] += sum over the batch of dy
-            let mut db = fixed_mut::<Ix1>(b.grad_to_add(), "Linear bias")?;
+            let mut db = fixed_mut::<Ix1>(b.grad_to_add(), "Dense bias")?;
             for row in dy.rows() {
                 Zip::from(&mut db).and(&row).for_each(|d, &g| *d += g);
             }
@@ -157,7 +156,7 @@ impl Layer for Dense {
         gemm_parallel(
             1.0,
             dy.view(),
-            fixed::<Ix2>(&self.weight.value, "Linear weight")?,
+            fixed::<Ix2>(&self.weight.value, "Dense weight")?,
             0.0,
             dx.view_mut(),
         )?;

@@ -29,8 +29,7 @@ impl Layer for Flatten {
 
     fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>, NnError> {
         let shape = x.shape().to_vec();
-        let out = self.output_shape(&shape).map_err(|detail| NnError::Shape {
-            layer: usize::MAX,
+        let out = self.output_shape(&shape).map_err(|detail| NnError::Input {
             kind: "Flatten",
             detail,
         })?;

@@ -29,8 +29,7 @@ pub(crate) fn expect_dim<D: Dimension>(
     expected: &str,
 ) -> Result<ndarray::Array<f32, D>, NnError> {
     let shape = x.shape().to_vec();
-    x.into_dimensionality::<D>().map_err(|_| NnError::Shape {
-        layer: usize::MAX,
+    x.into_dimensionality::<D>().map_err(|_| NnError::Input {
         kind,
         detail: format!("expected a {expected} input, got shape {shape:?}"),
     })

@@ -70,11 +70,9 @@ impl Layer for Pool2d {
 
     fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>, NnError> {
         let kind = self.kind();
-        let dims = self.dims(x.shape()).map_err(|detail| NnError::Shape {
-            layer: usize::MAX,
-            kind,
-            detail,
-        })?;
+        let dims = self
+            .dims(x.shape())
+            .map_err(|detail| NnError::Input { kind, detail })?;
         let x = expect_dim::<Ix4>(x, kind, "[N, C, H, W]")?;
         let mut y = Array4::zeros(dims.output_shape());
         match self.kind {
