@@ -364,11 +364,11 @@ impl Sequential {
 
     /// Zeroes every gradient: its own step before each batch.
     pub fn zero_grad(&mut self) {
-        self.visit_params_mut(|_, p| {
-            p.zero_grad();
-            Ok(())
-        })
-        .unwrap_or_else(|e| unreachable!("zeroing cannot fail: {e}"));
+        for layer in &mut self.layers {
+            for (_, param) in layer.params_mut() {
+                param.zero_grad();
+            }
+        }
     }
 
     /// Calls `f` with every trainable parameter's name (`<layer index>.<name>`, as in a

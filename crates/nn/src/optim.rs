@@ -256,7 +256,7 @@ impl Optimizer {
                     ),
                 });
             }
-            update(rule, lr, t, &mut param.value, &param.grad, tensors);
+            update(rule, lr, t, &mut param.value, &param.grad, tensors)?;
             index += 1;
             Ok(())
         })
@@ -342,7 +342,8 @@ fn check_learning_rate(lr: f32) -> Result<(), NnError> {
 /// same): two-conv's 1600x128 weight takes 0.2 ms on one thread.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 
-/// One parameter's update, elementwise; `t` is the 1-based step.
+/// One parameter's update, elementwise; `t` is the 1-based step. `slots` must hold the
+/// rule's state (a checkpoint's may not).
 fn update(
     rule: Rule,
     lr: f32,
@@ -350,7 +351,15 @@ fn update(
     p: &mut ArrayD<f32>,
     grad: &ArrayD<f32>,
     slots: &mut [ArrayD<f32>],
-) {
+) -> Result<(), NnError> {
+    let wrong_slots = |held: usize| NnError::Config {
+        what: "optimizer state",
+        detail: format!(
+            "{held} state tensors per parameter, the rule needs {}",
+            rule.slots().len()
+        ),
+    };
+    let held = slots.len();
     match rule {
         Rule::Sgd {
             momentum,
@@ -395,7 +404,7 @@ fn update(
             decoupled,
         } => {
             let [m, v] = slots else {
-                unreachable!("Adam has two slots")
+                return Err(wrong_slots(held));
             };
             let bias1 = 1.0 - f64::from(beta1).powi(t as i32);
             let bias2 = 1.0 - f64::from(beta2).powi(t as i32);
@@ -426,7 +435,7 @@ fn update(
             weight_decay,
         } => {
             let [v] = slots else {
-                unreachable!("RMSprop has one slot")
+                return Err(wrong_slots(held));
             };
             Zip::from(p).and(grad).and(v).for_each(|p, &g, v| {
                 let g = g + weight_decay * *p;
@@ -436,7 +445,7 @@ fn update(
         }
         Rule::Adagrad { eps, weight_decay } => {
             let [s] = slots else {
-                unreachable!("Adagrad has one slot")
+                return Err(wrong_slots(held));
             };
             Zip::from(p).and(grad).and(s).for_each(|p, &g, s| {
                 let g = g + weight_decay * *p;
@@ -445,4 +454,5 @@ fn update(
             });
         }
     }
+    Ok(())
 }

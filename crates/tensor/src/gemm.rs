@@ -8,6 +8,7 @@ use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use crate::error::TensorError;
 use crate::simd::{MulAdd, dispatched, tree_sum};
+use crate::vector::Simd;
 
 /// Below this many multiply-adds a GEMM runs on one thread: splitting costs more than it saves.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
@@ -157,7 +158,8 @@ dispatched! {
 }
 
 #[inline(always)]
-fn row_times_columns_body<M: MulAdd, const LANES: usize>(
+fn row_times_columns_body<S: Simd, const LANES: usize>(
+    _simd: S,
     alpha: f32,
     x: &[f32],
     b: ArrayView2<'_, f32>,
@@ -183,14 +185,14 @@ fn row_times_columns_body<M: MulAdd, const LANES: usize>(
     let mut j = 0;
     while j + 4 <= n {
         let columns = [column(j), column(j + 1), column(j + 2), column(j + 3)];
-        let sums = dots::<M, LANES, 4>(x, columns);
+        let sums = dots::<S::MulAdd, LANES, 4>(x, columns);
         for (k, sum) in sums.into_iter().enumerate() {
             store(&mut c[j + k], sum);
         }
         j += 4;
     }
     while j < n {
-        let [sum] = dots::<M, LANES, 1>(x, [column(j)]);
+        let [sum] = dots::<S::MulAdd, LANES, 1>(x, [column(j)]);
         store(&mut c[j], sum);
         j += 1;
     }

@@ -1,12 +1,15 @@
 //! Kernels compiled for the vector instructions the CPU has, chosen at run time: the build
 //! targets baseline x86-64 (no AVX, no FMA) so that its binaries run anywhere, while the hot
 //! loops of our own kernels (direct and scattered convolution, single-row GEMM) want AVX-512
-//! or AVX2 with FMA. A kernel body is written once,
-//! generic over [`MulAdd`] and its vector width, and [`dispatched!`] compiles it per instruction
-//! set behind one safe function.
+//! or AVX2 with FMA. A kernel body is written once, generic over the instruction set's token
+//! ([`crate::vector::Simd`]) and its vector width, and [`dispatched!`] compiles it per
+//! instruction set behind one safe function.
 
-/// Defines `$name`, which runs `$body` compiled for the best instruction set the CPU has: with
-/// AVX-512 (16 lanes) or AVX2 (8 lanes) and FMA, else the baseline target without FMA.
+/// Defines `$name`, which runs `$body::<S, LANES>(simd, args..)` compiled for the best
+/// instruction set the CPU has, with its token `simd` of type `S` (see [`crate::vector`]) and
+/// its vector width `LANES` (`S::LANES`, as a const parameter for kernels written on arrays of
+/// lanes): [`Avx512`](crate::vector::Avx512) (16 lanes), [`Avx2`](crate::vector::Avx2) (8),
+/// else [`Portable`](crate::vector::Portable) (8, multiply and add rounded separately).
 macro_rules! dispatched {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident;) => {
         $(#[$doc])*
@@ -14,26 +17,27 @@ macro_rules! dispatched {
         pub(crate) fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                use $crate::vector::{Avx2, Avx512};
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                fn avx512($($arg: $ty),*) {
-                    $body::<$crate::simd::Fused, 16>($($arg),*)
+                fn avx512(simd: Avx512, $($arg: $ty),*) {
+                    $body::<Avx512, 16>(simd, $($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                fn avx2($($arg: $ty),*) {
-                    $body::<$crate::simd::Fused, 8>($($arg),*)
+                fn avx2(simd: Avx2, $($arg: $ty),*) {
+                    $body::<Avx2, 8>(simd, $($arg),*)
                 }
-                // SAFETY: each function runs only on a CPU found to have the features it is
-                // compiled for.
+                // SAFETY: each function runs only with the token of the features it is
+                // compiled for, which exists only on a CPU that has them.
                 #[allow(unsafe_code)]
-                match $crate::simd::Isa::detected() {
-                    $crate::simd::Isa::Avx512 => return unsafe { avx512($($arg),*) },
-                    $crate::simd::Isa::Avx2 => return unsafe { avx2($($arg),*) },
-                    $crate::simd::Isa::Baseline => {}
+                if let Some(simd) = Avx512::detected() {
+                    return unsafe { avx512(simd, $($arg),*) };
+                } else if let Some(simd) = Avx2::detected() {
+                    return unsafe { avx2(simd, $($arg),*) };
                 }
             }
-            $body::<$crate::simd::Separate, 8>($($arg),*)
+            $body::<$crate::vector::Portable, 8>($crate::vector::Portable, $($arg),*)
         }
     };
 }

@@ -5,13 +5,16 @@
 //! instructions they spell out.
 //!
 //! An instruction set is a zero-sized token implementing [`Simd`]. A token of a feature-specific
-//! type is made only after the CPU was found to have the features ([`vector_dispatched!`] makes
-//! them), which is what makes its safe methods sound: the intrinsics they run exist on this CPU.
+//! type is made only after the CPU was found to have the features ([`crate::simd::dispatched!`]
+//! makes them), which is what makes its safe methods sound: the intrinsics they run exist on this CPU.
 
-use crate::simd::tree_sum;
+use crate::simd::{MulAdd, Separate, tree_sum};
 
 /// Vector arithmetic on one instruction set; `self` is the proof that the CPU has it.
 pub(crate) trait Simd: Copy {
+    /// Its scalar multiply-add: fused where the instruction set has FMA. (For kernels written
+    /// on arrays of lanes, which the compiler vectorizes.)
+    type MulAdd: MulAdd;
     /// One register of lanes.
     type V: Copy;
     /// Lanes in a register.
@@ -36,6 +39,7 @@ pub(crate) trait Simd: Copy {
 pub(crate) struct Portable;
 
 impl Simd for Portable {
+    type MulAdd = Separate;
     type V = [f32; 8];
     const LANES: usize = 8;
 
@@ -82,7 +86,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Simd;
-    use crate::simd::Isa;
+    use crate::simd::{Fused, Isa};
 
     /// AVX2 with FMA: eight lanes.
     #[derive(Clone, Copy, Debug)]
@@ -96,6 +100,7 @@ mod x86 {
     }
 
     impl Simd for Avx2 {
+        type MulAdd = Fused;
         type V = __m256;
         const LANES: usize = 8;
 
@@ -155,6 +160,7 @@ mod x86 {
     }
 
     impl Simd for Avx512 {
+        type MulAdd = Fused;
         type V = __m512;
         const LANES: usize = 16;
 
@@ -206,42 +212,6 @@ mod x86 {
         }
     }
 }
-
-/// Defines `$name`, which runs `$body(simd, args..)` with the token of the best instruction set
-/// the CPU has, `$body` compiled for it: [`Avx512`], [`Avx2`], else [`Portable`].
-macro_rules! vector_dispatched {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident;) => {
-        $(#[$doc])*
-        #[allow(clippy::too_many_arguments)]
-        pub(crate) fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                use $crate::vector::{Avx2, Avx512};
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx512(simd: Avx512, $($arg: $ty),*) {
-                    $body(simd, $($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx2(simd: Avx2, $($arg: $ty),*) {
-                    $body(simd, $($arg),*)
-                }
-                // SAFETY: each function runs only with the token of the features it is
-                // compiled for, which exists only on a CPU that has them.
-                #[allow(unsafe_code)]
-                if let Some(simd) = Avx512::detected() {
-                    return unsafe { avx512(simd, $($arg),*) };
-                } else if let Some(simd) = Avx2::detected() {
-                    return unsafe { avx2(simd, $($arg),*) };
-                }
-            }
-            $body($crate::vector::Portable, $($arg),*)
-        }
-    };
-}
-
-pub(crate) use vector_dispatched;
 
 #[cfg(test)]
 mod tests {

@@ -15,6 +15,7 @@ use super::{
 use crate::error::{TensorError, expect_shape};
 use crate::pool::{Pool2dDims, max_pool_plane};
 use crate::simd::dispatched;
+use crate::vector::Simd;
 
 /// `y = max_pool(relu(conv(x, weight) + bias))` in one pass: each image's convolution output
 /// is activated and pooled while it is still in cache, and never written out whole. The same
@@ -145,8 +146,7 @@ dispatched! {
 }
 
 #[inline(always)]
-#[allow(clippy::extra_unused_type_parameters)] // `dispatched!` passes the multiply-add kind
-fn largest_plus_one_body<M, const LANES: usize>(values: &[u32], largest: &mut u32) {
+fn largest_plus_one_body<S: Simd, const LANES: usize>(_simd: S, values: &[u32], largest: &mut u32) {
     let mut lanes = [0u32; LANES];
     let chunks = values.chunks_exact(LANES);
     let tail = chunks.remainder();

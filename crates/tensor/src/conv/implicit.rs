@@ -33,7 +33,7 @@ use super::{
 use crate::gemm::sgemm_unchecked;
 use crate::pool::replaces_max;
 use crate::simd::{MulAdd, dispatched};
-use crate::vector::{Simd, vector_dispatched};
+use crate::vector::Simd;
 
 /// The output channels must be a multiple of this: one vector register of the widest
 /// instruction set, two of AVX2's.
@@ -267,7 +267,8 @@ dispatched! {
 }
 
 #[inline(always)]
-fn forward_image_body<M: MulAdd, const LANES: usize>(
+fn forward_image_body<S: Simd, const LANES: usize>(
+    _simd: S,
     dims: &Conv2dDims,
     image: &[f32],
     weight: &[f32],
@@ -284,18 +285,18 @@ fn forward_image_body<M: MulAdd, const LANES: usize>(
     let wide = LANES >= 16;
     if o_count.is_multiple_of(4 * LANES) {
         if wide {
-            tiles::<M, LANES, 6, 4>(dims, image, weight, bias, covered, out_cl);
+            tiles::<S::MulAdd, LANES, 6, 4>(dims, image, weight, bias, covered, out_cl);
         } else {
-            tiles::<M, LANES, 3, 4>(dims, image, weight, bias, covered, out_cl);
+            tiles::<S::MulAdd, LANES, 3, 4>(dims, image, weight, bias, covered, out_cl);
         }
     } else if o_count.is_multiple_of(2 * LANES) {
         if wide {
-            tiles::<M, LANES, 8, 2>(dims, image, weight, bias, covered, out_cl);
+            tiles::<S::MulAdd, LANES, 8, 2>(dims, image, weight, bias, covered, out_cl);
         } else {
-            tiles::<M, LANES, 6, 2>(dims, image, weight, bias, covered, out_cl);
+            tiles::<S::MulAdd, LANES, 6, 2>(dims, image, weight, bias, covered, out_cl);
         }
     } else {
-        tiles::<M, LANES, 8, 1>(dims, image, weight, bias, covered, out_cl);
+        tiles::<S::MulAdd, LANES, 8, 1>(dims, image, weight, bias, covered, out_cl);
     }
 }
 
@@ -360,7 +361,7 @@ fn tiles<M: MulAdd, const LANES: usize, const ROWS: usize, const VECTORS: usize>
     }
 }
 
-vector_dispatched! {
+dispatched! {
     /// Adds the weight gradient of `count` zero-padded channels-last images (`images`, each
     /// `layout::image_len` values) with output gradients `grads_cl [count*OH*OW, O]` onto
     /// `dw_cl [O, KH*KW*C]`: `dw_cl^T += cols * grads_cl`, cols read in place.
@@ -384,7 +385,7 @@ fn weight_grad_applies(dims: &Conv2dDims) -> bool {
 }
 
 #[inline(always)]
-fn weight_grad_body<S: Simd>(
+fn weight_grad_body<S: Simd, const LANES: usize>(
     simd: S,
     dims: &Conv2dDims,
     images: &[f32],
@@ -471,7 +472,7 @@ fn grad_tiles<S: Simd, const ROWS: usize, const VECTORS: usize>(
     }
 }
 
-vector_dispatched! {
+dispatched! {
     /// Adds the unfolded input gradient of one image, `dcols_cl [OH*OW, KH*KW*C]` (columns in
     /// channels-last order (kh, kw, c)), onto its padded channels-last image `dx_cl`
     /// (`layout::image_len` values): col2im, a kernel row of KW*C consecutive values at a time.
@@ -480,7 +481,12 @@ vector_dispatched! {
 }
 
 #[inline(always)]
-fn fold_body<S: Simd>(simd: S, dims: &Conv2dDims, dcols_cl: &[f32], dx_cl: &mut [f32]) {
+fn fold_body<S: Simd, const LANES: usize>(
+    simd: S,
+    dims: &Conv2dDims,
+    dcols_cl: &[f32],
+    dx_cl: &mut [f32],
+) {
     let (lanes, patch) = (S::LANES, dims.patch_len());
     let run = dims.kernel_w * dims.in_channels;
     let row_step = dims.padded_w() * dims.in_channels;
@@ -521,22 +527,23 @@ dispatched! {
 }
 
 #[inline(always)]
-fn relu_max_pool_2x2_body<M: MulAdd, const LANES: usize>(
+fn relu_max_pool_2x2_body<S: Simd, const LANES: usize>(
+    _simd: S,
     dims: &Conv2dDims,
     out_cl: &[f32],
     y: &mut [f32],
     argmax: Option<&mut [u32]>,
 ) {
     match argmax {
-        Some(argmax) => relu_max_pool_2x2_windows::<M, LANES, true>(dims, out_cl, y, argmax),
-        None => relu_max_pool_2x2_windows::<M, LANES, false>(dims, out_cl, y, &mut []),
+        Some(argmax) => relu_max_pool_2x2_windows::<LANES, true>(dims, out_cl, y, argmax),
+        None => relu_max_pool_2x2_windows::<LANES, false>(dims, out_cl, y, &mut []),
     }
 }
 
 /// [`relu_max_pool_2x2`], with the argmax when ARGMAX (without it, evaluation's pooling ran the
 /// comparisons that pick it and stored it to scratch).
 #[inline(always)]
-fn relu_max_pool_2x2_windows<M: MulAdd, const LANES: usize, const ARGMAX: bool>(
+fn relu_max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool>(
     dims: &Conv2dDims,
     out_cl: &[f32],
     y: &mut [f32],

@@ -12,9 +12,10 @@
 
 use ndarray::{ArrayView2, ArrayViewMut3};
 
-use super::Conv2dDims;
 use super::layout::{from_channels_last, image_len};
+use super::{Conv2dDims, into_contiguous};
 use crate::simd::{MulAdd, dispatched};
+use crate::vector::Simd;
 
 /// Whether scattering beats the dense GEMMs for an output gradient with `nonzeros` of `len`
 /// entries: the scatter does `nonzeros / len` of the GEMMs' multiply-adds at about half their
@@ -98,7 +99,9 @@ dispatched! {
 }
 
 #[inline(always)]
-fn scatter_image_body<M: MulAdd, const LANES: usize>(
+#[allow(clippy::too_many_arguments)]
+fn scatter_image_body<S: Simd, const LANES: usize>(
+    _simd: S,
     dims: &Conv2dDims,
     grad: ArrayView2<'_, f32>,
     x_cl: &[f32],
@@ -111,7 +114,7 @@ fn scatter_image_body<M: MulAdd, const LANES: usize>(
     let run = dims.kernel_w * dims.in_channels;
     if run.is_multiple_of(LANES) {
         let scratch = (corners, values, lists);
-        scatter_by_lists::<M, LANES>(dims, grad, x_cl, weight_cl, dw_cl, dx_cl, scratch);
+        scatter_by_lists::<S::MulAdd, LANES>(dims, grad, x_cl, weight_cl, dw_cl, dx_cl, scratch);
         return;
     }
     let row_len = dims.padded_w() * dims.in_channels;
@@ -143,9 +146,9 @@ fn scatter_image_body<M: MulAdd, const LANES: usize>(
         for (&corner, &g) in corners.iter().zip(values) {
             for ((dw, w), kh) in dw.chunks_exact_mut(run).zip(w.chunks_exact(run)).zip(0..) {
                 let at = corner + kh * row_len;
-                axpy::<M, LANES>(g, &x_cl[at..at + run], dw);
+                axpy::<S::MulAdd, LANES>(g, &x_cl[at..at + run], dw);
                 if let Some(dx) = dx_cl.as_mut() {
-                    axpy::<M, LANES>(g, w, &mut dx[at..at + run]);
+                    axpy::<S::MulAdd, LANES>(g, w, &mut dx[at..at + run]);
                 }
             }
         }
@@ -192,9 +195,7 @@ fn scatter_by_lists<M: MulAdd, const LANES: usize>(
         .enumerate()
         .zip(dw_cl.chunks_exact_mut(patch))
     {
-        let row = row
-            .to_slice()
-            .unwrap_or_else(|| unreachable!("rows of an output gradient are contiguous"));
+        let row = into_contiguous(row);
         // Every entry is written and only a nonzero advances the end: no branch to mispredict
         // on a pooled gradient's random pattern.
         let start = end;

@@ -12,7 +12,7 @@ use crate::vector::Simd;
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn backward_image_body<S: Simd>(
+pub(super) fn backward_image_body<S: Simd, const LANES: usize>(
     simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,

@@ -53,7 +53,7 @@ pub(super) fn forward_channels_at_once<S: Simd>(dims: &Conv2dDims) -> usize {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn forward_image_body<S: Simd>(
+pub(super) fn forward_image_body<S: Simd, const LANES: usize>(
     simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,
@@ -244,7 +244,8 @@ pub(super) fn wide_with_slack<'a>(wide: &'a [f32], layout: &PaddedLayout) -> &'a
 }
 
 #[inline(always)]
-pub(super) fn relu_max_pool_2x2_body<M, const LANES: usize>(
+pub(super) fn relu_max_pool_2x2_body<S: Simd, const LANES: usize>(
+    _simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     wide: &[f32],
@@ -252,8 +253,8 @@ pub(super) fn relu_max_pool_2x2_body<M, const LANES: usize>(
     argmax: Option<&mut [u32]>,
 ) {
     match argmax {
-        Some(argmax) => relu_max_pool_2x2_windows::<M, LANES, true>(dims, layout, wide, y, argmax),
-        None => relu_max_pool_2x2_windows::<M, LANES, false>(dims, layout, wide, y, &mut []),
+        Some(argmax) => relu_max_pool_2x2_windows::<LANES, true>(dims, layout, wide, y, argmax),
+        None => relu_max_pool_2x2_windows::<LANES, false>(dims, layout, wide, y, &mut []),
     }
 }
 
@@ -261,8 +262,7 @@ pub(super) fn relu_max_pool_2x2_body<M, const LANES: usize>(
 // windows would not vectorize); the argmax too when ARGMAX (without it, evaluation's pooling
 // ran the comparisons that pick it and stored it to scratch).
 #[inline(always)]
-#[allow(clippy::extra_unused_type_parameters)] // `dispatched!` passes the multiply-add kind
-pub(super) fn relu_max_pool_2x2_windows<M, const LANES: usize, const ARGMAX: bool>(
+pub(super) fn relu_max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool>(
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     wide: &[f32],
@@ -285,11 +285,8 @@ pub(super) fn relu_max_pool_2x2_windows<M, const LANES: usize, const ARGMAX: boo
             // Even and odd columns of two whole vectors each, indexed by constants: the
             // compiler makes permutes of them (a loop writing lane by lane went through memory).
             let halves = |row: &[f32]| -> [[f32; LANES]; 2] {
-                std::array::from_fn(|h| {
-                    row[h * LANES..(h + 1) * LANES]
-                        .try_into()
-                        .unwrap_or_else(|_| unreachable!("whole vectors"))
-                })
+                let (vectors, _) = row.as_chunks::<LANES>();
+                [vectors[0], vectors[1]]
             };
             let deinterleave = |[lo, hi]: [[f32; LANES]; 2], odd: usize| -> [f32; LANES] {
                 std::array::from_fn(|l| {

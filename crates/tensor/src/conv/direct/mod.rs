@@ -36,7 +36,6 @@ use super::fused::relu_max_pool_image;
 use super::layout::{ALIGN_SLACK, aligned_mut};
 use super::{Conv2dDims, ForwardPass, Partials, contiguous, contiguous_mut, images_per_chunk};
 use crate::simd::dispatched;
-use crate::vector::vector_dispatched;
 
 /// The longest receptive field (C*KH*KW) convolved directly: at 27 (three channels, 3x3) GEMM is
 /// still starved; conv 6->16 5x5 (150) runs faster as im2col + GEMM.
@@ -189,7 +188,7 @@ pub(crate) enum Output<'a> {
     ReluMaxPool2x2(&'a mut [f32], Option<&'a mut [u32]>),
 }
 
-vector_dispatched! {
+dispatched! {
     /// The convolution of one padded image: `out [O, OH*OW] = W [O, C*KH*KW] (*) padded
     /// (+ bias)`, or its pooling, using `wide` ([`PaddedLayout::scratch_len`] values) as
     /// scratch.
@@ -204,7 +203,7 @@ vector_dispatched! {
     ) => forward_image_body;
 }
 
-vector_dispatched! {
+dispatched! {
     /// The gradients of one image: `dW [O, C*KH*KW] += dy (*) padded`, `db [O] += sums of dy`,
     /// and, when `dx` is given, `dx [C, H, W] = W^T (*) dy`, using `padded_dx` (`image_len`
     /// values) as scratch. `wide` ([`PaddedLayout::scratch_len`] values) is scratch.
