@@ -37,9 +37,10 @@ fn train_steps(rule: Rule, lr: f32, steps: usize) -> Vec<f32> {
 
 /// The loss of the first steps of lenet5 (seed 2024) on the fixed batch, Adam 1e-3 and SGD
 /// 0.05 with momentum 0.9. Recorded from this implementation (x86_64, any thread count; the
-/// kernels are deterministic) when the golden test was written; the first loss is also
-/// checked against ln(10), the loss of a near-uniform prediction from PyTorch's default
-/// initialization, and training must make the loss fall.
+/// kernels are deterministic) when the golden test was written: it guards against regressions
+/// only. The outside reference is `torch_gradients.rs` (PyTorch's loss and gradients of every
+/// preset); here the first loss is also checked against ln(10), the loss of a near-uniform
+/// prediction from PyTorch's default initialization, and training must make the loss fall.
 #[test]
 fn golden_loss_trace() {
     let adam = train_steps(Rule::adam(), 1e-3, 6);
