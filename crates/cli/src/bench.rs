@@ -2,13 +2,14 @@
 //! second (and the epoch that implies), inference images per second at batch 1000, single-image
 //! latency, and the process's peak resident memory.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mnist_data::{BatchOrder, Batches, LabeledImages, Normalization};
-use nn::{Mode, Optimizer, Rule, Sequential, Targets, preset, softmax_cross_entropy};
+use nn::{Mode, Optimizer, Rule, Sequential, preset};
 use serde::Serialize;
 
 use crate::error::TrainError;
+use crate::fit::{StepTimes, training_step};
 
 /// A preset with the hyper-parameters its tutorial trains it with.
 #[derive(Clone, Copy, Debug)]
@@ -95,50 +96,43 @@ pub fn bench(
     let mut optimizer = Optimizer::new(case.rule, case.learning_rate)?;
     let order = BatchOrder::Shuffled { seed: 1, epoch: 0 };
     let mut all = Batches::new(train, case.batch_size, order, normalization)?;
-    // Seconds spent making batches, in the loss, and in the optimizer (zeroing included).
-    let mut outside_model = [0.0f64; 3];
-    let mut step = |model: &mut Sequential, outside: &mut [f64; 3]| -> Result<usize, TrainError> {
+    // Time spent making batches, and in each part of the training step.
+    let mut making = Duration::ZERO;
+    let mut times = StepTimes::default();
+    let mut step = |model: &mut Sequential,
+                    making: &mut Duration,
+                    times: &mut StepTimes|
+     -> Result<usize, TrainError> {
         let start = Instant::now();
         let batch = all.next().ok_or_else(|| {
             mnist_data::DataError::InvalidArgument(
                 "too few training images for the benchmark".into(),
             )
         })?;
+        *making += start.elapsed();
         let n = batch.len();
-        let made = Instant::now();
-        model.zero_grad();
-        let zeroed = Instant::now();
-        let logits = model.forward(batch.images, Mode::Train)?;
-        let forward_done = Instant::now();
-        let out = softmax_cross_entropy(logits.view(), Targets::Classes(batch.labels.view()), 0.0)?;
-        let loss_done = Instant::now();
-        model.backward(out.grad)?;
-        let backward_done = Instant::now();
-        optimizer.step(model)?;
-        outside[0] += (made - start).as_secs_f64();
-        outside[1] += (loss_done - forward_done).as_secs_f64();
-        outside[2] += (zeroed - made + backward_done.elapsed()).as_secs_f64();
+        training_step(model, &mut optimizer, batch, 0.0, |_| Ok(()), times)?;
         Ok(n)
     };
     for _ in 0..warmup {
-        step(&mut model, &mut outside_model)?;
+        step(&mut model, &mut making, &mut times)?;
     }
-    outside_model = [0.0; 3];
+    (making, times) = (Duration::ZERO, StepTimes::default());
     if profile {
         model.start_profiling();
     }
     let start = Instant::now();
     let mut images = 0;
     for _ in 0..batches {
-        images += step(&mut model, &mut outside_model)?;
+        images += step(&mut model, &mut making, &mut times)?;
     }
     let train_ips = images as f64 / start.elapsed().as_secs_f64();
-    let profile = model.take_profile().map(|times| {
+    let profile = model.take_profile().map(|layer_times| {
         let shapes = model.output_shapes(case.batch_size);
         let mut rows: Vec<ProfileRow> = model
             .layers()
             .iter()
-            .zip(times)
+            .zip(layer_times)
             .zip(shapes)
             .enumerate()
             .map(|(index, ((layer, t), shape))| ProfileRow {
@@ -156,14 +150,19 @@ pub fn bench(
                 backward_ms: t.mean_backward().as_secs_f64() * 1e3,
             })
             .collect();
-        let per_batch = |seconds: f64| seconds * 1e3 / batches as f64;
-        for (name, seconds) in ["making the batch", "loss", "optimizer step and zeroing"]
-            .into_iter()
-            .zip(outside_model)
-        {
+        let per_batch = |time: Duration| time.as_secs_f64() * 1e3 / batches as f64;
+        let outside_model = [
+            ("making the batch", making),
+            ("loss", times.loss),
+            (
+                "optimizer step and zeroing",
+                times.optimizer + times.zeroing,
+            ),
+        ];
+        for (name, time) in outside_model {
             rows.push(ProfileRow {
                 name: name.into(),
-                forward_ms: per_batch(seconds),
+                forward_ms: per_batch(time),
                 backward_ms: 0.0,
             });
         }

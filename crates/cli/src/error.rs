@@ -37,6 +37,18 @@ pub enum TrainError {
         /// What went wrong.
         problem: String,
     },
+    /// Settings that cannot work together or with the data (an impossible argument).
+    #[error("{0}")]
+    Settings(String),
+    /// A run that stopped part-way; `note` says what it left behind.
+    // As `Io`: the cause is in the message, not also a `source`.
+    #[error("{note}: {error}")]
+    Stopped {
+        /// Why it stopped.
+        error: Box<TrainError>,
+        /// What is left of it (the last good model, or that none was saved).
+        note: String,
+    },
     /// The loss stopped being a finite number.
     #[error(
         "the loss became {value} at epoch {epoch}, batch {batch} (learning rate {learning_rate}): \

@@ -2,9 +2,9 @@
 //! Keras users expect (early stopping with best-weight restore, reduce-LR-on-plateau, a
 //! learning-rate schedule), and a stop with a clear error when the loss stops being finite.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use mnist_data::{Augmentation, BatchOrder, Batches, LabeledImages, Normalization};
+use mnist_data::{Augmentation, Batch, BatchOrder, Batches, LabeledImages, Normalization};
 use ndarray::ArrayD;
 use nn::{
     Mode, Optimizer, ReduceOnPlateau, Schedule, Sequential, Targets, correct, softmax_cross_entropy,
@@ -207,6 +207,7 @@ pub fn fit(
         }
         let start = Instant::now();
         let (mut loss_sum, mut right, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut times = StepTimes::default();
         for (index, batch) in batches.enumerate() {
             let step = epoch * steps_per_epoch + index;
             let lr =
@@ -214,27 +215,28 @@ pub fn fit(
                     .schedule
                     .learning_rate(state.base_lr, step, steps_per_epoch, total_steps);
             optimizer.set_learning_rate(lr)?;
-            model.zero_grad();
             let n = batch.len();
-            let logits = model.forward(batch.images, Mode::Train)?;
-            let out = softmax_cross_entropy(
-                logits.view(),
-                Targets::Classes(batch.labels.view()),
+            let step = training_step(
+                model,
+                optimizer,
+                batch,
                 options.label_smoothing,
+                |loss| {
+                    if loss.is_finite() {
+                        return Ok(());
+                    }
+                    Err(TrainError::NonFinite {
+                        epoch: epoch + 1,
+                        batch: index + 1,
+                        value: loss,
+                        learning_rate: lr,
+                    })
+                },
+                &mut times,
             )?;
-            if !out.loss.is_finite() {
-                return Err(TrainError::NonFinite {
-                    epoch: epoch + 1,
-                    batch: index + 1,
-                    value: out.loss,
-                    learning_rate: lr,
-                });
-            }
-            right += correct(logits.view(), batch.labels.view());
-            loss_sum += f64::from(out.loss) * n as f64;
+            right += step.correct;
+            loss_sum += f64::from(step.loss) * n as f64;
             seen += n;
-            model.backward(out.grad)?;
-            optimizer.step(model)?;
             observer.batch_finished(
                 seen,
                 (loss_sum / seen as f64) as f32,
@@ -388,4 +390,67 @@ mod tests {
         // min_delta 0.2: 0.9 is no improvement on 1.0, so the best stays at epoch 1.
         assert_eq!(stopping(&losses, 2, 0.2), (Some(3), 1));
     }
+}
+
+/// What one [`training_step`] measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// The batch's mean loss.
+    pub loss: f32,
+    /// How many of its images the model classified right (before the step).
+    pub correct: usize,
+}
+
+/// Time spent in each part of training steps, summed over steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTimes {
+    /// Zeroing the gradients.
+    pub zeroing: Duration,
+    /// The model's forward pass.
+    pub forward: Duration,
+    /// The loss and its gradient.
+    pub loss: Duration,
+    /// The model's backward pass.
+    pub backward: Duration,
+    /// The optimizer's update.
+    pub optimizer: Duration,
+}
+
+/// One training step on `batch`: gradients zeroed, forward pass, loss (with
+/// `label_smoothing`), backward pass, optimizer step; each part's time added to `times`.
+/// `check_loss` sees the loss before anything is updated and may stop the step (a loss that is
+/// not finite must not reach the weights).
+pub fn training_step(
+    model: &mut Sequential,
+    optimizer: &mut Optimizer,
+    batch: Batch,
+    label_smoothing: f32,
+    check_loss: impl FnOnce(f32) -> Result<(), TrainError>,
+    times: &mut StepTimes,
+) -> Result<StepOutcome, TrainError> {
+    let start = Instant::now();
+    model.zero_grad();
+    let zeroed = Instant::now();
+    let logits = model.forward(batch.images, Mode::Train)?;
+    let forward_done = Instant::now();
+    let out = softmax_cross_entropy(
+        logits.view(),
+        Targets::Classes(batch.labels.view()),
+        label_smoothing,
+    )?;
+    let loss_done = Instant::now();
+    check_loss(out.loss)?;
+    let right = correct(logits.view(), batch.labels.view());
+    model.backward(out.grad)?;
+    let backward_done = Instant::now();
+    optimizer.step(model)?;
+    times.zeroing += zeroed - start;
+    times.forward += forward_done - zeroed;
+    times.loss += loss_done - forward_done;
+    times.backward += backward_done - loss_done;
+    times.optimizer += backward_done.elapsed();
+    Ok(StepOutcome {
+        loss: out.loss,
+        correct: right,
+    })
 }

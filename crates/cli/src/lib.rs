@@ -1,6 +1,7 @@
-//! The trainer behind the `mnist` command, as a library: fit a model with validation and
-//! callbacks, keep a run directory, evaluate a model. The binary only parses arguments and
-//! draws progress.
+//! The trainer behind the `mnist` command, as a library: a whole training run ([`train`]:
+//! settings checked, run directory made or resumed, [`fit`] with validation and callbacks, the
+//! test set evaluated, the model saved), evaluation and the benchmark. The binary only parses
+//! arguments, starts a run and draws progress.
 //!
 //! Architecture invariant: this crate joins `mnist-data` and `nn`; neither knows the other.
 
@@ -13,6 +14,7 @@ mod history;
 mod plots;
 mod run_dir;
 mod tensorboard;
+mod training;
 
 pub use bench::{
     BenchCase, BenchResult, ProfileRow, bench, bench_cases, peak_rss_mb, profile_table,
@@ -22,8 +24,8 @@ pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
 pub use error::TrainError;
 pub use evaluate::{ClassMetrics, Evaluation, evaluate};
 pub use fit::{
-    EarlyStopping, EpochRecord, FitData, FitOptions, FitOutcome, FitState, Observer, Resume, fit,
-    snapshot,
+    EarlyStopping, EpochRecord, FitData, FitOptions, FitOutcome, FitState, Observer, Resume,
+    StepOutcome, StepTimes, fit, snapshot, training_step,
 };
 pub use history::history_csv;
 pub use mnist_data::{
@@ -32,3 +34,6 @@ pub use mnist_data::{
 pub use plots::{confusion_heatmap, history_plots, mistakes_grid};
 pub use run_dir::{RunDir, safe_file_name, utc_timestamp};
 pub use tensorboard::{TensorBoard, crc32c, masked_crc32c};
+pub use training::{
+    Progress, RunPlace, Silent, TrainingOutcome, check_settings, fit_options, open_model, train,
+};

@@ -143,22 +143,7 @@ pub(crate) fn start_threads(threads: usize) -> Result<()> {
 
 /// A model file and the normalization it was trained with.
 pub(crate) fn open_model(path: &Path) -> Result<(Sequential, Normalization)> {
-    let (model, info) = load_model(path).context("cannot load the model")?;
-    // No silent default: a model fed inputs scaled otherwise than in training is quietly wrong.
-    let n = info.normalization.with_context(|| {
-        format!(
-            "cannot load the model: {} has no input normalization in its metadata; save it \
-             with one (`normalization`, see docs/model-format.md)",
-            path.display()
-        )
-    })?;
-    Ok((
-        model,
-        Normalization {
-            mean: n.mean,
-            std: n.std,
-        },
-    ))
+    cli::open_model(path).context("cannot load the model")
 }
 
 fn evaluate_command(args: &EvaluateArgs) -> Result<()> {

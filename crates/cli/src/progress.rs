@@ -1,51 +1,41 @@
 //! What the user sees while training: a progress bar per epoch (on a terminal only), a summary
-//! line per epoch or one JSON object per epoch; and the run directory kept current.
+//! line per epoch or one JSON object per epoch. (The run keeps its directory itself.)
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::ArrayView2;
-use nn::{ModelInfo, Optimizer, Sequential};
 
-use cli::{EpochRecord, FitState, Observer, RunDir, TensorBoard, TrainError};
+use cli::{EpochRecord, Progress};
 
-/// Draws progress and writes the run directory after every epoch.
-pub struct ProgressObserver<'a> {
-    run: &'a mut RunDir,
+/// Draws a progress bar per epoch (on a terminal only) and a line per epoch, or one JSON object
+/// per epoch, or nothing.
+pub struct ProgressObserver {
     quiet: bool,
     json: bool,
-    info: ModelInfo,
     bar: Option<ProgressBar>,
-    epochs: usize,
     /// Batches of the current epoch so far.
     batches: usize,
-    tensorboard: Option<TensorBoard>,
 }
 
-impl<'a> ProgressObserver<'a> {
-    /// Reports to the terminal as asked, saves models with `info` into `run`, and writes
-    /// TensorBoard events when given event files.
-    pub fn new(
-        run: &'a mut RunDir,
-        quiet: bool,
-        json: bool,
-        info: ModelInfo,
-        tensorboard: Option<TensorBoard>,
-    ) -> Self {
+impl ProgressObserver {
+    /// Shows nothing when `quiet`, one JSON object per epoch when `json`.
+    pub fn new(quiet: bool, json: bool) -> Self {
         ProgressObserver {
-            run,
             quiet,
             json,
-            info,
             bar: None,
-            epochs: 0,
             batches: 0,
-            tensorboard,
         }
     }
 }
 
-impl Observer for ProgressObserver<'_> {
+impl Progress for ProgressObserver {
+    fn note(&mut self, line: &str) {
+        if !self.quiet && !self.json {
+            eprintln!("{line}");
+        }
+    }
+
     fn epoch_started(&mut self, epoch: usize, epochs: usize, images: usize) {
-        self.epochs = epochs;
         self.batches = 0;
         if self.quiet || self.json {
             return;
@@ -78,62 +68,15 @@ impl Observer for ProgressObserver<'_> {
         }
     }
 
-    fn callback_fired(&mut self, message: &str) {
-        // Logged for the record; a failed log write is not worth stopping the run for, and
-        // the next epoch's write will report it.
-        let _ = self.run.log(message);
-        if !self.quiet && !self.json {
-            eprintln!("{message}");
-        }
-    }
-
-    fn epoch_finished(
-        &mut self,
-        record: &EpochRecord,
-        model: &Sequential,
-        optimizer: &Optimizer,
-        state: &FitState,
-        improved: bool,
-    ) -> Result<(), TrainError> {
+    fn epoch_finished(&mut self, record: &EpochRecord, line: &str) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
-        self.run.write_history(&state.history)?;
-        cli::history_plots(self.run.path(), &state.history)?;
-        if let Some(tensorboard) = &mut self.tensorboard {
-            tensorboard.epoch(record)?;
-        }
-        let mut info = self.info.clone();
-        info.training = serde_json::json!({"epoch": record.epoch, "record": record});
-        self.run.save_model("last", model, &info)?;
-        if improved {
-            self.run.save_model("best", model, &info)?;
-        }
-        // Last, so that a crash before it resumes from the previous epoch, which is replayed
-        // exactly: files written for the interrupted epoch are written again, identically.
-        self.run.save_checkpoint(model, optimizer, &info, state)?;
-        let validation = match (record.val_loss, record.val_accuracy) {
-            (Some(l), Some(a)) => format!(" - val_loss {l:.4} - val_accuracy {a:.4}"),
-            _ => String::new(),
-        };
-        let line = format!(
-            "epoch {}/{} - {:.1}s ({:.0} images/s) - loss {:.4} - accuracy {:.4}{validation} - lr {:.2e}{}",
-            record.epoch,
-            self.epochs,
-            record.seconds,
-            record.images_per_second,
-            record.train_loss,
-            record.train_accuracy,
-            record.learning_rate,
-            if improved { " *" } else { "" }
-        );
-        self.run.log(&line)?;
         if self.json {
             println!("{}", serde_json::to_string(record).unwrap_or_default());
         } else if !self.quiet {
             eprintln!("{line}");
         }
-        Ok(())
     }
 }
 
