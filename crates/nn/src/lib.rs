@@ -20,6 +20,7 @@
 //! Architecture invariant: `nn` knows nothing about files of images or the command line; it
 //! takes arrays and gives arrays.
 
+mod build;
 mod error;
 mod init;
 mod layer;

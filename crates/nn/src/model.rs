@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use ndarray::{Array2, Array4, ArrayD, Ix2};
 
+use crate::build::Weights;
 use crate::error::NnError;
 use crate::layer::{Layer, Mode, PoolWindow};
 use crate::param::Param;
 use crate::profile::LayerTimes;
-use crate::spec::{LayerSpec, ModelSpec, Weights};
+use crate::spec::{LayerSpec, ModelSpec};
 
 /// Layers applied in order to `[N, C, H, W]` images, ending in `[N, classes]` scores.
 #[derive(Debug)]

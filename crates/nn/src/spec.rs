@@ -1,22 +1,14 @@
-//! Architectures as data: a JSON-serializable spec that builds a model, prints itself, and
-//! round-trips; and the named presets of the reference tutorials.
+//! Architectures as data: a JSON-serializable spec that prints itself and round-trips; and the
+//! named presets of the reference tutorials. (`build.rs` makes layers from it.)
 //!
 //! Layers map one to one onto the modules of a `torch.nn.Sequential`, activations included, so
 //! parameter names (`<index>.weight`) match PyTorch's.
 
-use std::collections::HashMap;
 use std::fmt;
 
-use ndarray::ArrayD;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::init::{Init, layer_rng};
-use crate::layer::Layer;
-use crate::layers::{
-    Activation, ActivationKind, BatchNorm, Conv2dConfig, Dense, Dropout, Flatten, Pool2d, PoolKind,
-    Softmax,
-};
+use crate::init::Init;
 
 /// Zero padding of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -176,61 +168,6 @@ impl ModelSpec {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_else(|e| unreachable!("plain data: {e}"))
     }
-
-    /// Builds the layers, initialized from `seed`, after checking the whole spec.
-    pub fn build_layers(&self, seed: u64) -> Result<Vec<Box<dyn Layer>>, crate::NnError> {
-        self.build(Weights::Seeded(seed))
-    }
-
-    /// Builds the layers from `weights` after checking the whole spec (the plan) first, so no
-    /// layer is allocated for a spec that breaks a limit.
-    pub(crate) fn build(
-        &self,
-        mut weights: Weights<'_>,
-    ) -> Result<Vec<Box<dyn Layer>>, crate::NnError> {
-        self.plan()?;
-        let mut shape = vec![1, self.input[0], self.input[1], self.input[2]];
-        let mut layers: Vec<Box<dyn Layer>> = Vec::with_capacity(self.layers.len());
-        for (index, spec) in self.layers.iter().enumerate() {
-            let at =
-                |e: String| crate::NnError::Spec(format!("layer {index} ({}): {e}", spec.name()));
-            let layer = build_layer(spec, &shape, &mut weights, index).map_err(at)?;
-            shape = layer.output_shape(&shape).map_err(at)?;
-            layers.push(layer);
-        }
-        Ok(layers)
-    }
-}
-
-/// Where a built layer's weights come from.
-pub(crate) enum Weights<'a> {
-    /// Initialized from this seed, as the spec's `init` says.
-    Seeded(u64),
-    /// Taken (moved out) from these tensors, by state-dict name; shapes checked by the caller
-    /// against the plan, and again by each layer.
-    Stored(&'a mut HashMap<String, ArrayD<f32>>),
-}
-
-impl Weights<'_> {
-    /// The generator that layer `index` initializes from, or that a Dropout draws from.
-    fn rng(&self, index: usize) -> ChaCha8Rng {
-        match self {
-            Weights::Seeded(seed) => layer_rng(*seed, index),
-            // Only Dropout draws then, and training reseeds it every epoch.
-            Weights::Stored(_) => layer_rng(0, index),
-        }
-    }
-
-    /// Takes tensor `<index>.<name>`, or says it is missing.
-    fn take(&mut self, index: usize, name: &str) -> Result<Option<ArrayD<f32>>, String> {
-        match self {
-            Weights::Seeded(_) => Ok(None),
-            Weights::Stored(tensors) => tensors
-                .remove(&format!("{index}.{name}"))
-                .map(Some)
-                .ok_or_else(|| format!("tensor {index}.{name} is missing")),
-        }
-    }
 }
 
 impl LayerSpec {
@@ -251,150 +188,6 @@ impl LayerSpec {
             LayerSpec::BatchNorm2d { .. } => "BatchNorm2d",
             LayerSpec::BatchNorm1d { .. } => "BatchNorm1d",
         }
-    }
-}
-
-/// Builds one layer for an input of `shape` (batch first).
-fn build_layer(
-    spec: &LayerSpec,
-    shape: &[usize],
-    weights: &mut Weights<'_>,
-    index: usize,
-) -> Result<Box<dyn Layer>, String> {
-    let channels = || {
-        if shape.len() == 4 {
-            Ok(shape[1])
-        } else {
-            Err(format!("needs [N, C, H, W] input, got {shape:?}"))
-        }
-    };
-    let features = || {
-        if shape.len() == 2 {
-            Ok(shape[1])
-        } else {
-            Err(format!(
-                "needs [N, F] input (add a Flatten before it), got {shape:?}"
-            ))
-        }
-    };
-    let mut rng = weights.rng(index);
-    Ok(match *spec {
-        LayerSpec::Conv2d {
-            filters,
-            kernel,
-            stride,
-            padding,
-            bias,
-            init,
-        } => {
-            let config = Conv2dConfig {
-                in_channels: channels()?,
-                out_channels: filters,
-                kernel,
-                stride,
-                padding,
-                bias,
-                init,
-            };
-            Box::new(match weights.take(index, "weight")? {
-                Some(weight) => {
-                    let bias = if bias {
-                        weights.take(index, "bias")?
-                    } else {
-                        None
-                    };
-                    config.with_weights(weight, bias)?
-                }
-                None => config.init(&mut rng)?,
-            })
-        }
-        LayerSpec::MaxPool2d { kernel, stride } => {
-            channels()?;
-            Box::new(Pool2d::new(
-                PoolKind::Max,
-                kernel,
-                stride.unwrap_or(kernel),
-            )?)
-        }
-        LayerSpec::AvgPool2d { kernel, stride } => {
-            channels()?;
-            Box::new(Pool2d::new(
-                PoolKind::Average,
-                kernel,
-                stride.unwrap_or(kernel),
-            )?)
-        }
-        LayerSpec::Flatten => Box::new(Flatten::default()),
-        LayerSpec::Dense { units, bias, init } => {
-            let in_features = features()?;
-            Box::new(match weights.take(index, "weight")? {
-                Some(weight) => {
-                    let bias = if bias {
-                        weights.take(index, "bias")?
-                    } else {
-                        None
-                    };
-                    if weight.shape() != [units, in_features] {
-                        return Err(format!(
-                            "tensor {index}.weight has shape {:?}, the layer expects {:?}",
-                            weight.shape(),
-                            [units, in_features]
-                        ));
-                    }
-                    Dense::with_weights(init, weight, bias)?
-                }
-                None => Dense::new(in_features, units, bias, init, &mut rng)?,
-            })
-        }
-        LayerSpec::ReLU => Box::new(Activation::new(ActivationKind::Relu)),
-        LayerSpec::LeakyReLU { negative_slope } => {
-            if negative_slope.is_nan() || negative_slope <= 0.0 {
-                return Err(format!("negative_slope {negative_slope} must be positive"));
-            }
-            Box::new(Activation::new(ActivationKind::LeakyRelu(negative_slope)))
-        }
-        LayerSpec::Sigmoid => Box::new(Activation::new(ActivationKind::Sigmoid)),
-        LayerSpec::Tanh => Box::new(Activation::new(ActivationKind::Tanh)),
-        LayerSpec::Softmax => {
-            features()?;
-            Box::new(Softmax::default())
-        }
-        LayerSpec::Dropout { rate } => Box::new(Dropout::new(rate, rng)?),
-        LayerSpec::BatchNorm2d { eps, momentum } | LayerSpec::BatchNorm1d { eps, momentum } => {
-            let (features, rank) = match spec {
-                LayerSpec::BatchNorm2d { .. } => (channels()?, 4),
-                _ => (features()?, 2),
-            };
-            let mut layer = BatchNorm::new(features, rank, eps, momentum)?;
-            for (name, param) in layer.params_mut() {
-                if let Some(value) = weights.take(index, name)? {
-                    param.value = stored(index, name, value, param.value.shape())?;
-                }
-            }
-            for (name, buffer) in layer.buffers_mut() {
-                if let Some(value) = weights.take(index, name)? {
-                    *buffer = stored(index, name, value, buffer.shape())?;
-                }
-            }
-            Box::new(layer)
-        }
-    })
-}
-
-/// A stored tensor, checked to have the shape the layer built.
-fn stored(
-    index: usize,
-    name: &str,
-    value: ArrayD<f32>,
-    expected: &[usize],
-) -> Result<ArrayD<f32>, String> {
-    if value.shape() == expected {
-        Ok(value)
-    } else {
-        Err(format!(
-            "tensor {index}.{name} has shape {:?}, the layer expects {expected:?}",
-            value.shape()
-        ))
     }
 }
 

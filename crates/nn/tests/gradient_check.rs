@@ -8,7 +8,8 @@
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use nn::layers::{
-    Activation, ActivationKind, BatchNorm, Conv2dConfig, Dense, Flatten, Pool2d, PoolKind, Softmax,
+    Activation, ActivationKind, BatchNormConfig, Conv2dConfig, DenseConfig, Flatten, Pool2dConfig,
+    PoolKind, Softmax,
 };
 use nn::{
     Init, Layer, Mode, PaddingSpec, Sequential, Targets, categorical_cross_entropy, layer_rng,
@@ -162,7 +163,14 @@ fn convolutions_in_every_padding_and_stride() {
 #[test]
 fn dense_flatten_and_pooling() {
     let mut values = Values(2);
-    let mut dense = Dense::new(7, 4, true, Init::GlorotNormal, &mut layer_rng(1, 0)).unwrap();
+    let mut dense = DenseConfig {
+        in_features: 7,
+        out_features: 4,
+        bias: true,
+        init: Init::GlorotNormal,
+    }
+    .init(&mut layer_rng(1, 0))
+    .unwrap();
     check_layer("Dense", &mut dense, values.array(&[5, 7]), &mut values);
     check_layer(
         "Flatten",
@@ -170,21 +178,39 @@ fn dense_flatten_and_pooling() {
         values.array(&[2, 3, 2, 2]),
         &mut values,
     );
-    let mut max = Pool2d::new(PoolKind::Max, [2, 2], [2, 2]).unwrap();
+    let mut max = Pool2dConfig {
+        kind: PoolKind::Max,
+        kernel: [2, 2],
+        stride: [2, 2],
+    }
+    .init()
+    .unwrap();
     check_layer(
         "MaxPool2d",
         &mut max,
         values.separated(&[2, 2, 4, 6]),
         &mut values,
     );
-    let mut overlapping = Pool2d::new(PoolKind::Max, [3, 3], [1, 2]).unwrap();
+    let mut overlapping = Pool2dConfig {
+        kind: PoolKind::Max,
+        kernel: [3, 3],
+        stride: [1, 2],
+    }
+    .init()
+    .unwrap();
     check_layer(
         "MaxPool2d 3x3 overlapping",
         &mut overlapping,
         values.separated(&[1, 2, 5, 7]),
         &mut values,
     );
-    let mut avg = Pool2d::new(PoolKind::Average, [2, 3], [1, 2]).unwrap();
+    let mut avg = Pool2dConfig {
+        kind: PoolKind::Average,
+        kernel: [2, 3],
+        stride: [1, 2],
+    }
+    .init()
+    .unwrap();
     check_layer(
         "AvgPool2d",
         &mut avg,
@@ -222,7 +248,14 @@ fn activations_and_softmax() {
 #[test]
 fn batch_norm_in_training_mode() {
     let mut values = Values(4);
-    let mut bn2 = BatchNorm::new(3, 4, 1e-5, 0.1).unwrap();
+    let mut bn2 = BatchNormConfig {
+        features: 3,
+        rank: 4,
+        eps: 1e-5,
+        momentum: 0.1,
+    }
+    .init()
+    .unwrap();
     // Non-trivial scale and shift, so their gradients matter in dx.
     for (_, p) in bn2.params_mut() {
         p.value.mapv_inplace(|v| v + 0.3);
@@ -233,7 +266,14 @@ fn batch_norm_in_training_mode() {
         values.array(&[4, 3, 3, 2]).mapv(|v| 2.0 * v + 1.0),
         &mut values,
     );
-    let mut bn1 = BatchNorm::new(5, 2, 1e-5, 0.1).unwrap();
+    let mut bn1 = BatchNormConfig {
+        features: 5,
+        rank: 2,
+        eps: 1e-5,
+        momentum: 0.1,
+    }
+    .init()
+    .unwrap();
     check_layer("BatchNorm1d", &mut bn1, values.array(&[6, 5]), &mut values);
 }
 

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use ndarray::{ArrayD, IxDyn};
-use nn::layers::Dropout;
+use nn::layers::DropoutConfig;
 use nn::{Layer, Mode, ModelSpec, PRESETS, Sequential, layer_rng, preset, summary};
 
 #[test]
@@ -112,7 +112,7 @@ fn batch_norm_counts_its_running_statistics_as_non_trainable() {
 
 #[test]
 fn dropout_is_the_identity_in_evaluation_and_keeps_the_scale_in_training() {
-    let mut dropout = Dropout::new(0.2, layer_rng(7, 0)).unwrap();
+    let mut dropout = DropoutConfig { rate: 0.2 }.init(layer_rng(7, 0)).unwrap();
     let x = ArrayD::from_elem(IxDyn(&[100, 1000]), 1.0f32);
     assert_eq!(dropout.forward(x.clone(), Mode::Eval).unwrap(), x);
     let y = dropout.forward(x.clone(), Mode::Train).unwrap();

@@ -27,13 +27,37 @@ pub struct BatchNorm {
     cache: Option<(Array3<f32>, Array1<f32>, Vec<usize>)>,
 }
 
-impl BatchNorm {
-    /// Normalizes `features` channels of a rank-`rank` input (4: images, 2: features).
-    pub fn new(features: usize, rank: usize, eps: f32, momentum: f32) -> Result<BatchNorm, String> {
-        if eps.is_nan() || eps <= 0.0 || !(0.0..=1.0).contains(&momentum) {
-            return Err(format!(
-                "eps {eps} must be positive and momentum {momentum} in [0, 1]"
-            ));
+/// The hyper-parameters of a [`BatchNorm`] layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormConfig {
+    /// The channels (of `[N, C, H, W]`) or features (of `[N, F]`) normalized.
+    pub features: usize,
+    /// 4 for images (BatchNorm2d), 2 for features (BatchNorm1d).
+    pub rank: usize,
+    /// Added to the variance.
+    pub eps: f32,
+    /// The running statistics' update weight (PyTorch's convention).
+    pub momentum: f32,
+}
+
+impl BatchNormConfig {
+    /// The layer: scale 1, shift 0, running mean 0 and variance 1, as PyTorch starts.
+    pub fn init(self) -> Result<BatchNorm, NnError> {
+        let BatchNormConfig {
+            features,
+            rank,
+            eps,
+            momentum,
+        } = self;
+        if eps.is_nan() || eps <= 0.0 || !(0.0..=1.0).contains(&momentum) || ![2, 4].contains(&rank)
+        {
+            return Err(NnError::Config {
+                what: "BatchNorm",
+                detail: format!(
+                    "eps {eps} must be positive, momentum {momentum} in [0, 1] and rank {rank} \
+                     2 or 4"
+                ),
+            });
         }
         Ok(BatchNorm {
             features,
@@ -48,7 +72,9 @@ impl BatchNorm {
             cache: None,
         })
     }
+}
 
+impl BatchNorm {
     /// The input as `[N, C, S]` with S the pixels per channel (1 for features).
     fn as_ncs(&self, x: ArrayD<f32>) -> Result<Array3<f32>, NnError> {
         let shape = x.shape().to_vec();

@@ -35,8 +35,11 @@ pub struct Conv2dConfig {
 
 impl Conv2dConfig {
     /// A layer with freshly initialized weights.
-    pub fn init(self, rng: &mut ChaCha8Rng) -> Result<Conv2d, String> {
-        let shape = self.weight_shape()?;
+    pub fn init(self, rng: &mut ChaCha8Rng) -> Result<Conv2d, NnError> {
+        let shape = self.weight_shape().map_err(|detail| NnError::Config {
+            what: "Conv2d",
+            detail,
+        })?;
         let fan = fans(&shape);
         let weight = initialize(self.init, &shape, fan, rng);
         let bias = self.bias.then(|| {
@@ -56,24 +59,30 @@ impl Conv2dConfig {
         self,
         weight: ArrayD<f32>,
         bias: Option<ArrayD<f32>>,
-    ) -> Result<Conv2d, String> {
-        let shape = self.weight_shape()?;
+    ) -> Result<Conv2d, NnError> {
+        let refused = |detail: String| NnError::Config {
+            what: "Conv2d",
+            detail,
+        };
+        let shape = self.weight_shape().map_err(refused)?;
         if weight.shape() != shape {
-            return Err(format!(
+            return Err(refused(format!(
                 "weight has shape {:?}, the layer needs {shape:?}",
                 weight.shape()
-            ));
+            )));
         }
         match &bias {
             Some(b) if b.shape() != [self.out_channels] => {
-                return Err(format!(
+                return Err(refused(format!(
                     "bias has shape {:?}, the layer needs [{}]",
                     b.shape(),
                     self.out_channels
-                ));
+                )));
             }
-            Some(_) if !self.bias => return Err("a bias was given to a layer without one".into()),
-            None if self.bias => return Err("the bias is missing".into()),
+            Some(_) if !self.bias => {
+                return Err(refused("a bias was given to a layer without one".into()));
+            }
+            None if self.bias => return Err(refused("the bias is missing".into())),
             _ => {}
         }
         Ok(Conv2d {

@@ -23,68 +23,91 @@ pub struct Dense {
     input: Option<Array2<f32>>,
 }
 
-impl Dense {
-    /// A layer `in_features -> out_features` with freshly initialized weights.
-    pub fn new(
-        in_features: usize,
-        out_features: usize,
-        bias: bool,
-        init: Init,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<Dense, String> {
-        if in_features == 0 || out_features == 0 {
-            return Err(format!(
-                "{in_features} -> {out_features} features: both must be at least 1"
-            ));
-        }
-        let shape = [out_features, in_features];
+/// The hyper-parameters of a [`Dense`] layer, apart from its weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DenseConfig {
+    /// Input features.
+    pub in_features: usize,
+    /// Output features.
+    pub out_features: usize,
+    /// Whether there is a bias.
+    pub bias: bool,
+    /// Weight initialization; the bias follows PyTorch: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    pub init: Init,
+}
+
+impl DenseConfig {
+    /// A layer with freshly initialized weights.
+    pub fn init(self, rng: &mut ChaCha8Rng) -> Result<Dense, NnError> {
+        let shape = self.weight_shape()?;
         let fan = fans(&shape);
-        let weight = initialize(init, &shape, fan, rng);
-        let bias = bias.then(|| {
-            let bias_init = if init == Init::Zeros {
+        let weight = initialize(self.init, &shape, fan, rng);
+        let bias = self.bias.then(|| {
+            let bias_init = if self.init == Init::Zeros {
                 Init::Zeros
             } else {
                 Init::TorchDefault
             };
-            initialize(bias_init, &[out_features], fan, rng)
+            initialize(bias_init, &[self.out_features], fan, rng)
         });
-        Dense::with_weights(init, weight, bias)
+        self.with_weights(weight, bias)
     }
 
-    /// A layer with these weights `[out, in]` and bias `[out]`, as a model file stores them;
-    /// `init` is only recorded in its spec.
+    /// A layer with these weights `[out, in]` and bias `[out]` (present exactly when the
+    /// config has a bias), as a model file stores them.
     pub fn with_weights(
-        init: Init,
+        self,
         weight: ArrayD<f32>,
         bias: Option<ArrayD<f32>>,
-    ) -> Result<Dense, String> {
-        let &[out_features, in_features] = weight.shape() else {
-            return Err(format!(
-                "weight has shape {:?}, a dense layer needs [out, in]",
+    ) -> Result<Dense, NnError> {
+        let shape = self.weight_shape()?;
+        if weight.shape() != shape {
+            return Err(refused(format!(
+                "weight has shape {:?}, the layer needs {shape:?}",
                 weight.shape()
-            ));
-        };
-        if in_features == 0 || out_features == 0 {
-            return Err(format!(
-                "{in_features} -> {out_features} features: both must be at least 1"
-            ));
+            )));
         }
-        if let Some(b) = &bias
-            && b.shape() != [out_features]
-        {
-            return Err(format!(
-                "bias has shape {:?}, the layer needs [{out_features}]",
-                b.shape()
-            ));
+        match &bias {
+            Some(b) if b.shape() != [self.out_features] => {
+                return Err(refused(format!(
+                    "bias has shape {:?}, the layer needs [{}]",
+                    b.shape(),
+                    self.out_features
+                )));
+            }
+            Some(_) if !self.bias => {
+                return Err(refused("a bias was given to a layer without one".into()));
+            }
+            None if self.bias => return Err(refused("the bias is missing".into())),
+            _ => {}
         }
         Ok(Dense {
-            in_features,
-            out_features,
-            init,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            init: self.init,
             weight: Param::new(weight),
             bias: bias.map(Param::new),
             input: None,
         })
+    }
+
+    /// `[out, in]`, or why the config has none.
+    fn weight_shape(&self) -> Result<[usize; 2], NnError> {
+        if self.in_features == 0 || self.out_features == 0 {
+            return Err(refused(format!(
+                "{} -> {} features: both must be at least 1",
+                self.in_features, self.out_features
+            )));
+        }
+        Ok([self.out_features, self.in_features])
+    }
+}
+
+/// A configuration error of a dense layer.
+fn refused(detail: String) -> NnError {
+    NnError::Config {
+        what: "Dense",
+        detail,
     }
 }
 

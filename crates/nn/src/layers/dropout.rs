@@ -18,11 +18,22 @@ pub struct Dropout {
     mask: Option<ArrayD<f32>>,
 }
 
-impl Dropout {
-    /// Drops a share `rate` in [0, 1) of activations in training.
-    pub fn new(rate: f32, rng: ChaCha8Rng) -> Result<Dropout, String> {
+/// The hyper-parameter of a [`Dropout`] layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutConfig {
+    /// The share of activations dropped in training, in [0, 1).
+    pub rate: f32,
+}
+
+impl DropoutConfig {
+    /// The layer, drawing its masks from `rng`.
+    pub fn init(self, rng: ChaCha8Rng) -> Result<Dropout, NnError> {
+        let rate = self.rate;
         if !(0.0..1.0).contains(&rate) {
-            return Err(format!("rate {rate} must be at least 0 and below 1"));
+            return Err(NnError::Config {
+                what: "Dropout",
+                detail: format!("rate {rate} must be at least 0 and below 1"),
+            });
         }
         Ok(Dropout {
             rate,

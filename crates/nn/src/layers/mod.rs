@@ -1,4 +1,9 @@
 //! The layers, one per file, each with its forward and backward pass side by side.
+//!
+//! Every layer with hyper-parameters is built one way: its config struct's `init` (and
+//! `with_weights` for stored weights), which refuses impossible settings with
+//! [`NnError::Config`](crate::NnError::Config). Layers without any are built by `new(kind)`
+//! ([`Activation`]) or `default()` ([`Flatten`], [`Softmax`]).
 
 mod activation;
 mod batchnorm;
@@ -10,12 +15,12 @@ mod pool2d;
 mod softmax;
 
 pub use activation::{Activation, ActivationKind};
-pub use batchnorm::BatchNorm;
+pub use batchnorm::{BatchNorm, BatchNormConfig};
 pub use conv2d::{Conv2d, Conv2dConfig};
-pub use dense::Dense;
-pub use dropout::Dropout;
+pub use dense::{Dense, DenseConfig};
+pub use dropout::{Dropout, DropoutConfig};
 pub use flatten::Flatten;
-pub use pool2d::{Pool2d, PoolKind};
+pub use pool2d::{Pool2d, Pool2dConfig, PoolKind};
 pub use softmax::Softmax;
 
 use ndarray::{ArrayD, Dimension};

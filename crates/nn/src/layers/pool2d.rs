@@ -31,13 +31,30 @@ pub struct Pool2d {
     argmax: Array4<u32>,
 }
 
-impl Pool2d {
-    /// A pooling layer with windows `kernel` moved by `stride`.
-    pub fn new(kind: PoolKind, kernel: [usize; 2], stride: [usize; 2]) -> Result<Pool2d, String> {
+/// The hyper-parameters of a [`Pool2d`] layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool2dConfig {
+    /// Maximum or mean.
+    pub kind: PoolKind,
+    /// The window `[KH, KW]`.
+    pub kernel: [usize; 2],
+    /// How far it moves, `[vertical, horizontal]`.
+    pub stride: [usize; 2],
+}
+
+impl Pool2dConfig {
+    /// The layer.
+    pub fn init(self) -> Result<Pool2d, NnError> {
+        let Pool2dConfig {
+            kind,
+            kernel,
+            stride,
+        } = self;
         if kernel.contains(&0) || stride.contains(&0) {
-            return Err(format!(
-                "kernel {kernel:?} and stride {stride:?} must be at least 1"
-            ));
+            return Err(NnError::Config {
+                what: "pooling",
+                detail: format!("kernel {kernel:?} and stride {stride:?} must be at least 1"),
+            });
         }
         Ok(Pool2d {
             kind,
@@ -47,7 +64,9 @@ impl Pool2d {
             argmax: Array4::zeros((0, 0, 0, 0)),
         })
     }
+}
 
+impl Pool2d {
     fn dims(&self, input: &[usize]) -> Result<Pool2dDims, String> {
         let &[n, c, h, w] = input else {
             return Err(format!("expected [N, C, H, W] input, got {input:?}"));
