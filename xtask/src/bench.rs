@@ -135,7 +135,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             _ => format!("{doc}\n## Whole models (`cargo xtask bench`)\n\n{section}\n"),
         };
-        std::fs::write(&path, updated)
+        // Beside it first, then renamed over it: an interrupted write leaves the old file.
+        let temporary = path.with_extension("md.tmp");
+        std::fs::write(&temporary, updated)
+            .and_then(|()| std::fs::rename(&temporary, &path))
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }

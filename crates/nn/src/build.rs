@@ -58,6 +58,24 @@ impl Weights<'_> {
         }
     }
 
+    /// Takes tensors `<index>.weight` and, when the layer has one, `<index>.bias`; `None` when
+    /// the weights are to be initialized.
+    fn take_weight_and_bias(
+        &mut self,
+        index: usize,
+        bias: bool,
+    ) -> Result<Option<(ArrayD<f32>, Option<ArrayD<f32>>)>, NnError> {
+        let Some(weight) = self.take(index, "weight")? else {
+            return Ok(None);
+        };
+        let bias = if bias {
+            self.take(index, "bias")?
+        } else {
+            None
+        };
+        Ok(Some((weight, bias)))
+    }
+
     /// Takes tensor `<index>.<name>`, or says it is missing.
     fn take(&mut self, index: usize, name: &str) -> Result<Option<ArrayD<f32>>, NnError> {
         match self {
@@ -112,15 +130,8 @@ fn build_layer(
                 bias,
                 init,
             };
-            Box::new(match weights.take(index, "weight")? {
-                Some(weight) => {
-                    let bias = if bias {
-                        weights.take(index, "bias")?
-                    } else {
-                        None
-                    };
-                    config.with_weights(weight, bias)?
-                }
+            Box::new(match weights.take_weight_and_bias(index, bias)? {
+                Some((weight, bias)) => config.with_weights(weight, bias)?,
                 None => config.init(&mut rng)?,
             })
         }
@@ -145,15 +156,8 @@ fn build_layer(
                 bias,
                 init,
             };
-            Box::new(match weights.take(index, "weight")? {
-                Some(weight) => {
-                    let bias = if bias {
-                        weights.take(index, "bias")?
-                    } else {
-                        None
-                    };
-                    config.with_weights(weight, bias)?
-                }
+            Box::new(match weights.take_weight_and_bias(index, bias)? {
+                Some((weight, bias)) => config.with_weights(weight, bias)?,
                 None => config.init(&mut rng)?,
             })
         }
