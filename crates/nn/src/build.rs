@@ -39,6 +39,9 @@ impl ModelSpec {
     }
 }
 
+/// A layer's stored weight and, if it has one, its bias.
+type WeightAndBias = (ArrayD<f32>, Option<ArrayD<f32>>);
+
 /// Where a built layer's weights come from.
 pub(crate) enum Weights<'a> {
     /// Initialized from this seed, as the spec's `init` says.
@@ -64,7 +67,7 @@ impl Weights<'_> {
         &mut self,
         index: usize,
         bias: bool,
-    ) -> Result<Option<(ArrayD<f32>, Option<ArrayD<f32>>)>, NnError> {
+    ) -> Result<Option<WeightAndBias>, NnError> {
         let Some(weight) = self.take(index, "weight")? else {
             return Ok(None);
         };

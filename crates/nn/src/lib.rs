@@ -51,8 +51,8 @@ pub use model_file::{
 pub use optim::{Optimizer, OptimizerState, Rule};
 pub use param::Param;
 pub use plan::{
-    LayerPlan, MAX_ACTIVATIONS_PER_IMAGE, MAX_INPUT_CHANNELS, MAX_INPUT_SIDE, MAX_LAYERS,
-    MAX_PARAMETERS, ModelPlan, TensorPlan,
+    FlopCount, LayerPlan, MAX_ACTIVATIONS_PER_IMAGE, MAX_INPUT_CHANNELS, MAX_INPUT_SIDE,
+    MAX_LAYERS, MAX_PARAMETERS, ModelPlan, TensorPlan,
 };
 pub use profile::LayerTimes;
 pub use schedule::{ReduceOnPlateau, Schedule};

@@ -60,7 +60,45 @@ pub struct ModelPlan {
     pub activations_per_image: usize,
 }
 
+/// Floating-point operations of the layers with weights (convolutions and dense layers; the
+/// elementwise layers, pooling, BatchNorm and the loss are left out), per image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlopCount {
+    /// One forward pass.
+    pub forward: u64,
+    /// One training step: forward, weight gradient and input gradient (the same
+    /// multiply-adds each), except the input gradient of the first layer with weights, which
+    /// nothing needs.
+    pub training: u64,
+}
+
 impl ModelPlan {
+    /// The floating-point operations per image (1 multiply-add = 2), as docs/benchmarks.md
+    /// counts them for the FLOP bound.
+    pub fn flops_per_image(&self) -> FlopCount {
+        let mut count = FlopCount {
+            forward: 0,
+            training: 0,
+        };
+        let mut first = true;
+        for layer in &self.layers {
+            let Some(weight) = layer.tensors.iter().find(|t| {
+                t.name.ends_with(".weight") && matches!(t.shape.len(), 2 | 4) && t.trainable
+            }) else {
+                continue;
+            };
+            let outputs: usize = layer.output.iter().product();
+            let weights: usize = weight.shape.iter().product();
+            // Each output value is a dot product over one filter: weights / filters terms.
+            let per_output = weights / weight.shape[0].max(1);
+            let flops = 2 * (outputs * per_output) as u64;
+            count.forward += flops;
+            count.training += if first { 2 * flops } else { 3 * flops };
+            first = false;
+        }
+        count
+    }
+
     /// The number of classes: the width of the last layer's output.
     pub fn classes(&self) -> usize {
         self.layers

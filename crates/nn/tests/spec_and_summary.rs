@@ -148,3 +148,33 @@ fn optimizers_describe_themselves() {
     );
     assert_eq!(Rule::adagrad().to_string(), "Adagrad eps 1e-10");
 }
+
+/// The FLOP count of the bound (docs/benchmarks.md), against the layer shapes worked by hand:
+/// two-conv's multiply-adds per image are conv 1->32 on 26x26 (26*26*32*9), conv 32->64 on
+/// 11x11 (11*11*64*288), dense 1600->128 and 128->10; the first layer has no input gradient.
+#[test]
+fn flops_per_image_follow_the_counting_rule() {
+    let macs: [u64; 4] = [26 * 26 * 32 * 9, 11 * 11 * 64 * 288, 1600 * 128, 128 * 10];
+    let forward = 2 * macs.iter().sum::<u64>();
+    let count = preset("two-conv")
+        .unwrap()
+        .plan()
+        .unwrap()
+        .flops_per_image();
+    assert_eq!(count.forward, forward);
+    assert_eq!(count.training, 3 * forward - 2 * macs[0]);
+    // The issue's figure for an epoch: 924 GFLOP.
+    let epoch = count.training as f64 * 60_000.0 / 1e9;
+    assert!((epoch - 923.8).abs() < 0.1, "{epoch}");
+    // BatchNorm's weight is not a multiply-add over inputs: a spec with it counts the same.
+    let bn = nn::ModelSpec::from_json(
+        r#"{"name": "bn", "input": [1, 8, 8], "layers": [
+            {"type": "Conv2d", "filters": 4, "kernel": [3, 3]}, {"type": "BatchNorm2d"},
+            {"type": "Flatten"}, {"type": "Dense", "units": 10}]}"#,
+    )
+    .unwrap();
+    let count = bn.plan().unwrap().flops_per_image();
+    let macs = [6 * 6 * 4 * 9, 144 * 10];
+    assert_eq!(count.forward, 2 * (macs[0] + macs[1]));
+    assert_eq!(count.training, 2 * 2 * macs[0] + 3 * 2 * macs[1]);
+}

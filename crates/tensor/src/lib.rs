@@ -17,6 +17,7 @@ mod bias;
 mod conv;
 mod error;
 mod gemm;
+mod peak;
 mod pool;
 mod simd;
 mod softmax;
@@ -34,6 +35,7 @@ pub use conv::{
 };
 pub use error::TensorError;
 pub use gemm::{gemm, gemm_parallel};
+pub use peak::fma_peak_flops;
 pub use pool::{
     Pool2dDims, avg_pool2d_backward, avg_pool2d_forward, global_avg_pool_backward,
     global_avg_pool_forward, max_pool2d_backward, max_pool2d_forward,
