@@ -23,6 +23,9 @@ pub struct BenchArgs {
     /// Worker threads for every framework.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Runs of each of our cases (one process each); the table gives the median and range.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    repeat: u32,
     /// Also run the same cases in PyTorch and in Keras (whichever is installed), with the
     /// Python in $BENCH_PYTHON.
     #[arg(long)]
@@ -83,20 +86,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for model in &args.models {
         eprintln!("measuring {model} ...");
-        let ours = json_line(
-            Command::new(root.join("target/release/mnist"))
-                .args([
-                    "bench",
-                    "--model",
-                    model,
-                    "--threads",
-                    &threads,
-                    "--batches",
-                    &batches,
-                ])
-                .args(["--warmup", &warmup, "--data-dir", &data, "--json"])
-                .args(args.profile.then_some("--profile")),
-        )?;
+        let mut runs = Vec::new();
+        for _ in 0..args.repeat {
+            runs.push(json_line(
+                Command::new(root.join("target/release/mnist"))
+                    .args([
+                        "bench",
+                        "--model",
+                        model,
+                        "--threads",
+                        &threads,
+                        "--batches",
+                        &batches,
+                    ])
+                    .args(["--warmup", &warmup, "--data-dir", &data, "--json"])
+                    .args(args.profile.then_some("--profile")),
+            )?);
+        }
+        let ours = median_run(runs);
         let mut peers = Vec::new();
         if let Some(python) = &python {
             for script in PEER_SCRIPTS {
@@ -145,6 +152,51 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The run with the median epoch time, given the range of every run's figures
+/// (`<key>_range`: `[min, max]`) for the keys the table shows.
+fn median_run(mut runs: Vec<Value>) -> Value {
+    runs.sort_by(|a, b| {
+        number(a, "projected_epoch_seconds").total_cmp(&number(b, "projected_epoch_seconds"))
+    });
+    let ranges: Vec<(String, Value)> = [
+        "projected_epoch_seconds",
+        "epoch_bound_multiple",
+        "inference_images_per_second",
+        "inference_share_of_peak",
+        "fma_peak_gflops",
+    ]
+    .iter()
+    .map(|key| {
+        let values = runs.iter().map(|r| number(r, key));
+        let (low, high) = values.fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(v), h.max(v)));
+        (format!("{key}_range"), serde_json::json!([low, high]))
+    })
+    .collect();
+    let runs_count = runs.len();
+    let mut median = runs.swap_remove(runs_count / 2);
+    for (key, range) in ranges {
+        median[key] = range;
+    }
+    median["runs"] = serde_json::json!(runs_count);
+    median
+}
+
+/// `median (low-high)` of a figure of [`median_run`]'s result.
+fn with_range(v: &Value, key: &str, decimals: usize) -> String {
+    let range = &v[format!("{key}_range")];
+    let (low, high) = (
+        range[0].as_f64().unwrap_or(f64::NAN),
+        range[1].as_f64().unwrap_or(f64::NAN),
+    );
+    if v["runs"].as_u64().unwrap_or(1) < 2 {
+        return format!("{:.decimals$}", number(v, key));
+    }
+    format!(
+        "{:.decimals$} ({low:.decimals$}-{high:.decimals$})",
+        number(v, key)
+    )
+}
+
 /// Runs a command and parses the last line of its standard output as JSON.
 fn json_line(command: &mut Command) -> Result<Value> {
     let out = command
@@ -177,14 +229,33 @@ fn table(rows: &[(String, Value, Vec<Value>)], args: &BenchArgs) -> String {
     let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
     let mut out = format!(
         "Measured by `cargo xtask {command}` ({} training batches after {} of warm-up per case, \
-         {} threads, {cpu}, {} UTC).\n\n",
+         {} threads, {cpu}, {} UTC); ours: median (range) of {} runs, one process each.\n\n",
         args.batches,
         args.warmup,
         args.threads,
         rows.first()
             .and_then(|r| r.1["date"].as_str())
-            .unwrap_or("unknown date")
+            .unwrap_or("unknown date"),
+        args.repeat,
     );
+    out += "The bound: an epoch's training FLOP (docs/benchmarks.md's rule) at this machine's \
+            fused multiply-add peak, measured by each run on its threads after its workload; \
+            x bound = our epoch / that bound (1 would be the hardware limit). Inference: \
+            forward FLOP/s at batch 1000 as a share of the peak.\n\n";
+    out += "| model | FMA peak GFLOP/s | epoch GFLOP | bound s | epoch s (ours) | x bound | inference share of peak |\n";
+    out += "| --- | --- | --- | --- | --- | --- | --- |\n";
+    for (model, ours, _) in rows {
+        out += &format!(
+            "| {model} | {} | {:.0} | {:.2} | {} | {} | {} |\n",
+            with_range(ours, "fma_peak_gflops", 0),
+            number(ours, "epoch_gflop"),
+            number(ours, "epoch_bound_seconds"),
+            with_range(ours, "projected_epoch_seconds", 2),
+            with_range(ours, "epoch_bound_multiple", 2),
+            with_range(ours, "inference_share_of_peak", 2),
+        );
+    }
+    out += "\n";
     let compared = rows.iter().any(|r| !r.2.is_empty());
     if compared {
         out += "Time ratio: our epoch seconds / theirs (below 1: we train faster). Throughput \

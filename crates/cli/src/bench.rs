@@ -66,6 +66,17 @@ pub struct BenchResult {
     pub latency_ms: f64,
     /// Where a training step's time goes, when profiled.
     pub profile: Option<Vec<ProfileRow>>,
+    /// This machine's fused multiply-add peak on the bench's threads, measured after the
+    /// workload (see [`tensor::fma_peak_flops`]), in GFLOP/s.
+    pub fma_peak_gflops: f64,
+    /// The training FLOP of an epoch of 60,000 images (see [`nn::FlopCount`]), in GFLOP.
+    pub epoch_gflop: f64,
+    /// The least time an epoch could take at that peak: `epoch_gflop / fma_peak_gflops`.
+    pub epoch_bound_seconds: f64,
+    /// `projected_epoch_seconds / epoch_bound_seconds`: how far training is from the bound.
+    pub epoch_bound_multiple: f64,
+    /// Inference FLOP/s (forward passes at batch 1000) as a share of the peak.
+    pub inference_share_of_peak: f64,
 }
 
 /// One line of a training-step profile: a layer, or a step outside the model.
@@ -198,14 +209,23 @@ pub fn bench(
         }
     }
     times.sort_by(f64::total_cmp);
+    let flops = model.spec().plan()?.flops_per_image();
+    let peak = tensor::fma_peak_flops(rayon::current_num_threads(), Duration::from_millis(500));
+    let epoch_flop = flops.training as f64 * 60_000.0;
+    let projected_epoch_seconds = 60_000.0 / train_ips;
     Ok(BenchResult {
         model: case.model.to_string(),
         batch_size: case.batch_size,
         train_images_per_second: train_ips,
-        projected_epoch_seconds: 60_000.0 / train_ips,
+        projected_epoch_seconds,
         inference_images_per_second: inference_ips,
         latency_ms: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
         profile,
+        fma_peak_gflops: peak / 1e9,
+        epoch_gflop: epoch_flop / 1e9,
+        epoch_bound_seconds: epoch_flop / peak,
+        epoch_bound_multiple: projected_epoch_seconds / (epoch_flop / peak),
+        inference_share_of_peak: flops.forward as f64 * inference_ips / peak,
     })
 }
 

@@ -500,6 +500,15 @@ fn bench_command(args: &BenchArgs) -> Result<()> {
             result.latency_ms,
             peak.map_or("unknown".into(), |mb| format!("{mb:.0} MB"))
         );
+        println!(
+            "FMA peak {:.0} GFLOP/s on {threads} thread(s): an epoch's {:.0} GFLOP take at least \
+             {:.2} s, so training runs at {:.2}x the bound; inference uses {:.0}% of the peak",
+            result.fma_peak_gflops,
+            result.epoch_gflop,
+            result.epoch_bound_seconds,
+            result.epoch_bound_multiple,
+            100.0 * result.inference_share_of_peak
+        );
         if let Some(rows) = &result.profile {
             println!("\n{}", cli::profile_table(rows));
         }
