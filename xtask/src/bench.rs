@@ -15,7 +15,7 @@ pub struct BenchArgs {
     #[arg(long = "model", value_name = "PRESET", default_values_t = ["two-conv".to_string(), "lenet5".to_string(), "one-conv".to_string()])]
     models: Vec<String>,
     /// Training batches timed per case, after the warm-up.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 300)]
     batches: usize,
     /// Training batches run before timing.
     #[arg(long, default_value_t = 5)]

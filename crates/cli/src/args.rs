@@ -82,7 +82,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PRESET", default_value = "two-conv")]
     pub model: String,
     /// Training batches timed, after the warm-up.
-    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
+    #[arg(long, default_value_t = 300, value_parser = at_least_one)]
     pub batches: usize,
     /// Training batches run before timing.
     #[arg(long, default_value_t = 5)]
