@@ -41,6 +41,15 @@ def model(name):
     elif name == "one-conv":
         body = [layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
                 layers.Dense(100, activation="relu"), layers.Dense(10)]
+    elif name == "bn-cnn":
+        body = []
+        for filters in (32, 64):
+            for _ in range(2):
+                body += [layers.Conv2D(filters, 3, padding="same"), layers.BatchNormalization(),
+                         layers.ReLU()]
+            body.append(layers.MaxPooling2D(2))
+        body += [layers.Flatten(), layers.Dense(256), layers.BatchNormalization(), layers.ReLU(),
+                 layers.Dropout(0.4), layers.Dense(10)]
     else:
         raise SystemExit(f"unknown model {name}")
     return keras.Sequential([keras.Input((28, 28, 1))] + body)
@@ -65,6 +74,7 @@ CASES = {  # optimizer and batch size as in `mnist bench`
     "two-conv": (lambda: keras.optimizers.Adam(1e-3), 64),
     "lenet5": (lambda: keras.optimizers.SGD(0.01, momentum=0.9), 64),
     "one-conv": (lambda: keras.optimizers.SGD(0.01), 32),
+    "bn-cnn": (lambda: keras.optimizers.Adam(1e-3), 64),
 }
 
 

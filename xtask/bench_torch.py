@@ -30,6 +30,12 @@ def model(name):
     if name == "one-conv":
         return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5408, 100),
                              nn.ReLU(), nn.Linear(100, 10))
+    if name == "bn-cnn":
+        def block(c_in, c):
+            return [nn.Conv2d(c_in, c, 3, padding="same"), nn.BatchNorm2d(c), nn.ReLU(),
+                    nn.Conv2d(c, c, 3, padding="same"), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+        return nn.Sequential(*block(1, 32), *block(32, 64), nn.Flatten(), nn.Linear(3136, 256),
+                             nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.4), nn.Linear(256, 10))
     raise SystemExit(f"unknown model {name}")
 
 
@@ -37,6 +43,7 @@ CASES = {  # optimizer and batch size as in `mnist bench`
     "two-conv": (lambda p: torch.optim.Adam(p, lr=1e-3), 64),
     "lenet5": (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), 64),
     "one-conv": (lambda p: torch.optim.SGD(p, lr=0.01), 32),
+    "bn-cnn": (lambda p: torch.optim.Adam(p, lr=1e-3), 64),
 }
 
 

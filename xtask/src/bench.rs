@@ -12,7 +12,7 @@ use serde_json::Value;
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Presets to measure.
-    #[arg(long = "model", value_name = "PRESET", default_values_t = ["two-conv".to_string(), "lenet5".to_string(), "one-conv".to_string()])]
+    #[arg(long = "model", value_name = "PRESET", default_values_t = ["two-conv".to_string(), "lenet5".to_string(), "one-conv".to_string(), "bn-cnn".to_string()])]
     models: Vec<String>,
     /// Training batches timed per case, after the warm-up.
     #[arg(long, default_value_t = 300)]

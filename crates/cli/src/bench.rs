@@ -25,7 +25,7 @@ pub struct BenchCase {
 }
 
 /// The cases of issue 6's table: two-conv (Adam, batch 64), lenet5 (SGD, batch 64), one-conv
-/// (SGD, batch 32).
+/// (SGD, batch 32); and issue 19's modern CNN, bn-cnn (Adam, batch 64).
 pub fn bench_cases() -> Vec<BenchCase> {
     vec![
         BenchCase {
@@ -45,6 +45,12 @@ pub fn bench_cases() -> Vec<BenchCase> {
             rule: Rule::sgd(0.0),
             learning_rate: 0.01,
             batch_size: 32,
+        },
+        BenchCase {
+            model: "bn-cnn",
+            rule: Rule::adam(),
+            learning_rate: 1e-3,
+            batch_size: 64,
         },
     ]
 }

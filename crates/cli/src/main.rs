@@ -463,7 +463,7 @@ fn bench_command(args: &BenchArgs) -> Result<()> {
         .find(|c| c.model == args.model)
         .with_context(|| {
             format!(
-                "no benchmark for {:?}: choose two-conv, lenet5 or one-conv",
+                "no benchmark for {:?}: choose two-conv, lenet5, one-conv or bn-cnn",
                 args.model
             )
         })?;

@@ -2,7 +2,9 @@
 //! (`torch/gradients.safetensors`, written by `torch/make_gradient_fixture.py`, which says how:
 //! PyTorch in float64 on fixed weights and a fixed batch). The loss, and each parameter's
 //! gradient (its sum, its norm and a sample of up to 4096 entries), must match with a relative
-//! error under 1e-4.
+//! error under 1e-4; a gradient that is zero in exact arithmetic (a convolution's bias before
+//! BatchNorm) is measured against a hundredth of the model's largest gradient norm instead of
+//! its own.
 
 #![allow(clippy::unwrap_used)]
 
@@ -79,10 +81,11 @@ fn every_gradient_of_each_architecture_matches_pytorchs() {
             .collect();
     let strides: HashMap<String, usize> = serde_json::from_str(&metadata["strides"]).unwrap();
     let batch: usize = metadata["batch"].parse().unwrap();
-    assert_eq!(specs.len(), 5, "{:?}", specs.keys());
+    assert_eq!(specs.len(), nn::PRESETS.len() + 1, "{:?}", specs.keys());
     let mut failures = Vec::new();
     let mut compared = 0;
     let mut worst = 0f64;
+    let mut worst_name = String::new();
     for (arch, spec) in &specs {
         if let Some(preset) = preset(arch) {
             assert_eq!(&preset, spec, "the fixture's {arch} is not the preset");
@@ -124,6 +127,17 @@ fn every_gradient_of_each_architecture_matches_pytorchs() {
         if !close(out.loss.into(), want, 0.0) {
             failures.push(format!("{arch} loss: {} against {want}", out.loss));
         }
+        // The largest gradient norm of the model: a hundredth of it is the scale for gradients
+        // that are zero in
+        // exact arithmetic (a convolution's bias before BatchNorm, whose batch mean cancels
+        // it), where PyTorch's float64 leaves 1e-17 and float32 1e-9.
+        let prefix = format!("{arch}.grad.");
+        let scale = file
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with(&prefix) && n.ends_with(".norm"))
+            .map(|n| scalar(&file, n))
+            .fold(0f64, f64::max);
         model.visit_params(|name, param| {
             let (layer, kind) = name.split_once('.').unwrap();
             let torch_name = format!("{}.{kind}", torch_index[layer.parse::<usize>().unwrap()]);
@@ -137,8 +151,8 @@ fn every_gradient_of_each_architecture_matches_pytorchs() {
             );
             let sample = values(&file, &format!("{key}.sample"));
             // A sum cancels: its error is measured against the norm times the entries' count.
-            let sum_floor = want_norm * (grad.len() as f64).sqrt();
-            if !close(sum, want_sum, sum_floor) || !close(norm, want_norm, 0.0) {
+            let sum_floor = want_norm.max(1e-2 * scale) * (grad.len() as f64).sqrt();
+            if !close(sum, want_sum, sum_floor) || !close(norm, want_norm, 1e-2 * scale) {
                 failures.push(format!(
                     "{arch} {name}: sum {sum} norm {norm}, PyTorch {want_sum} {want_norm}"
                 ));
@@ -155,14 +169,20 @@ fn every_gradient_of_each_architecture_matches_pytorchs() {
                 error += (got - f64::from(want)).powi(2);
                 size += f64::from(want).powi(2);
             }
-            let relative = (error / size.max(f64::MIN_POSITIVE)).sqrt();
-            worst = worst.max(relative);
+            let floor = (1e-2 * scale).powi(2) * sample.len() as f64 / grad.len() as f64;
+            let relative = (error / size.max(floor).max(f64::MIN_POSITIVE)).sqrt();
+            if relative > worst {
+                worst = relative;
+                worst_name = format!("{arch} {name}");
+            }
             if relative >= 1e-4 {
                 failures.push(format!("{arch} {name}: relative error {relative:.2e}"));
             }
         });
     }
-    println!("{compared} gradient entries compared, largest relative error {worst:.2e}");
+    println!(
+        "{compared} gradient entries compared, largest relative error {worst:.2e} ({worst_name})"
+    );
     assert!(compared > 10_000, "only {compared} entries compared");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
