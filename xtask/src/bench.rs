@@ -155,6 +155,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// The run with the median epoch time, given the range of every run's figures
 /// (`<key>_range`: `[min, max]`) for the keys the table shows.
 fn median_run(mut runs: Vec<Value>) -> Value {
+    for run in &mut runs {
+        run["inference_gflops"] = serde_json::json!(
+            number(run, "inference_share_of_peak") * number(run, "fma_peak_gflops")
+        );
+    }
     runs.sort_by(|a, b| {
         number(a, "projected_epoch_seconds").total_cmp(&number(b, "projected_epoch_seconds"))
     });
@@ -162,7 +167,7 @@ fn median_run(mut runs: Vec<Value>) -> Value {
         "projected_epoch_seconds",
         "epoch_bound_multiple",
         "inference_images_per_second",
-        "inference_share_of_peak",
+        "inference_gflops",
         "fma_peak_gflops",
     ]
     .iter()
@@ -179,22 +184,6 @@ fn median_run(mut runs: Vec<Value>) -> Value {
     }
     median["runs"] = serde_json::json!(runs_count);
     median
-}
-
-/// `median (low-high)` of a figure of [`median_run`]'s result.
-fn with_range(v: &Value, key: &str, decimals: usize) -> String {
-    let range = &v[format!("{key}_range")];
-    let (low, high) = (
-        range[0].as_f64().unwrap_or(f64::NAN),
-        range[1].as_f64().unwrap_or(f64::NAN),
-    );
-    if v["runs"].as_u64().unwrap_or(1) < 2 {
-        return format!("{:.decimals$}", number(v, key));
-    }
-    format!(
-        "{:.decimals$} ({low:.decimals$}-{high:.decimals$})",
-        number(v, key)
-    )
 }
 
 /// Runs a command and parses the last line of its standard output as JSON.
@@ -238,21 +227,47 @@ fn table(rows: &[(String, Value, Vec<Value>)], args: &BenchArgs) -> String {
             .unwrap_or("unknown date"),
         args.repeat,
     );
-    out += "The bound: an epoch's training FLOP (docs/benchmarks.md's rule) at this machine's \
-            fused multiply-add peak, measured by each run on its threads after its workload; \
-            x bound = our epoch / that bound (1 would be the hardware limit). Inference: \
-            forward FLOP/s at batch 1000 as a share of the peak.\n\n";
-    out += "| model | FMA peak GFLOP/s | epoch GFLOP | bound s | epoch s (ours) | x bound | inference share of peak |\n";
-    out += "| --- | --- | --- | --- | --- | --- | --- |\n";
+    // The machine's peak is the highest any run read: a probe that shared a core with a
+    // stray process reads low, and the peak itself does not change between runs.
+    let peak = rows
+        .iter()
+        .map(|(_, ours, _)| {
+            ours["fma_peak_gflops_range"][1]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        })
+        .fold(f64::NAN, f64::max);
+    out += &format!(
+        "The bound: an epoch's training FLOP (docs/benchmarks.md's rule) at this machine's \
+         fused multiply-add peak, {peak:.0} GFLOP/s on {} threads (the highest any run's probe \
+         read); x bound = our epoch / that bound (1 would be the hardware limit). Inference: \
+         forward FLOP/s at batch 1000 as a share of the peak.\n\n",
+        args.threads
+    );
+    out +=
+        "| model | epoch GFLOP | bound s | epoch s (ours) | x bound | inference share of peak |\n";
+    out += "| --- | --- | --- | --- | --- | --- |\n";
     for (model, ours, _) in rows {
+        let bound = number(ours, "epoch_gflop") / peak;
+        let range = |key: &str, scale: f64| {
+            let r = &ours[format!("{key}_range")];
+            let (low, high) = (
+                r[0].as_f64().unwrap_or(f64::NAN),
+                r[1].as_f64().unwrap_or(f64::NAN),
+            );
+            format!(
+                "{:.2} ({:.2}-{:.2})",
+                number(ours, key) * scale,
+                low * scale,
+                high * scale
+            )
+        };
         out += &format!(
-            "| {model} | {} | {:.0} | {:.2} | {} | {} | {} |\n",
-            with_range(ours, "fma_peak_gflops", 0),
+            "| {model} | {:.0} | {bound:.2} | {} | {} | {} |\n",
             number(ours, "epoch_gflop"),
-            number(ours, "epoch_bound_seconds"),
-            with_range(ours, "projected_epoch_seconds", 2),
-            with_range(ours, "epoch_bound_multiple", 2),
-            with_range(ours, "inference_share_of_peak", 2),
+            range("projected_epoch_seconds", 1.0),
+            range("projected_epoch_seconds", 1.0 / bound),
+            range("inference_gflops", 1.0 / peak),
         );
     }
     out += "\n";
