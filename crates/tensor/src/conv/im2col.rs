@@ -396,7 +396,7 @@ impl ChunkBackward<'_> {
         mut dx: Option<ArrayViewMut4<'_, f32>>,
     ) {
         let dims = shared.dims;
-        let (o, pixels) = (dims.out_channels, dims.out_pixels());
+        let pixels = dims.out_pixels();
         let images = dy.images();
         for j in 0..images {
             dy.write_conv_grad(j, wide.slice_mut(s![.., j * pixels..(j + 1) * pixels]));
@@ -420,26 +420,8 @@ impl ChunkBackward<'_> {
         self.pdw.fill(0.0);
         self.add_dense_weight_grad(shared, wide, 0, images);
         layout::add_from_channels_last(dims, self.scatter.dw, contiguous_mut(&mut self.pdw));
-        let Some(dx) = dx.as_mut() else {
-            return;
-        };
-        match shared.dense {
-            DenseProducts::ChannelsLast => implicit::input_grad_channels_last(
-                dims,
-                shared.weight_cl,
-                &self.grads_cl[..used * o],
-                contiguous_mut(&mut self.dcols),
-                self.scatter.dx,
-                dx.view_mut(),
-            ),
-            DenseProducts::Gemm => {
-                // dcols [C*KH*KW, B*OH*OW] = W^T [C*KH*KW, O] * dy [O, B*OH*OW].
-                let mut dcols = self.dcols.slice_mut(s![.., ..used]);
-                sgemm_unchecked(1.0, &shared.weight.t(), &wide, 0.0, dcols.view_mut());
-                for (j, dx) in dx.outer_iter_mut().enumerate() {
-                    col2im(dims, dcols.slice(s![.., j * pixels..(j + 1) * pixels]), dx);
-                }
-            }
+        if let Some(dx) = dx {
+            self.dense_input_grad(shared, wide, dx);
         }
     }
 
@@ -473,27 +455,42 @@ impl ChunkBackward<'_> {
                 continue;
             }
             self.add_dense_weight_grad(shared, grad.view(), j, 1);
-            let Some(dx) = dx else {
-                continue;
-            };
-            match shared.dense {
-                DenseProducts::ChannelsLast => implicit::input_grad_channels_last(
-                    dims,
-                    shared.weight_cl,
-                    &self.grads_cl[..pixels * o],
-                    contiguous_mut(&mut self.dcols),
-                    self.scatter.dx,
-                    dx.insert_axis(Axis(0)),
-                ),
-                DenseProducts::Gemm => {
-                    // dcols [C*KH*KW, OH*OW] = W^T [C*KH*KW, O] * dy[n] [O, OH*OW].
-                    let grad = grad.view();
-                    sgemm_unchecked(1.0, &shared.weight.t(), &grad, 0.0, self.dcols.view_mut());
-                    col2im(dims, self.dcols.view(), dx);
-                }
+            if let Some(dx) = dx {
+                self.dense_input_grad(shared, grad, dx.insert_axis(Axis(0)));
             }
         }
         layout::add_from_channels_last(dims, self.scatter.dw, contiguous_mut(&mut self.pdw));
+    }
+
+    /// `dx [count, C, H, W] =` the input gradient of a dense `grad [O, count*OH*OW]`, whose
+    /// weight gradient [`Self::add_dense_weight_grad`] has just added (and, for
+    /// [`DenseProducts::ChannelsLast`], left channels last in `grads_cl`).
+    fn dense_input_grad(
+        &mut self,
+        shared: &Shared<'_>,
+        grad: ArrayView2<'_, f32>,
+        mut dx: ArrayViewMut4<'_, f32>,
+    ) {
+        let dims = shared.dims;
+        let (used, pixels) = (grad.ncols(), dims.out_pixels());
+        match shared.dense {
+            DenseProducts::ChannelsLast => implicit::input_grad_channels_last(
+                dims,
+                shared.weight_cl,
+                &self.grads_cl[..used * dims.out_channels],
+                contiguous_mut(&mut self.dcols),
+                self.scatter.dx,
+                dx,
+            ),
+            DenseProducts::Gemm => {
+                // dcols [C*KH*KW, count*OH*OW] = W^T [C*KH*KW, O] * dy [O, count*OH*OW].
+                let mut dcols = self.dcols.slice_mut(s![.., ..used]);
+                sgemm_unchecked(1.0, &shared.weight.t(), &grad, 0.0, dcols.view_mut());
+                for (j, dx) in dx.outer_iter_mut().enumerate() {
+                    col2im(dims, dcols.slice(s![.., j * pixels..(j + 1) * pixels]), dx);
+                }
+            }
+        }
     }
 
     /// Adds the weight gradient of a dense `grad [O, count*OH*OW]` of `count` images from
