@@ -165,7 +165,6 @@ fn median_run(mut runs: Vec<Value>) -> Value {
     });
     let ranges: Vec<(String, Value)> = [
         "projected_epoch_seconds",
-        "epoch_bound_multiple",
         "inference_images_per_second",
         "inference_gflops",
         "fma_peak_gflops",

@@ -36,10 +36,7 @@ pub struct Conv2dConfig {
 impl Conv2dConfig {
     /// A layer with freshly initialized weights.
     pub fn init(self, rng: &mut ChaCha8Rng) -> Result<Conv2d, NnError> {
-        let shape = self.weight_shape().map_err(|detail| NnError::Config {
-            what: "Conv2d",
-            detail,
-        })?;
+        let shape = self.weight_shape()?;
         let fan = fans(&shape);
         let weight = initialize(self.init, &shape, fan, rng);
         let bias = self.bias.then(|| {
@@ -60,11 +57,7 @@ impl Conv2dConfig {
         weight: ArrayD<f32>,
         bias: Option<ArrayD<f32>>,
     ) -> Result<Conv2d, NnError> {
-        let refused = |detail: String| NnError::Config {
-            what: "Conv2d",
-            detail,
-        };
-        let shape = self.weight_shape().map_err(refused)?;
+        let shape = self.weight_shape()?;
         if weight.shape() != shape {
             return Err(refused(format!(
                 "weight has shape {:?}, the layer needs {shape:?}",
@@ -110,7 +103,7 @@ impl Conv2dConfig {
     }
 
     /// `[O, C, KH, KW]`, or why the config has none.
-    fn weight_shape(&self) -> Result<[usize; 4], String> {
+    fn weight_shape(&self) -> Result<[usize; 4], NnError> {
         let shape = [
             self.out_channels,
             self.in_channels,
@@ -118,12 +111,20 @@ impl Conv2dConfig {
             self.kernel[1],
         ];
         if shape.contains(&0) || self.stride.contains(&0) {
-            return Err(format!(
+            return Err(refused(format!(
                 "channels, kernel and stride must be at least 1: weight {shape:?}, stride {:?}",
                 self.stride
-            ));
+            )));
         }
         Ok(shape)
+    }
+}
+
+/// A configuration error of a convolution layer.
+fn refused(detail: String) -> NnError {
+    NnError::Config {
+        what: "Conv2d",
+        detail,
     }
 }
 

@@ -47,16 +47,6 @@ impl ConvAlgorithm {
         }
     }
 
-    /// [`Self::for_layer`] of these dimensions.
-    pub fn for_dims(dims: &Conv2dDims) -> ConvAlgorithm {
-        ConvAlgorithm::for_layer(
-            dims.in_channels,
-            dims.out_channels,
-            [dims.kernel_h, dims.kernel_w],
-            [dims.stride_h, dims.stride_w],
-        )
-    }
-
     /// Whether this algorithm can compute a convolution of these dimensions at all (if not,
     /// why): [`Self::Direct`] needs stride 1 and at most 32 receptive-field values,
     /// [`Self::ImplicitGemm`] output channels in multiples of 16.

@@ -22,7 +22,7 @@ pub fn images_per_chunk(batch: usize) -> usize {
 /// backward pass, and per-chunk scratch. They are resized only when shapes change.
 ///
 /// [`Conv2dBuffers::new`] fixes the [`ConvAlgorithm`]; [`Conv2dBuffers::default`] takes
-/// [`ConvAlgorithm::for_dims`] of each call's dimensions.
+/// [`Conv2dDims::algorithm`] of each call's dimensions.
 #[derive(Clone, Debug, Default)]
 pub struct Conv2dBuffers {
     /// The algorithm the caller chose, if any.

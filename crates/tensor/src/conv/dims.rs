@@ -198,7 +198,12 @@ impl Conv2dDims {
 
     /// The algorithm [`crate::Conv2dBuffers::default`] computes this convolution with.
     pub fn algorithm(&self) -> ConvAlgorithm {
-        ConvAlgorithm::for_dims(self)
+        ConvAlgorithm::for_layer(
+            self.in_channels,
+            self.out_channels,
+            [self.kernel_h, self.kernel_w],
+            [self.stride_h, self.stride_w],
+        )
     }
 
     /// Floating-point operations of the forward pass, 2*N*O*OH*OW*C*KH*KW (multiply and add).
