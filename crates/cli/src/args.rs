@@ -79,8 +79,19 @@ pub struct ExportArgs {
 #[derive(Args)]
 pub struct BenchArgs {
     /// The preset to measure, with its tutorial's optimizer and batch size.
-    #[arg(long, value_name = "PRESET", default_value = "two-conv")]
+    #[arg(
+        long,
+        value_name = "PRESET",
+        default_value = "two-conv",
+        conflicts_with = "arch"
+    )]
     pub model: String,
+    /// Measure an architecture spec in JSON instead, trained with Adam at 0.001.
+    #[arg(long, value_name = "SPEC.json")]
+    pub arch: Option<PathBuf>,
+    /// Mini-batch size [default: the preset's; 64 with --arch].
+    #[arg(long, value_parser = at_least_one)]
+    pub batch_size: Option<usize>,
     /// Training batches timed, after the warm-up.
     #[arg(long, default_value_t = 300, value_parser = at_least_one)]
     pub batches: usize,

@@ -5,17 +5,19 @@
 use std::time::{Duration, Instant};
 
 use mnist_data::{BatchOrder, Batches, LabeledImages, Normalization};
-use nn::{Mode, Optimizer, Rule, Sequential, preset};
+use nn::{Mode, ModelSpec, Optimizer, Rule, Sequential};
 use serde::Serialize;
 
 use crate::error::TrainError;
 use crate::fit::{StepTimes, training_step};
 
 /// A preset with the hyper-parameters its tutorial trains it with.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BenchCase {
-    /// Preset name.
-    pub model: &'static str,
+    /// Preset name, or the spec's name for an architecture from a file.
+    pub model: String,
+    /// The architecture.
+    pub spec: ModelSpec,
     /// Update rule.
     pub rule: Rule,
     /// Learning rate.
@@ -26,33 +28,42 @@ pub struct BenchCase {
 
 /// The cases of issue 6's table: two-conv (Adam, batch 64), lenet5 (SGD, batch 64), one-conv
 /// (SGD, batch 32); and issue 19's modern CNN, bn-cnn (Adam, batch 64).
-pub fn bench_cases() -> Vec<BenchCase> {
-    vec![
+pub fn bench_cases() -> Result<Vec<BenchCase>, TrainError> {
+    Ok(vec![
         BenchCase {
-            model: "two-conv",
+            model: "two-conv".into(),
+            spec: preset_spec("two-conv")?,
             rule: Rule::adam(),
             learning_rate: 1e-3,
             batch_size: 64,
         },
         BenchCase {
-            model: "lenet5",
+            model: "lenet5".into(),
+            spec: preset_spec("lenet5")?,
             rule: Rule::sgd(0.9),
             learning_rate: 0.01,
             batch_size: 64,
         },
         BenchCase {
-            model: "one-conv",
+            model: "one-conv".into(),
+            spec: preset_spec("one-conv")?,
             rule: Rule::sgd(0.0),
             learning_rate: 0.01,
             batch_size: 32,
         },
         BenchCase {
-            model: "bn-cnn",
+            model: "bn-cnn".into(),
+            spec: preset_spec("bn-cnn")?,
             rule: Rule::adam(),
             learning_rate: 1e-3,
             batch_size: 64,
         },
-    ]
+    ])
+}
+
+/// A preset's spec, or an error naming it.
+fn preset_spec(name: &str) -> Result<ModelSpec, TrainError> {
+    Ok(nn::preset(name).ok_or_else(|| nn::NnError::Spec(format!("no preset {name}")))?)
 }
 
 /// What one case measured.
@@ -96,8 +107,8 @@ pub struct ProfileRow {
     pub backward_ms: f64,
 }
 
-/// Measures one case on `train` and `test` images: `batches` training steps after `warmup`;
-/// with `profile`, also times each layer and each part of the step.
+/// Measures one case on `train` and `test` images: `batches` training steps after `warmup`; with `profile`, also times each
+/// layer and each part of the step.
 pub fn bench(
     case: &BenchCase,
     train: &LabeledImages,
@@ -107,9 +118,7 @@ pub fn bench(
     batches: usize,
     profile: bool,
 ) -> Result<BenchResult, TrainError> {
-    let spec =
-        preset(case.model).ok_or_else(|| nn::NnError::Spec(format!("no preset {}", case.model)))?;
-    let mut model = Sequential::new(spec, 1)?;
+    let mut model = Sequential::new(case.spec.clone(), 1)?;
     let mut optimizer = Optimizer::new(case.rule, case.learning_rate)?;
     let order = BatchOrder::Shuffled { seed: 1, epoch: 0 };
     let mut all = Batches::new(train, case.batch_size, order, normalization)?;

@@ -458,15 +458,35 @@ fn export_command(args: &ExportArgs) -> Result<()> {
 fn bench_command(args: &BenchArgs) -> Result<()> {
     let threads = args.threads.unwrap_or_else(all_cores);
     start_threads(threads)?;
-    let case = cli::bench_cases()
-        .into_iter()
-        .find(|c| c.model == args.model)
-        .with_context(|| {
-            format!(
-                "no benchmark for {:?}: choose two-conv, lenet5, one-conv or bn-cnn",
-                args.model
-            )
-        })?;
+    let mut case = match &args.arch {
+        Some(path) => {
+            let choice = ModelChoice {
+                model: None,
+                arch: Some(path.clone()),
+            };
+            let spec = resolve_spec(&choice)?;
+            cli::BenchCase {
+                model: spec.name.clone(),
+                spec,
+                rule: nn::Rule::adam(),
+                learning_rate: 1e-3,
+                batch_size: 64,
+            }
+        }
+        None => cli::bench_cases()?
+            .into_iter()
+            .find(|c| c.model == args.model)
+            .with_context(|| {
+                format!(
+                    "no benchmark for {:?}: choose two-conv, lenet5, one-conv or bn-cnn, \
+                         or pass --arch <spec.json>",
+                    args.model
+                )
+            })?,
+    };
+    if let Some(batch_size) = args.batch_size {
+        case.batch_size = batch_size;
+    }
     let data = load_dataset(&args.data.data_dir)?;
     let normalization = Normalization::fit(&data.train);
     let result = on_a_worker(|| {
