@@ -13,6 +13,7 @@
 //! O (output channels), KH, KW (kernel), OH, OW (output height, width).
 
 mod activation;
+mod batch_norm;
 mod bias;
 mod conv;
 mod error;
@@ -27,6 +28,7 @@ pub use activation::{
     leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid, sigmoid_backward, tanh,
     tanh_backward,
 };
+pub use batch_norm::{batch_norm_backward, batch_norm_forward, channel_mean_var, scale_channels};
 pub use bias::{add_channel_bias, add_row_bias, channel_bias_grad, row_bias_grad};
 pub use conv::{
     Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, ConvAlgorithm, NO_GRADIENT, Padding, col2im,

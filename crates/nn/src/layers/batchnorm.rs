@@ -2,7 +2,7 @@
 //! (1d), as PyTorch defines it: batch statistics in training (biased variance to normalize,
 //! unbiased to update the running variance), running statistics in evaluation.
 
-use ndarray::{Array1, Array3, ArrayD, Axis, Ix1, Zip};
+use ndarray::{Array1, Array3, ArrayD, Ix1, Zip};
 
 use crate::error::NnError;
 use crate::layer::{Layer, Mode};
@@ -23,8 +23,22 @@ pub struct BatchNorm {
     running_mean: ArrayD<f32>,
     running_var: ArrayD<f32>,
     num_batches_tracked: ArrayD<f32>,
-    /// From the last training pass: the normalized input `[N, C, S]` and 1 / sqrt(var + eps).
-    cache: Option<(Array3<f32>, Array1<f32>, Vec<usize>)>,
+    /// From the last training pass: its input as `[N, C, S]`, the batch's statistics and the
+    /// input's shape.
+    cache: Option<TrainingCache>,
+}
+
+/// What a training pass keeps for its backward pass.
+#[derive(Debug)]
+struct TrainingCache {
+    /// The input, `[N, C, S]`.
+    input: Array3<f32>,
+    /// The batch's mean per channel.
+    mean: Array1<f32>,
+    /// 1 / sqrt(var + eps) per channel.
+    inv_std: Array1<f32>,
+    /// The input's shape as the layer received it.
+    shape: Vec<usize>,
 }
 
 /// The hyper-parameters of a [`BatchNorm`] layer.
@@ -93,6 +107,12 @@ impl BatchNorm {
     }
 }
 
+/// `[N, C, S]` values back in the layer's shape (the same count, in standard layout).
+fn into_shape(x: Array3<f32>, shape: Vec<usize>) -> ArrayD<f32> {
+    x.into_shape_with_order(shape)
+        .unwrap_or_else(|e| unreachable!("same count: {e}"))
+}
+
 impl Layer for BatchNorm {
     fn kind(&self) -> &'static str {
         if self.rank == 4 {
@@ -124,59 +144,63 @@ impl Layer for BatchNorm {
         let count = n * s;
         let gamma = fixed::<Ix1>(&self.weight.value, "BatchNorm weight")?;
         let beta = fixed::<Ix1>(&self.bias.value, "BatchNorm bias")?;
-        let (mean, var) = if mode == Mode::Train {
-            if count < 2 {
-                return Err(NnError::Input {
-                    kind: self.kind(),
-                    detail: format!(
-                        "training needs more than one value per channel, got input {shape:?}"
-                    ),
-                });
-            }
-            // Statistics in f64: sums over tens of thousands of values.
-            let mut mean = Array1::<f64>::zeros(self.features);
-            let mut var = Array1::<f64>::zeros(self.features);
-            for (c, (m, v)) in mean.iter_mut().zip(var.iter_mut()).enumerate() {
-                let lane = x.index_axis(Axis(1), c);
-                *m = lane.iter().map(|&v| f64::from(v)).sum::<f64>() / count as f64;
-                *v = lane
-                    .iter()
-                    .map(|&v| (f64::from(v) - *m).powi(2))
-                    .sum::<f64>()
-                    / count as f64;
-            }
-            let unbiased = count as f64 / (count - 1) as f64;
-            let m = f64::from(self.momentum);
-            let mut running_mean = fixed_mut::<Ix1>(&mut self.running_mean, "running_mean")?;
-            Zip::from(&mut running_mean)
-                .and(&mean)
-                .for_each(|r, &b| *r = ((1.0 - m) * f64::from(*r) + m * b) as f32);
-            let mut running_var = fixed_mut::<Ix1>(&mut self.running_var, "running_var")?;
-            Zip::from(&mut running_var)
+        if mode == Mode::Eval {
+            // y = gamma * (x - mean) / sqrt(var + eps) + beta, as one scale and shift.
+            let mean = fixed::<Ix1>(&self.running_mean, "running_mean")?;
+            let var = fixed::<Ix1>(&self.running_var, "running_var")?;
+            let scale = Zip::from(&gamma)
                 .and(&var)
-                .for_each(|r, &b| *r = ((1.0 - m) * f64::from(*r) + m * b * unbiased) as f32);
-            self.num_batches_tracked.map_inplace(|t| *t += 1.0);
-            (mean.mapv(|v| v as f32), var.mapv(|v| v as f32))
-        } else {
-            (
-                fixed::<Ix1>(&self.running_mean, "running_mean")?.to_owned(),
-                fixed::<Ix1>(&self.running_var, "running_var")?.to_owned(),
-            )
+                .map_collect(|&g, &v| g / (v + self.eps).sqrt());
+            let shift = Zip::from(&beta)
+                .and(&scale)
+                .and(&mean)
+                .map_collect(|&b, &a, &m| b - a * m);
+            tensor::scale_channels(x.view_mut(), scale.view(), shift.view())?;
+            self.cache = None;
+            return Ok(into_shape(x, shape));
+        }
+        if count < 2 {
+            return Err(NnError::Input {
+                kind: self.kind(),
+                detail: format!(
+                    "training needs more than one value per channel, got input {shape:?}"
+                ),
+            });
+        }
+        let (mean, var) = tensor::channel_mean_var(x.view())?;
+        let unbiased = count as f64 / (count - 1) as f64;
+        let m = f64::from(self.momentum);
+        let mut running_mean = fixed_mut::<Ix1>(&mut self.running_mean, "running_mean")?;
+        Zip::from(&mut running_mean)
+            .and(&mean)
+            .for_each(|r, &b| *r = ((1.0 - m) * f64::from(*r) + m * b) as f32);
+        let mut running_var = fixed_mut::<Ix1>(&mut self.running_var, "running_var")?;
+        Zip::from(&mut running_var)
+            .and(&var)
+            .for_each(|r, &b| *r = ((1.0 - m) * f64::from(*r) + m * b * unbiased) as f32);
+        self.num_batches_tracked.map_inplace(|t| *t += 1.0);
+        let mean = Array1::from_iter(mean.iter().map(|&v| v as f32));
+        let inv_std = Array1::from_iter(var.iter().map(|&v| 1.0 / (v as f32 + self.eps).sqrt()));
+        // The previous batch's input is free once this one starts: its buffer takes the output.
+        let mut y = match self.cache.take() {
+            Some(kept) if kept.input.dim() == x.dim() => kept.input,
+            _ => Array3::zeros(x.dim()),
         };
-        let inv_std = var.mapv(|v| 1.0 / (v + self.eps).sqrt());
-        // x_hat = (x - mean) * inv_std, in place; y = gamma * x_hat + beta.
-        for (c, mut lane) in x.axis_iter_mut(Axis(1)).enumerate() {
-            let (m, is) = (mean[c], inv_std[c]);
-            lane.map_inplace(|v| *v = (*v - m) * is);
-        }
-        let mut y = x.clone();
-        for (c, mut lane) in y.axis_iter_mut(Axis(1)).enumerate() {
-            let (g, b) = (gamma[c], beta[c]);
-            lane.map_inplace(|v| *v = g * *v + b);
-        }
-        self.cache = (mode == Mode::Train).then_some((x, inv_std, shape.clone()));
-        Ok(y.into_shape_with_order(shape)
-            .unwrap_or_else(|e| unreachable!("same count: {e}")))
+        tensor::batch_norm_forward(
+            x.view(),
+            y.view_mut(),
+            mean.view(),
+            inv_std.view(),
+            gamma,
+            beta,
+        )?;
+        self.cache = Some(TrainingCache {
+            input: x,
+            mean,
+            inv_std,
+            shape: shape.clone(),
+        });
+        Ok(into_shape(y, shape))
     }
 
     fn backward(
@@ -185,42 +209,32 @@ impl Layer for BatchNorm {
         input_grad: bool,
     ) -> Result<Option<ArrayD<f32>>, NnError> {
         let kind = self.kind();
-        let (x_hat, inv_std, shape) = self.cache.as_ref().ok_or(NnError::NoForwardCache(kind))?;
-        let dy = self.as_ncs(dy)?;
-        let (n, _, s) = dy.dim();
-        let count = (n * s) as f32;
-        let mut dgamma = fixed_mut::<Ix1>(self.weight.grad_to_add(), "BatchNorm weight")?;
-        let mut dbeta = fixed_mut::<Ix1>(self.bias.grad_to_add(), "BatchNorm bias")?;
-        let mut sum_dy = Array1::<f32>::zeros(self.features);
-        let mut sum_dy_xhat = Array1::<f32>::zeros(self.features);
-        for c in 0..self.features {
-            let (g, xh) = (dy.index_axis(Axis(1), c), x_hat.index_axis(Axis(1), c));
-            sum_dy[c] = g.sum();
-            sum_dy_xhat[c] = Zip::from(&g).and(&xh).fold(0.0, |acc, &g, &x| acc + g * x);
-            dgamma[c] += sum_dy_xhat[c];
-            dbeta[c] += sum_dy[c];
+        let mut dy = self.as_ncs(dy)?;
+        let cache = self.cache.as_ref().ok_or(NnError::NoForwardCache(kind))?;
+        let shape = &cache.shape;
+        if dy.dim() != cache.input.dim() {
+            return Err(NnError::Input {
+                kind,
+                detail: format!(
+                    "gradient of shape {:?} for an output of shape {shape:?}",
+                    dy.shape()
+                ),
+            });
         }
-        if !input_grad {
-            return Ok(None);
-        }
-        // dx = gamma * inv_std / M * (M * dy - sum(dy) - x_hat * sum(dy * x_hat))
-        let gamma = fixed::<Ix1>(&self.weight.value, "BatchNorm weight")?;
-        let mut dx = dy;
-        for (c, (mut lane, xh)) in dx
-            .axis_iter_mut(Axis(1))
-            .zip(x_hat.axis_iter(Axis(1)))
-            .enumerate()
-        {
-            let scale = gamma[c] * inv_std[c] / count;
-            let (sd, sdx) = (sum_dy[c], sum_dy_xhat[c]);
-            Zip::from(&mut lane)
-                .and(&xh)
-                .for_each(|g, &x| *g = scale * (count * *g - sd - x * sdx));
-        }
-        Ok(Some(
-            dx.into_shape_with_order(shape.clone())
-                .unwrap_or_else(|e| unreachable!("same count: {e}")),
-        ))
+        let gamma = fixed::<Ix1>(&self.weight.value, "BatchNorm weight")?.to_owned();
+        let dgamma = fixed_mut::<Ix1>(self.weight.grad_to_add(), "BatchNorm weight")?;
+        let dbeta = fixed_mut::<Ix1>(self.bias.grad_to_add(), "BatchNorm bias")?;
+        tensor::batch_norm_backward(
+            dy.view_mut(),
+            cache.input.view(),
+            cache.mean.view(),
+            cache.inv_std.view(),
+            gamma.view(),
+            dgamma,
+            dbeta,
+            input_grad,
+        )?;
+        Ok(input_grad.then(|| into_shape(dy, shape.clone())))
     }
 
     fn params(&self) -> Vec<(&'static str, &Param)> {

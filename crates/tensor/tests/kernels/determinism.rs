@@ -1,9 +1,10 @@
 //! The same inputs give the same bits with one thread and with two.
 
-use ndarray::{Array1, Array2, Array4};
+use ndarray::{Array1, Array2, Array3, Array4};
 use tensor::{
-    Conv2dBuffers, Conv2dDims, Conv2dGrads, Padding, Pool2dDims, conv2d_backward, conv2d_forward,
-    gemm_parallel, max_pool2d_backward, max_pool2d_forward,
+    Conv2dBuffers, Conv2dDims, Conv2dGrads, Padding, Pool2dDims, batch_norm_backward,
+    batch_norm_forward, channel_mean_var, conv2d_backward, conv2d_forward, gemm_parallel,
+    max_pool2d_backward, max_pool2d_forward,
 };
 
 use crate::reference::Values;
@@ -21,7 +22,49 @@ fn run_everything() -> Vec<u32> {
     let mut c = Array2::zeros((300, 260));
     gemm_parallel(1.0, a.view(), bm.view(), 0.0, c.view_mut()).unwrap();
     bits.extend(c.iter().map(|v| v.to_bits()));
+    bits.extend(batch_norm(&mut values));
     bits
+}
+
+/// Batch normalization's statistics, forward and backward over 16 images of 8 channels.
+fn batch_norm(values: &mut Values) -> Vec<u32> {
+    let shape = (16, 8, 196);
+    let x = Array3::from_shape_simple_fn(shape, || values.next());
+    let mut dx = Array3::from_shape_simple_fn(shape, || values.next());
+    let (gamma, beta) = (values.array1(8), values.array1(8));
+    let (mean, var) = channel_mean_var(x.view()).unwrap();
+    let mean = Array1::from_iter(mean.iter().map(|&m| m as f32));
+    let inv_std = Array1::from_iter(var.iter().map(|&v| 1.0 / (v as f32 + 1e-5).sqrt()));
+    let mut y = Array3::zeros(shape);
+    batch_norm_forward(
+        x.view(),
+        y.view_mut(),
+        mean.view(),
+        inv_std.view(),
+        gamma.view(),
+        beta.view(),
+    )
+    .unwrap();
+    let (mut dgamma, mut dbeta) = (Array1::zeros(8), Array1::zeros(8));
+    batch_norm_backward(
+        dx.view_mut(),
+        x.view(),
+        mean.view(),
+        inv_std.view(),
+        gamma.view(),
+        dgamma.view_mut(),
+        dbeta.view_mut(),
+        true,
+    )
+    .unwrap();
+    mean.iter()
+        .chain(&inv_std)
+        .chain(&y)
+        .chain(&dx)
+        .chain(&dgamma)
+        .chain(&dbeta)
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 /// The outputs of a 3x3 conv of `channels` channels into `outputs` and a 2x2 max pool, forward
