@@ -21,6 +21,17 @@ pub enum Mode {
 /// A max pooling window `[KH, KW]` and its stride `[vertical, horizontal]`.
 pub type PoolWindow = ([usize; 2], [usize; 2]);
 
+/// Layers that follow a layer and that it may compute as part of its own passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fusion {
+    /// None: the layer runs alone.
+    Alone,
+    /// The ReLU after it.
+    Relu,
+    /// The ReLU and the max pooling (window and stride) after it.
+    ReluMaxPool(PoolWindow),
+}
+
 /// One layer with hand-written forward and backward passes.
 ///
 /// Shapes include the batch: `[N, C, H, W]` for images, `[N, F]` for features.
@@ -72,11 +83,11 @@ pub trait Layer: Send + std::fmt::Debug {
     /// The spec that builds this layer (without its weights).
     fn spec(&self) -> LayerSpec;
 
-    /// Asks this layer to compute the ReLU and the max pooling that follow it (`pool`: the
-    /// window and stride) as part of its own passes, or with `None` to stop; returns whether it
-    /// does. Its forward pass then returns the pooled output, and its backward pass takes that
-    /// output's gradient. The results are the same bits; only the time differs.
-    fn fuse_relu_max_pool(&mut self, _pool: Option<PoolWindow>) -> bool {
+    /// Asks this layer to compute the layers that follow it as part of its own passes, or with
+    /// [`Fusion::Alone`] to stop; returns whether it does (a refusal leaves it as it was). Its
+    /// forward pass then returns the last fused layer's output, and its backward pass takes
+    /// that output's gradient. The results are the same bits; only the time differs.
+    fn fuse(&mut self, _following: Fusion) -> bool {
         false
     }
 

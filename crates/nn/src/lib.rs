@@ -38,7 +38,7 @@ mod summary;
 
 pub use error::NnError;
 pub use init::{Init, epoch_layer_rng, fans, initialize, layer_rng};
-pub use layer::{Layer, Mode, PoolWindow};
+pub use layer::{Fusion, Layer, Mode, PoolWindow};
 pub use loss::{
     EPSILON, LossOutput, Targets, accuracy, categorical_cross_entropy, correct, predictions,
     softmax_cross_entropy,

@@ -9,7 +9,7 @@ use ndarray::{Array2, Array4, ArrayD, Ix2};
 
 use crate::build::Weights;
 use crate::error::NnError;
-use crate::layer::{Layer, Mode, PoolWindow};
+use crate::layer::{Fusion, Layer, Mode, PoolWindow};
 use crate::param::Param;
 use crate::profile::LayerTimes;
 use crate::spec::{LayerSpec, ModelSpec};
@@ -83,21 +83,37 @@ impl Sequential {
         &self.layers
     }
 
-    /// With `enabled` (the default), each Conv2d followed by ReLU and MaxPool2d computes all
-    /// three in one pass, which gives the same bits faster; without, every layer runs alone.
+    /// With `enabled` (the default), a Conv2d or BatchNorm2d followed by ReLU and MaxPool2d
+    /// computes all three in one pass, and a BatchNorm followed by ReLU both, which gives the
+    /// same bits faster; without, every layer runs alone.
     pub fn fuse_layers(&mut self, enabled: bool) {
         self.steps.clear();
         let mut first = 0;
         // A final Softmax is not run: its work belongs to the loss (see `forward`).
         let end = self.layers.len() - usize::from(self.ends_in_softmax());
         while first < end {
-            let pool = if enabled {
-                relu_then_max_pool(self.layers.get(first + 1..first + 3))
-            } else {
-                None
+            let following = &self.layers[first + 1..end];
+            let candidates = [
+                relu_then_max_pool(following.get(..2)).map(Fusion::ReluMaxPool),
+                following
+                    .first()
+                    .filter(|layer| layer.spec() == LayerSpec::ReLU)
+                    .map(|_| Fusion::Relu),
+            ];
+            let layer = &mut self.layers[first];
+            let fused = candidates
+                .into_iter()
+                .flatten()
+                .filter(|_| enabled)
+                .find(|&fusion| layer.fuse(fusion));
+            let len = match fused {
+                Some(Fusion::ReluMaxPool(_)) => 3,
+                Some(Fusion::Relu) => 2,
+                Some(Fusion::Alone) | None => {
+                    layer.fuse(Fusion::Alone);
+                    1
+                }
             };
-            let fused = self.layers[first].fuse_relu_max_pool(pool) && pool.is_some();
-            let len = if fused { 3 } else { 1 };
             self.steps.push(first..first + len);
             first += len;
         }

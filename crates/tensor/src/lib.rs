@@ -28,7 +28,11 @@ pub use activation::{
     leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid, sigmoid_backward, tanh,
     tanh_backward,
 };
-pub use batch_norm::{batch_norm_backward, batch_norm_forward, channel_mean_var, scale_channels};
+pub use batch_norm::{
+    ChannelNormalization, batch_norm_backward, batch_norm_forward,
+    batch_norm_relu_max_pool_backward, batch_norm_relu_max_pool_forward, channel_mean_var,
+    scale_channels,
+};
 pub use bias::{add_channel_bias, add_row_bias, channel_bias_grad, row_bias_grad};
 pub use conv::{
     Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, ConvAlgorithm, NO_GRADIENT, Padding, col2im,

@@ -1,11 +1,13 @@
 //! Batch normalization over the channels of `[N, C, H, W]` (2d) or the features of `[N, F]`
 //! (1d), as PyTorch defines it: batch statistics in training (biased variance to normalize,
-//! unbiased to update the running variance), running statistics in evaluation.
+//! unbiased to update the running variance), running statistics in evaluation. It computes the
+//! ReLU after it, or the ReLU and max pooling, in the same pass when the model fuses them.
 
-use ndarray::{Array1, Array3, ArrayD, Ix1, Zip};
+use ndarray::{Array1, Array3, Array4, ArrayD, ArrayView3, ArrayView4, Ix1, Zip};
+use tensor::{ChannelNormalization, Pool2dDims};
 
 use crate::error::NnError;
-use crate::layer::{Layer, Mode};
+use crate::layer::{Fusion, Layer, Mode};
 use crate::param::{Param, fixed, fixed_mut};
 use crate::spec::LayerSpec;
 
@@ -23,22 +25,53 @@ pub struct BatchNorm {
     running_mean: ArrayD<f32>,
     running_var: ArrayD<f32>,
     num_batches_tracked: ArrayD<f32>,
-    /// From the last training pass: its input as `[N, C, S]`, the batch's statistics and the
-    /// input's shape.
+    /// The layers after this one that it computes.
+    fusion: Fusion,
+    /// From the last training pass, what its backward pass needs.
     cache: Option<TrainingCache>,
+    /// Where each pooled maximum came from, in the last fused training pass with pooling.
+    argmax: Array4<u32>,
 }
 
 /// What a training pass keeps for its backward pass.
 #[derive(Debug)]
 struct TrainingCache {
-    /// The input, `[N, C, S]`.
-    input: Array3<f32>,
+    /// The input, in standard layout.
+    input: ArrayD<f32>,
     /// The batch's mean per channel.
     mean: Array1<f32>,
     /// 1 / sqrt(var + eps) per channel.
     inv_std: Array1<f32>,
-    /// The input's shape as the layer received it.
-    shape: Vec<usize>,
+    /// The fusion the pass ran with, and its pooling.
+    fusion: Fusion,
+    pool: Option<Pool2dDims>,
+}
+
+impl TrainingCache {
+    /// The input as `[N, C, S]`.
+    fn ncs(&self) -> Result<ArrayView3<'_, f32>, NnError> {
+        ncs_view(self.input.view())
+    }
+}
+
+/// A standard-layout `[N, C, ...]` array as `[N, C, S]`, S the product of the rest (1 if none).
+fn ncs_view(x: ndarray::ArrayViewD<'_, f32>) -> Result<ArrayView3<'_, f32>, NnError> {
+    let shape = x.shape();
+    let (n, c) = (shape[0], shape[1]);
+    let s = shape[2..].iter().product::<usize>();
+    x.into_shape_with_order((n, c, s))
+        .map_err(|e| NnError::Input {
+            kind: "BatchNorm",
+            detail: format!("cannot view the input as [N, C, S]: {e}"),
+        })
+}
+
+/// A standard-layout array as `[N, C, H, W]`.
+fn nchw_view(x: ndarray::ArrayViewD<'_, f32>) -> Result<ArrayView4<'_, f32>, NnError> {
+    x.into_dimensionality().map_err(|e| NnError::Input {
+        kind: "BatchNorm",
+        detail: format!("pooling needs [N, C, H, W] input: {e}"),
+    })
 }
 
 /// The hyper-parameters of a [`BatchNorm`] layer.
@@ -83,28 +116,101 @@ impl BatchNormConfig {
             running_mean: ArrayD::zeros(vec![features]),
             running_var: ArrayD::ones(vec![features]),
             num_batches_tracked: ArrayD::zeros(vec![]),
+            fusion: Fusion::Alone,
             cache: None,
+            argmax: Array4::zeros((0, 0, 0, 0)),
         })
     }
 }
 
 impl BatchNorm {
-    /// The input as `[N, C, S]` with S the pixels per channel (1 for features).
-    fn as_ncs(&self, x: ArrayD<f32>) -> Result<Array3<f32>, NnError> {
-        let shape = x.shape().to_vec();
-        self.output_shape(&shape).map_err(|detail| NnError::Input {
-            kind: self.kind(),
-            detail,
-        })?;
-        let s = shape[2..].iter().product::<usize>();
-        let x = if x.is_standard_layout() {
+    /// Checks an input's shape, and gives it in standard layout.
+    fn checked(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>, NnError> {
+        self.output_shape(x.shape())
+            .map_err(|detail| NnError::Input {
+                kind: self.kind(),
+                detail,
+            })?;
+        Ok(if x.is_standard_layout() {
             x
         } else {
             x.as_standard_layout().into_owned()
-        };
-        Ok(x.into_shape_with_order((shape[0], shape[1], s))
-            .unwrap_or_else(|e| unreachable!("standard layout, same count: {e}")))
+        })
     }
+
+    /// The pooling a fused forward pass of input `shape` runs, if any.
+    fn pool_dims(&self, shape: &[usize]) -> Result<Option<Pool2dDims>, NnError> {
+        let Fusion::ReluMaxPool((kernel, stride)) = self.fusion else {
+            return Ok(None);
+        };
+        let &[n, c, h, w] = shape else {
+            return Err(NnError::Input {
+                kind: self.kind(),
+                detail: format!("pooling needs [N, C, H, W] input, got {shape:?}"),
+            });
+        };
+        Pool2dDims::new([n, c, h, w], kernel, stride)
+            .map(Some)
+            .map_err(|e| NnError::Input {
+                kind: self.kind(),
+                detail: format!("the fused max pooling: {e}"),
+            })
+    }
+
+    /// Evaluation: the running statistics folded into one scale and shift per channel,
+    /// `y = gamma * (x - mean) / sqrt(var + eps) + beta = scale * x + shift`.
+    fn eval_forward(&mut self, x: ArrayD<f32>) -> Result<ArrayD<f32>, NnError> {
+        let gamma = fixed::<Ix1>(&self.weight.value, "BatchNorm weight")?;
+        let beta = fixed::<Ix1>(&self.bias.value, "BatchNorm bias")?;
+        let mean = fixed::<Ix1>(&self.running_mean, "running_mean")?;
+        let var = fixed::<Ix1>(&self.running_var, "running_var")?;
+        let scale = Zip::from(&gamma)
+            .and(&var)
+            .map_collect(|&g, &v| g / (v + self.eps).sqrt());
+        let shift = Zip::from(&beta)
+            .and(&scale)
+            .and(&mean)
+            .map_collect(|&b, &a, &m| b - a * m);
+        self.cache = None;
+        if let Some(pool) = self.pool_dims(x.shape())? {
+            // scale * ((x - 0) * 1) + shift: the same bits as `scale_channels`.
+            let (zeros, ones) = (Array1::zeros(self.features), Array1::ones(self.features));
+            let normalization = ChannelNormalization {
+                mean: zeros.view(),
+                inv_std: ones.view(),
+                gamma: scale.view(),
+                beta: shift.view(),
+            };
+            let mut y = Array4::zeros(pool.output_shape());
+            tensor::batch_norm_relu_max_pool_forward(
+                nchw_view(x.view())?,
+                &pool,
+                normalization,
+                y.view_mut(),
+                None,
+            )?;
+            return Ok(y.into_dyn());
+        }
+        let shape = x.shape().to_vec();
+        let mut x = into_ncs(x)?;
+        tensor::scale_channels(x.view_mut(), scale.view(), shift.view())?;
+        if self.fusion == Fusion::Relu {
+            tensor::relu(x.view_mut());
+        }
+        Ok(into_shape(x, shape))
+    }
+}
+
+/// A standard-layout `[N, C, ...]` array as an owned `[N, C, S]` one.
+fn into_ncs(x: ArrayD<f32>) -> Result<Array3<f32>, NnError> {
+    let shape = x.shape();
+    let (n, c) = (shape[0], shape[1]);
+    let s = shape[2..].iter().product::<usize>();
+    x.into_shape_with_order((n, c, s))
+        .map_err(|e| NnError::Input {
+            kind: "BatchNorm",
+            detail: format!("cannot view the input as [N, C, S]: {e}"),
+        })
 }
 
 /// `[N, C, S]` values back in the layer's shape (the same count, in standard layout).
@@ -138,27 +244,15 @@ impl Layer for BatchNorm {
     }
 
     fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>, NnError> {
-        let shape = x.shape().to_vec();
-        let mut x = self.as_ncs(x)?;
-        let (n, _, s) = x.dim();
-        let count = n * s;
-        let gamma = fixed::<Ix1>(&self.weight.value, "BatchNorm weight")?;
-        let beta = fixed::<Ix1>(&self.bias.value, "BatchNorm bias")?;
+        let x = self.checked(x)?;
         if mode == Mode::Eval {
-            // y = gamma * (x - mean) / sqrt(var + eps) + beta, as one scale and shift.
-            let mean = fixed::<Ix1>(&self.running_mean, "running_mean")?;
-            let var = fixed::<Ix1>(&self.running_var, "running_var")?;
-            let scale = Zip::from(&gamma)
-                .and(&var)
-                .map_collect(|&g, &v| g / (v + self.eps).sqrt());
-            let shift = Zip::from(&beta)
-                .and(&scale)
-                .and(&mean)
-                .map_collect(|&b, &a, &m| b - a * m);
-            tensor::scale_channels(x.view_mut(), scale.view(), shift.view())?;
-            self.cache = None;
-            return Ok(into_shape(x, shape));
+            return self.eval_forward(x);
         }
+        let shape = x.shape().to_vec();
+        let pool = self.pool_dims(&shape)?;
+        let ncs = ncs_view(x.view())?;
+        let (n, _, s) = ncs.dim();
+        let count = n * s;
         if count < 2 {
             return Err(NnError::Input {
                 kind: self.kind(),
@@ -167,7 +261,7 @@ impl Layer for BatchNorm {
                 ),
             });
         }
-        let (mean, var) = tensor::channel_mean_var(x.view())?;
+        let (mean, var) = tensor::channel_mean_var(ncs)?;
         let unbiased = count as f64 / (count - 1) as f64;
         let m = f64::from(self.momentum);
         let mut running_mean = fixed_mut::<Ix1>(&mut self.running_mean, "running_mean")?;
@@ -181,26 +275,49 @@ impl Layer for BatchNorm {
         self.num_batches_tracked.map_inplace(|t| *t += 1.0);
         let mean = Array1::from_iter(mean.iter().map(|&v| v as f32));
         let inv_std = Array1::from_iter(var.iter().map(|&v| 1.0 / (v as f32 + self.eps).sqrt()));
-        // The previous batch's input is free once this one starts: its buffer takes the output.
-        let mut y = match self.cache.take() {
-            Some(kept) if kept.input.dim() == x.dim() => kept.input,
-            _ => Array3::zeros(x.dim()),
-        };
-        tensor::batch_norm_forward(
-            x.view(),
-            y.view_mut(),
-            mean.view(),
-            inv_std.view(),
+        let gamma = fixed::<Ix1>(&self.weight.value, "BatchNorm weight")?;
+        let beta = fixed::<Ix1>(&self.bias.value, "BatchNorm bias")?;
+        let normalization = ChannelNormalization {
+            mean: mean.view(),
+            inv_std: inv_std.view(),
             gamma,
             beta,
-        )?;
+        };
+        let y = match pool {
+            Some(pool) => {
+                if self.argmax.shape() != pool.output_shape() {
+                    self.argmax = Array4::zeros(pool.output_shape());
+                }
+                let mut y = Array4::zeros(pool.output_shape());
+                tensor::batch_norm_relu_max_pool_forward(
+                    nchw_view(x.view())?,
+                    &pool,
+                    normalization,
+                    y.view_mut(),
+                    Some(self.argmax.view_mut()),
+                )?;
+                y.into_dyn()
+            }
+            None => {
+                // The previous batch's input is free once this one starts: its buffer takes
+                // the output.
+                let mut y = match self.cache.take() {
+                    Some(kept) if kept.input.shape() == shape.as_slice() => into_ncs(kept.input)?,
+                    _ => Array3::zeros(ncs.dim()),
+                };
+                let relu = self.fusion == Fusion::Relu;
+                tensor::batch_norm_forward(ncs, y.view_mut(), normalization, relu)?;
+                into_shape(y, shape)
+            }
+        };
         self.cache = Some(TrainingCache {
             input: x,
             mean,
             inv_std,
-            shape: shape.clone(),
+            fusion: self.fusion,
+            pool,
         });
-        Ok(into_shape(y, shape))
+        Ok(y)
     }
 
     fn backward(
@@ -209,32 +326,72 @@ impl Layer for BatchNorm {
         input_grad: bool,
     ) -> Result<Option<ArrayD<f32>>, NnError> {
         let kind = self.kind();
-        let mut dy = self.as_ncs(dy)?;
         let cache = self.cache.as_ref().ok_or(NnError::NoForwardCache(kind))?;
-        let shape = &cache.shape;
-        if dy.dim() != cache.input.dim() {
-            return Err(NnError::Input {
-                kind,
-                detail: format!(
-                    "gradient of shape {:?} for an output of shape {shape:?}",
-                    dy.shape()
-                ),
-            });
+        let (gamma, dgamma) = self.weight.value_and_grad_to_add();
+        let (beta, dbeta) = self.bias.value_and_grad_to_add();
+        let normalization = ChannelNormalization {
+            mean: cache.mean.view(),
+            inv_std: cache.inv_std.view(),
+            gamma: fixed::<Ix1>(gamma, "BatchNorm weight")?,
+            beta: fixed::<Ix1>(beta, "BatchNorm bias")?,
+        };
+        let dgamma = fixed_mut::<Ix1>(dgamma, "BatchNorm weight")?;
+        let dbeta = fixed_mut::<Ix1>(dbeta, "BatchNorm bias")?;
+        let wrong_gradient = |dy: &ArrayD<f32>| NnError::Input {
+            kind,
+            detail: format!(
+                "gradient of shape {:?} for an input of shape {:?}",
+                dy.shape(),
+                cache.input.shape()
+            ),
+        };
+        if let Some(pool) = &cache.pool {
+            if dy.shape() != pool.output_shape() {
+                return Err(wrong_gradient(&dy));
+            }
+            let dy = dy.as_standard_layout();
+            let mut dx = input_grad.then(|| Array4::zeros(pool.input_shape()));
+            tensor::batch_norm_relu_max_pool_backward(
+                nchw_view(dy.view())?,
+                self.argmax.view(),
+                pool,
+                nchw_view(cache.input.view())?,
+                normalization,
+                dgamma,
+                dbeta,
+                dx.as_mut().map(|dx| dx.view_mut()),
+            )?;
+            return Ok(dx.map(Array4::into_dyn));
         }
-        let gamma = fixed::<Ix1>(&self.weight.value, "BatchNorm weight")?.to_owned();
-        let dgamma = fixed_mut::<Ix1>(self.weight.grad_to_add(), "BatchNorm weight")?;
-        let dbeta = fixed_mut::<Ix1>(self.bias.grad_to_add(), "BatchNorm bias")?;
+        if dy.shape() != cache.input.shape() {
+            return Err(wrong_gradient(&dy));
+        }
+        let shape = dy.shape().to_vec();
+        let mut dy = into_ncs(if dy.is_standard_layout() {
+            dy
+        } else {
+            dy.as_standard_layout().into_owned()
+        })?;
         tensor::batch_norm_backward(
             dy.view_mut(),
-            cache.input.view(),
-            cache.mean.view(),
-            cache.inv_std.view(),
-            gamma.view(),
+            cache.ncs()?,
+            normalization,
+            cache.fusion == Fusion::Relu,
             dgamma,
             dbeta,
             input_grad,
         )?;
-        Ok(input_grad.then(|| into_shape(dy, shape.clone())))
+        Ok(input_grad.then(|| into_shape(dy, shape)))
+    }
+
+    fn fuse(&mut self, following: Fusion) -> bool {
+        // Pooling needs images; BatchNorm1d fuses a ReLU only.
+        if matches!(following, Fusion::ReluMaxPool(_)) && self.rank != 4 {
+            return false;
+        }
+        self.fusion = following;
+        self.cache = None;
+        following != Fusion::Alone
     }
 
     fn params(&self) -> Vec<(&'static str, &Param)> {

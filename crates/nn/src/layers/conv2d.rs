@@ -5,7 +5,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::NnError;
 use crate::init::{Init, fans, initialize};
-use crate::layer::{Layer, Mode, PoolWindow};
+use crate::layer::{Fusion, Layer, Mode, PoolWindow};
 use crate::layers::expect_dim;
 use crate::param::{Param, fixed, fixed_mut, weight_and_bias, weight_and_bias_mut};
 use crate::spec::{LayerSpec, PaddingSpec};
@@ -282,10 +282,15 @@ impl Layer for Conv2d {
         Ok(dx.map(Array4::into_dyn))
     }
 
-    fn fuse_relu_max_pool(&mut self, pool: Option<PoolWindow>) -> bool {
-        self.fused_pool = pool;
+    fn fuse(&mut self, following: Fusion) -> bool {
+        self.fused_pool = match following {
+            Fusion::Alone => None,
+            Fusion::ReluMaxPool(pool) => Some(pool),
+            // A ReLU alone is cheap next to a convolution: not worth a third path.
+            Fusion::Relu => return false,
+        };
         self.forward_dims = None;
-        true
+        self.fused_pool.is_some()
     }
 
     fn params(&self) -> Vec<(&'static str, &Param)> {

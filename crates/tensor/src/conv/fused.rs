@@ -161,7 +161,7 @@ fn largest_plus_one_body<S: Simd, const LANES: usize>(_simd: S, values: &[u32], 
 
 /// Writes into the plane `out` each pooling window's gradient `dy` at its `argmax` (a pixel of
 /// `out`, or [`NO_GRADIENT`]), zero elsewhere.
-pub(super) fn unpool_plane(dy: &[f32], argmax: &[u32], out: &mut [f32]) {
+pub(crate) fn unpool_plane(dy: &[f32], argmax: &[u32], out: &mut [f32]) {
     out.fill(0.0);
     for (&g, &at) in dy.iter().zip(argmax) {
         // Without a branch, which would be mispredicted on about half of the windows: a

@@ -42,6 +42,7 @@ mod unfold;
 pub use algorithm::ConvAlgorithm;
 pub use buffers::{Conv2dBuffers, images_per_chunk};
 pub use dims::{Conv2dDims, Padding};
+pub(crate) use fused::unpool_plane;
 pub use fused::{NO_GRADIENT, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward};
 pub use unfold::{col2im, im2col};
 

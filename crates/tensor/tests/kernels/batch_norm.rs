@@ -1,8 +1,12 @@
 //! Batch normalization's kernels against its formulas in f64.
 
-use ndarray::{Array1, Array3};
+use ndarray::{Array1, Array3, Array4};
 use proptest::prelude::*;
-use tensor::{batch_norm_backward, batch_norm_forward, channel_mean_var, scale_channels};
+use tensor::{
+    ChannelNormalization, Pool2dDims, batch_norm_backward, batch_norm_forward,
+    batch_norm_relu_max_pool_backward, batch_norm_relu_max_pool_forward, channel_mean_var,
+    max_pool2d_backward, max_pool2d_forward, relu, relu_backward, scale_channels,
+};
 
 use crate::reference::Values;
 
@@ -56,15 +60,17 @@ proptest! {
 
         let mean32 = Array1::from_iter(ref_mean.iter().map(|&m| m as f32));
         let inv_std = Array1::from_iter(ref_var.iter().map(|&v| (1.0 / (v + eps).sqrt()) as f32));
+        let normalization = ChannelNormalization {
+            mean: mean32.view(), inv_std: inv_std.view(), gamma: gamma.view(), beta: beta.view(),
+        };
         let mut y = Array3::from_elem((n, c, s), f32::NAN);
-        batch_norm_forward(x.view(), y.view_mut(), mean32.view(), inv_std.view(), gamma.view(), beta.view()).unwrap();
+        batch_norm_forward(x.view(), y.view_mut(), normalization, false).unwrap();
 
         let mut dx = dy.clone();
         let mut dgamma = Array1::from_elem(c, 0.5f32);
         let mut dbeta = Array1::from_elem(c, -0.5f32);
         batch_norm_backward(
-            dx.view_mut(), x.view(), mean32.view(), inv_std.view(), gamma.view(),
-            dgamma.view_mut(), dbeta.view_mut(), true,
+            dx.view_mut(), x.view(), normalization, false, dgamma.view_mut(), dbeta.view_mut(), true,
         ).unwrap();
 
         let count = (n * s) as f64;
@@ -115,8 +121,7 @@ proptest! {
         let mut kept = dy.clone();
         let (mut dgamma2, mut dbeta2) = (Array1::from_elem(c, 0.5f32), Array1::from_elem(c, -0.5f32));
         batch_norm_backward(
-            kept.view_mut(), x.view(), mean32.view(), inv_std.view(), gamma.view(),
-            dgamma2.view_mut(), dbeta2.view_mut(), false,
+            kept.view_mut(), x.view(), normalization, false, dgamma2.view_mut(), dbeta2.view_mut(), false,
         ).unwrap();
         prop_assert_eq!(&kept, &dy);
         prop_assert_eq!(&dgamma2, &dgamma);
@@ -130,29 +135,101 @@ fn batch_norm_refuses_mismatched_operands() {
     let mut y = Array3::<f32>::zeros((2, 3, 5));
     let three = Array1::<f32>::ones(3);
     let two = Array1::<f32>::ones(2);
-    let error = batch_norm_forward(
-        x.view(),
-        y.view_mut(),
-        three.view(),
-        three.view(),
-        three.view(),
-        three.view(),
-    )
-    .unwrap_err()
-    .to_string();
+    let fits = ChannelNormalization {
+        mean: three.view(),
+        inv_std: three.view(),
+        gamma: three.view(),
+        beta: three.view(),
+    };
+    let error = batch_norm_forward(x.view(), y.view_mut(), fits, false)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("output"), "{error}");
     let mut y = Array3::<f32>::zeros((2, 3, 4));
-    let error = batch_norm_forward(
-        x.view(),
-        y.view_mut(),
-        three.view(),
-        two.view(),
-        three.view(),
-        three.view(),
-    )
-    .unwrap_err()
-    .to_string();
+    let short = ChannelNormalization {
+        inv_std: two.view(),
+        ..fits
+    };
+    let error = batch_norm_forward(x.view(), y.view_mut(), short, false)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("inv_std"), "{error}");
     let transposed = x.view().reversed_axes();
     assert!(channel_mean_var(transposed).is_err());
+}
+
+proptest! {
+    /// The fused passes give the bits of the layers run one by one: BatchNorm (with its ReLU,
+    /// or then ReLU) and max pooling, forward and backward.
+    #[test]
+    fn fused_relu_and_pooling_give_the_bits_of_the_separate_kernels(
+        n in 1usize..4, c in 1usize..5, h in 2usize..12, w in 2usize..12,
+        kernel in 1usize..4, stride in 1usize..4, seed in any::<u64>(),
+    ) {
+        prop_assume!(kernel <= h && kernel <= w);
+        let mut values = Values::new(seed);
+        let x = Array4::from_shape_simple_fn((n, c, h, w), || values.next());
+        let (gamma, beta) = (values.array1(c), values.array1(c));
+        let mean = values.array1(c).mapv(|v| v * 0.1);
+        let inv_std = values.array1(c).mapv(|v| 1.0 + v.abs());
+        let normalization = ChannelNormalization {
+            mean: mean.view(), inv_std: inv_std.view(), gamma: gamma.view(), beta: beta.view(),
+        };
+        let x3 = x.view().into_shape_with_order((n, c, h * w)).unwrap();
+        let bits = |a: &[f32]| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+
+        // Separate: normalize, ReLU, pool.
+        let mut z = Array3::zeros((n, c, h * w));
+        batch_norm_forward(x3, z.view_mut(), normalization, false).unwrap();
+        let mut activated = z.clone();
+        relu(activated.view_mut());
+        let mut fused_relu = Array3::zeros((n, c, h * w));
+        batch_norm_forward(x3, fused_relu.view_mut(), normalization, true).unwrap();
+        prop_assert_eq!(bits(activated.as_slice().unwrap()), bits(fused_relu.as_slice().unwrap()));
+
+        let pool = Pool2dDims::new([n, c, h, w], [kernel, kernel], [stride, stride]).unwrap();
+        let activated4 = activated.clone().into_shape_with_order((n, c, h, w)).unwrap();
+        let mut pooled = Array4::zeros(pool.output_shape());
+        let mut argmax = Array4::zeros(pool.output_shape());
+        max_pool2d_forward(&pool, activated4.view(), pooled.view_mut(), argmax.view_mut()).unwrap();
+        let mut fused = Array4::from_elem(pool.output_shape(), f32::NAN);
+        let mut fused_argmax = Array4::zeros(pool.output_shape());
+        batch_norm_relu_max_pool_forward(x.view(), &pool, normalization, fused.view_mut(), Some(fused_argmax.view_mut())).unwrap();
+        prop_assert_eq!(bits(pooled.as_slice().unwrap()), bits(fused.as_slice().unwrap()));
+        let mut inference = Array4::from_elem(pool.output_shape(), f32::NAN);
+        batch_norm_relu_max_pool_forward(x.view(), &pool, normalization, inference.view_mut(), None).unwrap();
+        prop_assert_eq!(bits(pooled.as_slice().unwrap()), bits(inference.as_slice().unwrap()));
+
+        // Backward, separate: unpool, ReLU, BatchNorm.
+        let dy = Array4::from_shape_simple_fn(pool.output_shape(), || values.next());
+        let mut d_activated = Array4::zeros((n, c, h, w));
+        max_pool2d_backward(&pool, dy.view(), argmax.view(), d_activated.view_mut()).unwrap();
+        relu_backward(activated4.view(), d_activated.view_mut()).unwrap();
+        let mut dx = d_activated.into_shape_with_order((n, c, h * w)).unwrap();
+        let (mut dgamma, mut dbeta) = (Array1::zeros(c), Array1::zeros(c));
+        batch_norm_backward(dx.view_mut(), x3, normalization, false, dgamma.view_mut(), dbeta.view_mut(), true).unwrap();
+
+        let mut fused_dx = Array4::from_elem((n, c, h, w), f32::NAN);
+        let (mut fused_dgamma, mut fused_dbeta) = (Array1::zeros(c), Array1::zeros(c));
+        batch_norm_relu_max_pool_backward(
+            dy.view(), fused_argmax.view(), &pool, x.view(), normalization,
+            fused_dgamma.view_mut(), fused_dbeta.view_mut(), Some(fused_dx.view_mut()),
+        ).unwrap();
+        prop_assert_eq!(bits(dx.as_slice().unwrap()), bits(fused_dx.as_slice().unwrap()));
+        prop_assert_eq!(bits(dgamma.as_slice().unwrap()), bits(fused_dgamma.as_slice().unwrap()));
+        prop_assert_eq!(bits(dbeta.as_slice().unwrap()), bits(fused_dbeta.as_slice().unwrap()));
+
+        // BatchNorm with its ReLU, backward, against BatchNorm then the ReLU's backward.
+        let dz = Array3::from_shape_simple_fn((n, c, h * w), || values.next());
+        let mut separate = dz.clone();
+        relu_backward(activated.view(), separate.view_mut()).unwrap();
+        let (mut g1, mut b1) = (Array1::zeros(c), Array1::zeros(c));
+        batch_norm_backward(separate.view_mut(), x3, normalization, false, g1.view_mut(), b1.view_mut(), true).unwrap();
+        let mut together = dz.clone();
+        let (mut g2, mut b2) = (Array1::zeros(c), Array1::zeros(c));
+        batch_norm_backward(together.view_mut(), x3, normalization, true, g2.view_mut(), b2.view_mut(), true).unwrap();
+        prop_assert_eq!(bits(separate.as_slice().unwrap()), bits(together.as_slice().unwrap()));
+        prop_assert_eq!(bits(g1.as_slice().unwrap()), bits(g2.as_slice().unwrap()));
+        prop_assert_eq!(bits(b1.as_slice().unwrap()), bits(b2.as_slice().unwrap()));
+    }
 }

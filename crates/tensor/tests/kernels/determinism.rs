@@ -2,9 +2,9 @@
 
 use ndarray::{Array1, Array2, Array3, Array4};
 use tensor::{
-    Conv2dBuffers, Conv2dDims, Conv2dGrads, Padding, Pool2dDims, batch_norm_backward,
-    batch_norm_forward, channel_mean_var, conv2d_backward, conv2d_forward, gemm_parallel,
-    max_pool2d_backward, max_pool2d_forward,
+    ChannelNormalization, Conv2dBuffers, Conv2dDims, Conv2dGrads, Padding, Pool2dDims,
+    batch_norm_backward, batch_norm_forward, channel_mean_var, conv2d_backward, conv2d_forward,
+    gemm_parallel, max_pool2d_backward, max_pool2d_forward,
 };
 
 use crate::reference::Values;
@@ -35,23 +35,20 @@ fn batch_norm(values: &mut Values) -> Vec<u32> {
     let (mean, var) = channel_mean_var(x.view()).unwrap();
     let mean = Array1::from_iter(mean.iter().map(|&m| m as f32));
     let inv_std = Array1::from_iter(var.iter().map(|&v| 1.0 / (v as f32 + 1e-5).sqrt()));
+    let normalization = ChannelNormalization {
+        mean: mean.view(),
+        inv_std: inv_std.view(),
+        gamma: gamma.view(),
+        beta: beta.view(),
+    };
     let mut y = Array3::zeros(shape);
-    batch_norm_forward(
-        x.view(),
-        y.view_mut(),
-        mean.view(),
-        inv_std.view(),
-        gamma.view(),
-        beta.view(),
-    )
-    .unwrap();
+    batch_norm_forward(x.view(), y.view_mut(), normalization, true).unwrap();
     let (mut dgamma, mut dbeta) = (Array1::zeros(8), Array1::zeros(8));
     batch_norm_backward(
         dx.view_mut(),
         x.view(),
-        mean.view(),
-        inv_std.view(),
-        gamma.view(),
+        normalization,
+        true,
         dgamma.view_mut(),
         dbeta.view_mut(),
         true,
