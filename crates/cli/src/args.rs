@@ -114,7 +114,8 @@ pub struct BenchArgs {
 /// Which architecture: a preset or a spec file.
 #[derive(Args, Clone)]
 pub struct ModelChoice {
-    /// A preset: two-conv, one-conv, one-conv-dropout, lenet5 [default: two-conv].
+    /// A preset: two-conv, one-conv, one-conv-dropout, lenet5, bn-cnn, fast-cnn [default:
+    /// two-conv].
     #[arg(long, value_name = "PRESET", conflicts_with = "arch")]
     pub model: Option<String>,
     /// An architecture spec in JSON (see docs/model-format.md).
@@ -144,11 +145,15 @@ pub enum OptimizerName {
     Adagrad,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 // Let "--lr -1" reach the value check ("must be a positive number") instead of reading "-1" as
 // an unknown flag.
 #[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
+    /// A recipe: its model and settings for every flag not given (fast: 99% in two short
+    /// epochs; best: the best single model in 15 minutes; see the README).
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(cli::RECIPES), conflicts_with = "resume")]
+    pub recipe: Option<String>,
     #[command(flatten)]
     pub model: ModelChoice,
     /// Passes over the training set.

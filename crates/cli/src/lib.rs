@@ -12,6 +12,7 @@ mod evaluate;
 mod fit;
 mod history;
 mod plots;
+mod recipe;
 mod run_dir;
 mod tensorboard;
 mod training;
@@ -32,6 +33,7 @@ pub use mnist_data::{
     MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, decode_digit, load_digit, to_mnist_form,
 };
 pub use plots::{confusion_heatmap, history_plots, mistakes_grid};
+pub use recipe::{RECIPES, Recipe, recipe};
 pub use run_dir::{RunDir, safe_file_name, utc_timestamp};
 pub use tensorboard::{TensorBoard, crc32c, masked_crc32c};
 pub use training::{

@@ -16,6 +16,7 @@ use crate::{all_cores, load_dataset, on_a_worker, resolve_spec, start_threads};
 /// Runs `mnist train`; `given` holds the ids of the flags given on the command line or through
 /// the environment (a resume compares those with the run's own settings).
 pub fn train(args: &TrainArgs, given: &HashSet<String>) -> Result<()> {
+    let args = &with_recipe(args, given)?;
     let (config, run_dir, resuming) = match &args.resume {
         Some(dir) => (resumed_config(dir, args, given)?, Some(dir.clone()), true),
         None => {
@@ -49,6 +50,44 @@ pub fn train(args: &TrainArgs, given: &HashSet<String>) -> Result<()> {
         println!("{}", outcome.summary);
     }
     Ok(())
+}
+
+/// `args` with its recipe's settings in place of every flag not given.
+fn with_recipe(args: &TrainArgs, given: &HashSet<String>) -> Result<TrainArgs> {
+    let mut args = args.clone();
+    let Some(name) = &args.recipe else {
+        return Ok(args);
+    };
+    let recipe = cli::recipe(name).with_context(|| format!("no recipe {name:?}"))?;
+    let not_given = |id: &str| !given.contains(id);
+    if not_given("model") && not_given("arch") {
+        args.model.model = Some(recipe.model.to_string());
+    }
+    if not_given("epochs") {
+        args.epochs = recipe.epochs;
+    }
+    if not_given("batch_size") {
+        args.batch_size = recipe.batch_size;
+    }
+    if not_given("optimizer") {
+        args.optimizer = OptimizerName::Adam;
+    }
+    if not_given("lr") {
+        args.lr = Some(recipe.learning_rate);
+    }
+    if not_given("schedule") {
+        args.schedule = recipe.schedule;
+    }
+    if not_given("label_smoothing") {
+        args.label_smoothing = recipe.label_smoothing;
+    }
+    if not_given("val_split") {
+        args.val_split = 0.0;
+    }
+    if not_given("augment") {
+        args.augment = recipe.augment;
+    }
+    Ok(args)
 }
 
 /// The run configuration the command-line arguments describe, paths made absolute so that a

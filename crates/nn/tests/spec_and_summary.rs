@@ -15,13 +15,20 @@ fn presets_have_the_tutorials_parameter_counts() {
         ("one-conv-dropout", 693_962),
         ("lenet5", 61_706),
         ("bn-cnn", 872_426),
+        // Counted by hand: 144 + 64 + 4,608 + 128 + 8,010 (BatchNorm: 2 trainable, 2 running
+        // per channel).
+        ("fast-cnn", 12_954),
     ];
     for (name, count) in expected {
         let model = Sequential::new(preset(name).unwrap(), 0).unwrap();
         let counts = model.param_counts();
         // Keras counts BatchNorm's running statistics too, as non-trainable.
         assert_eq!(counts.trainable + counts.non_trainable, count, "{name}");
-        let statistics = if name == "bn-cnn" { 896 } else { 0 };
+        let statistics = match name {
+            "bn-cnn" => 896,
+            "fast-cnn" => 96,
+            _ => 0,
+        };
         assert_eq!(counts.non_trainable, statistics, "{name}");
     }
     assert_eq!(PRESETS.len(), expected.len());

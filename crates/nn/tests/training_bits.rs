@@ -146,7 +146,7 @@ fn training_bits_are_the_recorded_ones_with_one_and_two_threads() {
 }
 
 /// (instruction set, architecture, digest).
-const RECORDED: [(&str, &str, &str); 21] = [
+const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx512",
         "two-conv",
@@ -251,5 +251,20 @@ const RECORDED: [(&str, &str, &str); 21] = [
         "baseline",
         "bn-cnn",
         "3b64ed55278c1487d6ba045ad22730ab354dfd2715348832c810c00c5d9151fa",
+    ),
+    (
+        "avx512",
+        "fast-cnn",
+        "77521368483f0308010b3190f67924e1a7f249df200fd1112d9806864c6240c2",
+    ),
+    (
+        "avx2",
+        "fast-cnn",
+        "30bbfda67462088e5c74ba242ea4dc37a451c9505603b8c2d3d854f3266f232f",
+    ),
+    (
+        "baseline",
+        "fast-cnn",
+        "5137838ad84b9088261fe707e7d08c0f5489ac66af4f576155ed0099d5e2532f",
     ),
 ];

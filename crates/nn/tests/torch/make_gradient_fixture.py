@@ -4,7 +4,7 @@ fixed batch, the outside reference of tests/torch_gradients.rs.
 Usage: python make_gradient_fixture.py OUT.safetensors
        (from this directory; needs torch, numpy and safetensors: pip install torch safetensors)
 
-For each architecture (the five presets, and `bn-small`, with BatchNorm and Dropout) the weights,
+For each architecture (the six presets, and `bn-small`, with BatchNorm and Dropout) the weights,
 biases and BatchNorm affine parameters come from `fixed_values` below (salt 10 * layer, plus 1
 for a bias), which the Rust test computes the same way to the bit, and so do the 8 input
 images (salt 1000, plus 0.5); label n is n % 10. PyTorch
@@ -61,6 +61,14 @@ SPECS = {
         )),
         {"type": "Flatten"}, {"type": "Dense", "units": 256}, {"type": "BatchNorm1d"},
         {"type": "ReLU"}, {"type": "Dropout", "rate": 0.4}, {"type": "Dense", "units": 10},
+    ],
+    # The fast recipe's network: BatchNorm + ReLU + pooling fused after each convolution.
+    "fast-cnn": [
+        *(block for filters in (16, 32) for block in (
+            dict(CONV, filters=filters, bias=False), {"type": "BatchNorm2d"}, {"type": "ReLU"},
+            POOL,
+        )),
+        {"type": "Flatten"}, {"type": "Dense", "units": 10},
     ],
     # Convolutions without bias before BatchNorm, an im2col-computed one (12 filters),
     # BatchNorm1d and Dropout before the classifier.
