@@ -1,10 +1,10 @@
-"""A training recipe of `mnist train` in PyTorch, on the same data: the architecture from the
-same spec JSON, Adam, OneCycleLR per batch (cosine, without momentum cycling, as ours),
-label smoothing, the same batch size and epochs, all 60,000 training images in shuffled
-batches. Prints one JSON line: the training seconds (data already loaded, evaluation excluded)
-and the test accuracy.
+"""A run of `mnist train` repeated in PyTorch from its run directory's config.json, on the same
+data: the same architecture, Adam, OneCycleLR per batch (cosine, without momentum cycling, as
+ours), label smoothing, batch size, epochs and seed (for torch's own generator), all 60,000
+training images in shuffled batches. Prints one JSON line: the training seconds (data already
+loaded, evaluation excluded) and the test accuracy.
 
-Usage: python recipe_torch.py DATA_DIR THREADS SPEC_JSON EPOCHS BATCH LR LABEL_SMOOTHING SEED
+Usage: python recipe_torch.py DATA_DIR THREADS CONFIG_JSON
 Run by `cargo xtask recipe --compare` with BENCH_PYTHON pointing at a Python that has torch;
 prints {"skipped": reason} when it has not.
 """
@@ -62,13 +62,17 @@ def build(spec):
 
 
 def main():
-    data_dir, threads, spec_path, epochs, batch, lr, smoothing, seed = sys.argv[1:9]
-    threads, epochs, batch, seed = int(threads), int(epochs), int(batch), int(seed)
-    lr, smoothing = float(lr), float(smoothing)
-    torch.set_num_threads(threads)
+    data_dir, threads, config_path = sys.argv[1:4]
+    with open(config_path) as f:
+        config = json.load(f)
+    schedule = config["schedule"]
+    if (config["augment"] or config["val_split"] or schedule.get("type") != "one_cycle"
+            or config["optimizer"].get("type") != "adam" or config["optimizer"].get("weight_decay")):
+        raise SystemExit("recipe_torch.py repeats Adam + one-cycle runs on all images without augmentation only")
+    spec, epochs, batch = config["model"], config["epochs"], config["batch_size"]
+    lr, smoothing, seed = config["learning_rate"], config["label_smoothing"], config["seed"]
+    torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
-    with open(spec_path) as f:
-        spec = json.load(f)
     x, y, xt = standardized(data_dir)
     from bench_common import idx
     yt = idx(f"{data_dir}/t10k-labels-idx1-ubyte.gz").astype("int64")
@@ -77,8 +81,10 @@ def main():
     model = build(spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((len(x) + batch - 1) // batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
-                                                   anneal_strategy="cos", cycle_momentum=False)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, anneal_strategy="cos", cycle_momentum=False,
+        pct_start=schedule["pct_start"], div_factor=schedule["div_factor"],
+        final_div_factor=schedule["final_div_factor"])
     loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
     start = time.perf_counter()
     model.train()

@@ -42,7 +42,8 @@ pub struct BenchArgs {
     data_dir: PathBuf,
 }
 
-fn workspace() -> PathBuf {
+/// The workspace's root directory.
+pub(crate) fn workspace() -> PathBuf {
     let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
     xtask.parent().unwrap_or(xtask).to_path_buf()
 }
@@ -186,7 +187,7 @@ fn median_run(mut runs: Vec<Value>) -> Value {
 }
 
 /// Runs a command and parses the last line of its standard output as JSON.
-fn json_line(command: &mut Command) -> Result<Value> {
+pub(crate) fn json_line(command: &mut Command) -> Result<Value> {
     let out = command
         .output()
         .with_context(|| format!("cannot run {command:?}"))?;

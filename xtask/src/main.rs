@@ -4,6 +4,7 @@
 mod bench;
 mod fetch;
 mod fuzz;
+mod recipe;
 mod serve_bench;
 
 use std::process::ExitCode;
@@ -25,6 +26,9 @@ enum Command {
     /// Measure every preset's training and inference speed (release build), optionally beside
     /// PyTorch (--compare, with BENCH_PYTHON).
     Bench(bench::BenchArgs),
+    /// Train a recipe of `mnist train` from several seeds: training time and test accuracy of
+    /// each, optionally beside PyTorch (--compare, with BENCH_PYTHON).
+    Recipe(recipe::RecipeArgs),
     /// Run thousands of mutated model files, specs, images and data directories through the
     /// release binary under memory and time limits; fail on any panic, signal or bad message.
     FuzzFiles(fuzz::FuzzArgs),
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
         Command::FetchData(args) => fetch::run(args),
         Command::Bench(args) => bench::run(args),
         Command::FuzzFiles(args) => fuzz::run(args),
+        Command::Recipe(args) => recipe::run(args),
         Command::ServeBench(args) => serve_bench::run(args),
     };
     match result {

@@ -350,9 +350,10 @@ impl TrainArgs {
 
 #[derive(Args)]
 pub struct EvaluateArgs {
-    /// A model file written by `train`.
-    #[arg(long, value_name = "FILE")]
-    pub model_file: PathBuf,
+    /// A model file written by `train`; given several times, the ensemble that averages the
+    /// models' class probabilities.
+    #[arg(long, value_name = "FILE", required = true)]
+    pub model_file: Vec<PathBuf>,
     #[command(flatten)]
     pub data: DataDirArg,
     /// Print the figures as one JSON object.

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use mnist_data::{BatchOrder, Batches, LabeledImages, Normalization};
+use ndarray::{Array2, Axis};
 use nn::{Mode, Sequential, Targets, predictions, softmax_cross_entropy};
 use serde::Serialize;
 
@@ -47,39 +48,96 @@ pub fn evaluate(
     data: &LabeledImages,
     normalization: &Normalization,
 ) -> Result<Evaluation, TrainError> {
+    evaluate_ensemble(&mut [(model, normalization)], data)
+}
+
+/// Evaluates an ensemble on every example of `data`: each model's class probabilities (its
+/// inputs normalized as it was trained), averaged. One model is evaluated as [`evaluate`]
+/// does, its loss from the logits.
+pub fn evaluate_ensemble(
+    members: &mut [(&mut Sequential, &Normalization)],
+    data: &LabeledImages,
+) -> Result<Evaluation, TrainError> {
     let mut confusion: Vec<Vec<usize>> = Vec::new();
     let mut mistakes = Vec::new();
     let (mut loss_sum, mut index) = (0.0f64, 0usize);
-    for batch in Batches::new(data, 1000, BatchOrder::Sequential, normalization)? {
-        let n = batch.len();
-        let logits = model.forward(batch.images, Mode::Eval)?;
-        let k = logits.ncols();
+    let mut batches = members
+        .iter()
+        .map(|(_, normalization)| Batches::new(data, 1000, BatchOrder::Sequential, normalization))
+        .collect::<Result<Vec<_>, _>>()?;
+    'batches: loop {
+        let mut scores = Vec::with_capacity(members.len());
+        let mut labels = None;
+        for ((model, _), batches) in members.iter_mut().zip(&mut batches) {
+            let Some(batch) = batches.next() else {
+                break 'batches;
+            };
+            scores.push(model.forward(batch.images, Mode::Eval)?);
+            labels = Some(batch.labels);
+        }
+        let Some(labels) = labels else {
+            break;
+        };
+        let (n, k) = scores[0].dim();
         // Labels are bytes: a wider model is not a classifier of this data, and a confusion
         // matrix sized by its outputs alone could be gigabytes.
-        if k > MAX_CLASSES {
+        if k > MAX_CLASSES || scores.iter().any(|s| s.dim() != (n, k)) {
             return Err(TrainError::Nn(nn::NnError::Config {
                 what: "model for evaluation",
-                detail: format!("{k} outputs; labels name at most {MAX_CLASSES} classes"),
+                detail: format!(
+                    "{k} outputs, or models with different outputs; labels name at most \
+                     {MAX_CLASSES} classes"
+                ),
             }));
         }
         if confusion.is_empty() {
             confusion = vec![vec![0; k]; k];
         }
-        let out = softmax_cross_entropy(logits.view(), Targets::Classes(batch.labels.view()), 0.0)?;
-        loss_sum += f64::from(out.loss) * n as f64;
-        // softmax - target = grad * N: the predicted probability is grad * N + target.
-        for (row, (predicted, &label)) in predictions(logits.view())
+        // Each image's class probabilities and prediction; whether its loss is still to add.
+        let (probabilities, predicted, losses) = match scores.as_slice() {
+            [logits] => {
+                let out =
+                    softmax_cross_entropy(logits.view(), Targets::Classes(labels.view()), 0.0)?;
+                loss_sum += f64::from(out.loss) * n as f64;
+                // softmax - target = grad * N: the probability is grad * N + target.
+                let mut p = out.grad * n as f32;
+                for (mut row, &label) in p.rows_mut().into_iter().zip(labels.iter()) {
+                    if let Some(v) = row.get_mut(usize::from(label)) {
+                        *v += 1.0;
+                    }
+                }
+                (p, predictions(logits.view()), false)
+            }
+            many => {
+                let mut mean = Array2::<f32>::zeros((n, k));
+                let mut p = Array2::<f32>::zeros((n, k));
+                for logits in many {
+                    tensor::softmax(logits.view(), Axis(1), p.view_mut())
+                        .map_err(nn::NnError::from)?;
+                    mean += &p;
+                }
+                mean /= many.len() as f32;
+                let predicted = predictions(mean.view());
+                (mean, predicted, true)
+            }
+        };
+        for (row, ((p, &label), predicted)) in probabilities
+            .rows()
             .into_iter()
-            .zip(batch.labels.iter())
+            .zip(labels.iter())
+            .zip(predicted)
             .enumerate()
         {
             let label = usize::from(label);
+            if losses {
+                let p_label = p.get(label).copied().unwrap_or(0.0);
+                loss_sum -= f64::from(p_label.max(f32::MIN_POSITIVE)).ln();
+            }
             if let Some(cell) = confusion.get_mut(label).and_then(|r| r.get_mut(predicted)) {
                 *cell += 1;
             }
             if predicted != label {
-                let confidence = out.grad[(row, predicted)] * n as f32;
-                mistakes.push((index + row, label, predicted, confidence));
+                mistakes.push((index + row, label, predicted, p[predicted]));
             }
         }
         index += n;

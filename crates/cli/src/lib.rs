@@ -23,7 +23,7 @@ pub use bench::{
 pub use config::{AugmentConfig, ReduceLrConfig, TrainConfig};
 // Images of digits in MNIST's form live in `mnist-data`, shared with the server.
 pub use error::TrainError;
-pub use evaluate::{ClassMetrics, Evaluation, evaluate};
+pub use evaluate::{ClassMetrics, Evaluation, evaluate, evaluate_ensemble};
 pub use fit::{
     EarlyStopping, EpochRecord, FitData, FitOptions, FitOutcome, FitState, Observer, Resume,
     StepOutcome, StepTimes, fit, snapshot, training_step,

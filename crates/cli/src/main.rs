@@ -17,7 +17,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
-use cli::evaluate;
 use mnist_data::{DataError, Dataset, LoadOptions, Normalization, Split, load_dir, load_split};
 use ndarray::Array2;
 use nn::{Mode, ModelSpec, Sequential, load_model, summary};
@@ -152,18 +151,33 @@ pub(crate) fn open_model(path: &Path) -> Result<(Sequential, Normalization)> {
     cli::open_model(path).context("cannot load the model")
 }
 
+/// The most models `evaluate` averages: more is a typo, not an ensemble.
+const MAX_ENSEMBLE: usize = 32;
+
 fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
-    let (mut model, normalization) = open_model(&args.model_file)?;
-    let classes = LoadOptions::default().classes;
-    let outputs = model.spec().plan()?.classes();
-    if outputs != classes {
+    if args.model_file.len() > MAX_ENSEMBLE {
         bail!(
-            "{}: the model gives {outputs} scores per image, but the dataset has {classes} classes",
-            args.model_file.display()
+            "{} model files: an ensemble takes at most {MAX_ENSEMBLE}",
+            args.model_file.len()
         );
     }
+    let classes = LoadOptions::default().classes;
+    let mut models = Vec::with_capacity(args.model_file.len());
+    for file in &args.model_file {
+        let (model, normalization) = open_model(file)?;
+        let outputs = model.spec().plan()?.classes();
+        if outputs != classes {
+            bail!(
+                "{}: the model gives {outputs} scores per image, but the dataset has {classes} \
+                 classes",
+                file.display()
+            );
+        }
+        models.push((model, normalization));
+    }
     let test = load_test_set(&args.data.data_dir)?;
-    let result = on_a_worker(|| evaluate(&mut model, &test, &normalization))?;
+    let mut members: Vec<_> = models.iter_mut().map(|(m, n)| (m, &*n)).collect();
+    let result = on_a_worker(|| cli::evaluate_ensemble(&mut members, &test))?;
     if let Some(png) = &args.confusion_png {
         cli::confusion_heatmap(png, &result.confusion)?;
     }
@@ -177,9 +191,17 @@ fn evaluate_command(args: &EvaluateArgs) -> Result<()> {
         );
         return Ok(());
     }
+    let files: Vec<String> = args
+        .model_file
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect();
+    let what = match files.as_slice() {
+        [one] => one.clone(),
+        many => format!("ensemble of {} ({})", many.len(), many.join(", ")),
+    };
     println!(
-        "{} on {} test images: loss {:.4}, accuracy {:.4}\n",
-        args.model_file.display(),
+        "{what} on {} test images: loss {:.4}, accuracy {:.4}\n",
         test.len(),
         result.loss,
         result.accuracy

@@ -271,3 +271,42 @@ fn impossible_arguments_fail_with_one_line() {
         assert!(first.starts_with("error"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_recipe_sets_what_no_flag_says() {
+    let data = tempfile::tempdir().unwrap();
+    synthetic_dataset(data.path(), 300, 100);
+    let dir = data.path().to_str().unwrap();
+    let run = data.path().join("run");
+    // The fast recipe, with its epochs and batch size overridden by flags.
+    let out = mnist(&[
+        "train",
+        "--recipe",
+        "fast",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--data-dir",
+        dir,
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model"]["name"], "fast-cnn");
+    assert_eq!(config["epochs"], 1);
+    assert_eq!(config["batch_size"], 50);
+    assert_eq!(config["schedule"]["type"], "one_cycle");
+    assert_eq!(config["label_smoothing"].as_f64().unwrap() as f32, 0.1);
+    assert_eq!(config["val_split"], 0.0);
+    let out = mnist(&["train", "--recipe", "slowest", "--data-dir", dir]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("slowest"),
+        "{}",
+        text(&out.stderr)
+    );
+}
