@@ -42,6 +42,20 @@ pub struct BenchArgs {
     data_dir: PathBuf,
 }
 
+/// Builds the release `mnist` binary (`target/release/mnist`).
+pub(crate) fn build_mnist() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--quiet", "-p", "cli"])
+        .current_dir(workspace())
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p cli failed");
+    }
+    Ok(())
+}
+
 /// The workspace's root directory.
 pub(crate) fn workspace() -> PathBuf {
     let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -57,15 +71,7 @@ const END: &str = "<!-- cargo xtask bench: end -->";
 /// Runs `bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     let root = workspace();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(["build", "--release", "--quiet", "-p", "cli"])
-        .current_dir(&root)
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("cargo build --release -p cli failed");
-    }
+    build_mnist()?;
     let python = if args.compare {
         Some(std::env::var("BENCH_PYTHON").context(
             "--compare needs BENCH_PYTHON=/path/to/python of an environment with torch and/or \

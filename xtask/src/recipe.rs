@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::bench::{json_line, workspace};
+use crate::bench::{build_mnist, json_line, workspace};
 
 /// Arguments of `cargo xtask recipe`.
 #[derive(clap::Args)]
@@ -41,15 +41,7 @@ struct Outcome {
 /// Runs `recipe`.
 pub fn run(args: RecipeArgs) -> Result<()> {
     let root = workspace();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(["build", "--release", "--quiet", "-p", "cli"])
-        .current_dir(&root)
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("cargo build --release -p cli failed");
-    }
+    build_mnist()?;
     let python = match args.compare {
         true => Some(std::env::var("BENCH_PYTHON").context(
             "--compare needs BENCH_PYTHON=/path/to/python of an environment with torch",

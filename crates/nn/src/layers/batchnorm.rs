@@ -54,16 +54,23 @@ impl TrainingCache {
     }
 }
 
-/// A standard-layout `[N, C, ...]` array as `[N, C, S]`, S the product of the rest (1 if none).
+/// The `[N, C, S]` shape of an `[N, C, ...]` one, S the product of the rest (1 if none).
+fn ncs_shape(shape: &[usize]) -> (usize, usize, usize) {
+    (shape[0], shape[1], shape[2..].iter().product())
+}
+
+/// Why an array cannot be seen as `[N, C, S]` (it is not in standard layout).
+fn not_ncs(e: ndarray::ShapeError) -> NnError {
+    NnError::Input {
+        kind: "BatchNorm",
+        detail: format!("cannot view the input as [N, C, S]: {e}"),
+    }
+}
+
+/// A standard-layout `[N, C, ...]` array as `[N, C, S]`.
 fn ncs_view(x: ndarray::ArrayViewD<'_, f32>) -> Result<ArrayView3<'_, f32>, NnError> {
-    let shape = x.shape();
-    let (n, c) = (shape[0], shape[1]);
-    let s = shape[2..].iter().product::<usize>();
-    x.into_shape_with_order((n, c, s))
-        .map_err(|e| NnError::Input {
-            kind: "BatchNorm",
-            detail: format!("cannot view the input as [N, C, S]: {e}"),
-        })
+    let shape = ncs_shape(x.shape());
+    x.into_shape_with_order(shape).map_err(not_ncs)
 }
 
 /// A standard-layout array as `[N, C, H, W]`.
@@ -203,14 +210,8 @@ impl BatchNorm {
 
 /// A standard-layout `[N, C, ...]` array as an owned `[N, C, S]` one.
 fn into_ncs(x: ArrayD<f32>) -> Result<Array3<f32>, NnError> {
-    let shape = x.shape();
-    let (n, c) = (shape[0], shape[1]);
-    let s = shape[2..].iter().product::<usize>();
-    x.into_shape_with_order((n, c, s))
-        .map_err(|e| NnError::Input {
-            kind: "BatchNorm",
-            detail: format!("cannot view the input as [N, C, S]: {e}"),
-        })
+    let shape = ncs_shape(x.shape());
+    x.into_shape_with_order(shape).map_err(not_ncs)
 }
 
 /// `[N, C, S]` values back in the layer's shape (the same count, in standard layout).
