@@ -138,11 +138,7 @@ impl BatchNorm {
                 kind: self.kind(),
                 detail,
             })?;
-        Ok(if x.is_standard_layout() {
-            x
-        } else {
-            x.as_standard_layout().into_owned()
-        })
+        Ok(standard_layout(x))
     }
 
     /// The pooling a fused forward pass of input `shape` runs, if any.
@@ -205,6 +201,15 @@ impl BatchNorm {
             tensor::relu(x.view_mut());
         }
         Ok(into_shape(x, shape))
+    }
+}
+
+/// `x` in standard layout, copied only when it is not.
+fn standard_layout(x: ArrayD<f32>) -> ArrayD<f32> {
+    if x.is_standard_layout() {
+        x
+    } else {
+        x.as_standard_layout().into_owned()
     }
 }
 
@@ -368,11 +373,7 @@ impl Layer for BatchNorm {
             return Err(wrong_gradient(&dy));
         }
         let shape = dy.shape().to_vec();
-        let mut dy = into_ncs(if dy.is_standard_layout() {
-            dy
-        } else {
-            dy.as_standard_layout().into_owned()
-        })?;
+        let mut dy = into_ncs(standard_layout(dy))?;
         tensor::batch_norm_backward(
             dy.view_mut(),
             cache.ncs()?,

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::rows::{self, Sums};
 use super::{ChannelNormalization, parameter_grads};
-use crate::conv::{NO_GRADIENT, unpool_plane};
+use crate::conv::{NO_GRADIENT, check_argmax, unpool_plane};
 use crate::error::{TensorError, expect_shape};
 use crate::pool::Pool2dDims;
 
@@ -117,15 +117,7 @@ pub fn batch_norm_relu_max_pool_backward(
         values(OP, "output gradient", &dy)?,
         values(OP, "argmax", &argmax)?,
     );
-    if let Some(&bad) = argmaxes
-        .iter()
-        .find(|&&a| a != NO_GRADIENT && a as usize >= plane)
-    {
-        return Err(TensorError::Shape {
-            op: OP,
-            detail: format!("argmax {bad} is outside the {plane}-pixel input plane"),
-        });
-    }
+    check_argmax(OP, argmaxes, plane, "input")?;
     // The gradient before the ReLU of plane `index`, rebuilt into `dz`.
     let unpool = |index: usize, dz: &mut [f32]| {
         let out = index * out_plane..(index + 1) * out_plane;

@@ -116,21 +116,8 @@ pub fn conv2d_relu_max_pool_backward(
     check_pool_of(OP, dims, pool)?;
     expect_shape(OP, "output gradient", dy.shape(), &pool.output_shape())?;
     expect_shape(OP, "argmax", argmax.shape(), &pool.output_shape())?;
-    let pixels = dims.out_pixels();
     let (dy, argmax) = (dy.as_standard_layout(), argmax.as_standard_layout());
-    let outside = |&a: &u32| a != NO_GRADIENT && a as usize >= pixels;
-    // One flat pass without early exit, vectorized, to check (as "argmax + 1 > pixels", which
-    // NO_GRADIENT + 1 = 0 passes), a second only to name the culprit. (The pass written with
-    // `outside` compared in 64 bits on the baseline target: 7% of a fused training step.)
-    let mut largest = 0;
-    largest_plus_one(contiguous(&argmax), &mut largest);
-    if largest as usize > pixels {
-        let bad = argmax.iter().copied().find(outside).unwrap_or_default();
-        return Err(TensorError::Shape {
-            op: OP,
-            detail: format!("argmax {bad} is outside the {pixels}-pixel output plane"),
-        });
-    }
+    check_argmax(OP, contiguous(&argmax), dims.out_pixels(), "output")?;
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dy
         .axis_chunks_iter(Axis(0), per_chunk)
@@ -138,6 +125,30 @@ pub fn conv2d_relu_max_pool_backward(
         .map(|(dy, argmax)| ChunkGrad::Pooled(dy, argmax))
         .collect();
     backward(OP, dims, weight, chunks, buffers, grads)
+}
+
+/// Checks that every `argmax` of a fused backward pass is [`NO_GRADIENT`] or a pixel of its
+/// `pixels`-pixel plane (`plane` names which one, for the error).
+pub(crate) fn check_argmax(
+    op: &'static str,
+    argmax: &[u32],
+    pixels: usize,
+    plane: &str,
+) -> Result<(), TensorError> {
+    // One flat pass without early exit, vectorized, to check (as "argmax + 1 > pixels", which
+    // NO_GRADIENT + 1 = 0 passes), a second only to name the culprit. (A pass written with
+    // `find` compared in 64 bits on the baseline target: 7% of a fused training step.)
+    let mut largest = 0;
+    largest_plus_one(argmax, &mut largest);
+    if largest as usize > pixels {
+        let outside = |&a: &u32| a != NO_GRADIENT && a as usize >= pixels;
+        let bad = argmax.iter().copied().find(outside).unwrap_or_default();
+        return Err(TensorError::Shape {
+            op,
+            detail: format!("argmax {bad} is outside the {pixels}-pixel {plane} plane"),
+        });
+    }
+    Ok(())
 }
 
 dispatched! {

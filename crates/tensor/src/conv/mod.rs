@@ -42,8 +42,8 @@ mod unfold;
 pub use algorithm::ConvAlgorithm;
 pub use buffers::{Conv2dBuffers, images_per_chunk};
 pub use dims::{Conv2dDims, Padding};
-pub(crate) use fused::unpool_plane;
 pub use fused::{NO_GRADIENT, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward};
+pub(crate) use fused::{check_argmax, unpool_plane};
 pub use unfold::{col2im, im2col};
 
 use crate::error::{TensorError, expect_shape};
