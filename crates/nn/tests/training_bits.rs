@@ -175,7 +175,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx512",
         "bn-small",
-        "6a4572369a0ac6eb37d6e507549b996dbcae8c18bcf372a9f4736deb320973b6",
+        "10441e49f89d3afe1b24b8d99154db3f5aec00171b20386ecf96d1754f3ec6bc",
     ),
     (
         "avx2",
@@ -205,7 +205,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx2",
         "bn-small",
-        "d3862d6b6d1154a3cc43e8c3e873e294e24b0a45d042241bb5268e49424435f4",
+        "1ff2f2777b859afbd8c90949648c773dfafdd8335927f0fb24eaeae5a7049083",
     ),
     (
         "baseline",
@@ -235,36 +235,36 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "baseline",
         "bn-small",
-        "fa27b940fd0543fcce158e460507cc32ef8a33928bf64faf3d403d268047d550",
+        "68e0889d9a4a1c90351b9ff718ef61d5ea56a368e3ff5cdc905fd6ca42b33294",
     ),
     (
         "avx512",
         "bn-cnn",
-        "ded56dd040daf18def7a723a33a2059b823d6b0a060e76d8812630afb2701c34",
+        "83eb20fb83af0951540f36c478a8e9ab0f5e24812f8a90c5ac45a83ef6dcced4",
     ),
     (
         "avx2",
         "bn-cnn",
-        "31924c178bf942c9ab4873435466a151654f02638b550dabbcf27079cf399287",
+        "b50f9644e9847a3f1621bac0b99d39bca1998b2c5290ab6d4e6a5659fcd79144",
     ),
     (
         "baseline",
         "bn-cnn",
-        "3b64ed55278c1487d6ba045ad22730ab354dfd2715348832c810c00c5d9151fa",
+        "42e028d46cd2654dad62990a0e38ab8b1ac5bbfefa89a5a668bd56a987f7fe1c",
     ),
     (
         "avx512",
         "fast-cnn",
-        "77521368483f0308010b3190f67924e1a7f249df200fd1112d9806864c6240c2",
+        "4a109f8ff408558b7adaba7ab70e7af5f3a34ed976bbebb032532474071b61e5",
     ),
     (
         "avx2",
         "fast-cnn",
-        "30bbfda67462088e5c74ba242ea4dc37a451c9505603b8c2d3d854f3266f232f",
+        "f751e830965f109d0c668de054390497ca77457d4a89e938bdb81b39c68bc896",
     ),
     (
         "baseline",
         "fast-cnn",
-        "5137838ad84b9088261fe707e7d08c0f5489ac66af4f576155ed0099d5e2532f",
+        "56c8c8faa8707b7f679c3dd998ba781216a5181deee7607256f6fe34f6375e4d",
     ),
 ];

@@ -174,7 +174,8 @@ pub(super) struct GemmBackwardBuffers {
     pub(super) weight_channels_last: Array1<f32>,
     /// `[chunks, O * KH*KW*C + ALIGN_SLACK]`: each chunk's weight-gradient sum, channels last.
     pub(super) partial_dw_channels_last: Array2<f32>,
-    /// `[chunks, layout::image_len + ALIGN_SLACK]`: one image's input gradient, channels last;
+    /// `[chunks, layout::image_len + ALIGN_SLACK]`: one image's input gradient, channels last
+    /// (padded, or `[H*W, C]` for `transposed`);
     /// empty when no input gradient is wanted.
     pub(super) dx_channels_last: Array2<f32>,
     /// `[chunks, OH*OW]`: where the nonzero gradients of one output channel are (receptive
@@ -187,6 +188,12 @@ pub(super) struct GemmBackwardBuffers {
     /// `[chunks, B*OH*OW * O]` (or one image's when images are not gathered): a chunk's dense
     /// output gradient channels last, for `implicit::weight_grad`; empty otherwise.
     pub(super) grads_channels_last: Array2<f32>,
+    /// `[O * KH*KW*C + ALIGN_SLACK]`: the weight flipped for `transposed`, which computes the
+    /// input gradient as a convolution; `[ALIGN_SLACK]` where that does not apply.
+    pub(super) weight_flipped: Array1<f32>,
+    /// `[chunks, image_len + ALIGN_SLACK]` of the gradient's convolution: one image's output
+    /// gradient zero-padded channels last, for `transposed`; empty where it does not apply.
+    pub(super) grads_padded: Array2<f32>,
 }
 
 /// Gives `buffer` this shape, reallocating only when the shape changed.

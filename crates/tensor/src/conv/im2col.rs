@@ -15,7 +15,7 @@ use super::fused::relu_max_pool_image;
 use super::layout::{self, ALIGN_SLACK, aligned, aligned_mut};
 use super::{
     Conv2dDims, ForwardPass, Partials, col2im, contiguous, contiguous_mut, im2col,
-    images_per_chunk, implicit, into_contiguous, into_contiguous_mut, scatter,
+    images_per_chunk, implicit, into_contiguous, into_contiguous_mut, scatter, transposed,
 };
 use crate::gemm::sgemm_unchecked;
 
@@ -236,7 +236,12 @@ pub(super) fn backward_gemm(
     // gradient must be unpooled first). A buffer the pass does not use is sized to nothing.
     let gather = pixels < WIDE_GEMM_MAX_PIXELS;
     let images_at_once = if gather { per_chunk } else { 1 };
-    let dcols_len = if dx_chunks.iter().any(Option::is_some) {
+    let wants_dx = dx_chunks.iter().any(Option::is_some);
+    // A dense gradient channels last gives the input gradient as a convolution of its own
+    // where that applies (see `transposed`), without unfolding it.
+    let grad_dims = (wants_dx && dense == DenseProducts::ChannelsLast && transposed::applies(dims))
+        .then(|| transposed::gradient_dims(dims));
+    let dcols_len = if wants_dx && grad_dims.is_none() {
         images_at_once * pixels
     } else {
         0
@@ -248,11 +253,17 @@ pub(super) fn backward_gemm(
     };
     resize(&mut own.dcols, (chunks, patch, dcols_len));
     resize(&mut own.wide, (chunks, wide_rows, wide_len));
-    let dx_cl_len = if dcols_len > 0 {
+    let dx_cl_len = if wants_dx {
         layout::image_len(dims) + ALIGN_SLACK
     } else {
         0
     };
+    let (flipped_len, grads_padded_len) = match &grad_dims {
+        Some(grad_dims) => (o * patch, layout::image_len(grad_dims) + ALIGN_SLACK),
+        None => (0, 0),
+    };
+    resize(&mut own.weight_flipped, flipped_len + ALIGN_SLACK);
+    resize(&mut own.grads_padded, (chunks, grads_padded_len));
     resize(&mut own.weight_channels_last, o * patch + ALIGN_SLACK);
     resize(
         &mut own.partial_dw_channels_last,
@@ -273,6 +284,13 @@ pub(super) fn backward_gemm(
         contiguous(&weight_std),
         aligned_mut(contiguous_mut(&mut own.weight_channels_last)),
     );
+    if grad_dims.is_some() {
+        transposed::pack_flipped_weight(
+            dims,
+            contiguous(&weight_std),
+            aligned_mut(contiguous_mut(&mut own.weight_flipped)),
+        );
+    }
     let GemmBackwardBuffers {
         wide,
         dcols,
@@ -283,11 +301,19 @@ pub(super) fn backward_gemm(
         scatter_values,
         scatter_lists,
         grads_channels_last,
+        weight_flipped,
+        grads_padded,
     } = own;
     let shared = Shared {
         dims,
         weight,
         weight_cl: &aligned(contiguous(weight_channels_last))[..o * patch],
+        flipped: grad_dims.map(|grad_dims| {
+            (
+                grad_dims,
+                &aligned(contiguous(weight_flipped))[..flipped_len],
+            )
+        }),
         dense,
         gather,
     };
@@ -322,15 +348,17 @@ pub(super) fn backward_gemm(
         .zip(columns)
         .zip(dcols.outer_iter_mut())
         .zip(grads_channels_last.outer_iter_mut())
+        .zip(grads_padded.outer_iter_mut())
         .zip(scatters)
         .map(
-            |(((((pdw, pdb), cols), dcols), grads_cl), scatter)| ChunkBackward {
+            |((((((pdw, pdb), cols), dcols), grads_cl), grads_padded), scatter)| ChunkBackward {
                 pdw,
                 pdb,
                 cols,
                 dcols,
                 scatter,
                 grads_cl: into_contiguous_mut(grads_cl),
+                grads_padded: aligned_mut(into_contiguous_mut(grads_padded)),
             },
         )
         .collect();
@@ -348,6 +376,9 @@ struct Shared<'a> {
     weight: ArrayView2<'a, f32>,
     /// `[O, KH*KW*C]`: the weight channels last.
     weight_cl: &'a [f32],
+    /// The convolution that gives the input gradient and its packed weight
+    /// (`transposed::pack_flipped_weight`), where `transposed` applies.
+    flipped: Option<(Conv2dDims, &'a [f32])>,
     dense: DenseProducts,
     /// Whether a chunk's images are gathered side by side.
     gather: bool,
@@ -368,6 +399,8 @@ struct ChunkBackward<'a> {
     /// `[B*OH*OW, O]` or `[OH*OW, O]`: a dense gradient channels last, for
     /// [`DenseProducts::ChannelsLast`].
     grads_cl: &'a mut [f32],
+    /// One image's output gradient, zero-padded channels last, as `transposed` reads it.
+    grads_padded: &'a mut [f32],
 }
 
 impl ChunkBackward<'_> {
@@ -473,6 +506,24 @@ impl ChunkBackward<'_> {
     ) {
         let dims = shared.dims;
         let (used, pixels) = (grad.ncols(), dims.out_pixels());
+        if let Some((grad_dims, flipped)) = &shared.flipped {
+            let (o, c) = (dims.out_channels, dims.in_channels);
+            let dx_cl = &mut self.scatter.dx[..dims.in_h * dims.in_w * c];
+            for (grad_cl, dx) in self.grads_cl[..used * o]
+                .chunks_exact(pixels * o)
+                .zip(dx.outer_iter_mut())
+            {
+                transposed::input_grad_image(
+                    grad_dims,
+                    flipped,
+                    grad_cl,
+                    self.grads_padded,
+                    dx_cl,
+                    dx,
+                );
+            }
+            return;
+        }
         match shared.dense {
             DenseProducts::ChannelsLast => implicit::input_grad_channels_last(
                 dims,

@@ -14,6 +14,7 @@
 //! - `implicit.rs`: the implicit GEMM over channels-last images, forward and its products of
 //!   the backward pass.
 //! - `scatter.rs`: the backward pass over only the nonzeros of a sparse output gradient.
+//! - `transposed.rs`: the input gradient of a dense output gradient as a convolution of it.
 //! - `fused.rs`: convolution + ReLU + max pooling in one pass, and its backward pass.
 //! - `chunks.rs`: what a chunk of the batch writes (forward) and reads (backward).
 //! - `layout.rs`: channels-last copies of images and weights.
@@ -37,6 +38,7 @@ mod im2col;
 mod implicit;
 mod layout;
 mod scatter;
+mod transposed;
 mod unfold;
 
 pub use algorithm::ConvAlgorithm;

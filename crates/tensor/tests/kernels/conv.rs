@@ -110,7 +110,14 @@ fn check_against_reference(
     let db_before = values.array1(out_channels);
     let mut dw = dw_before.clone();
     let mut db = db_before.clone();
-    let mut dx = Array4::from_elem(dims.input_shape(), f32::NAN);
+    // With a strided input, a strided input gradient too: every other column of a wider array.
+    let mut dx_wide = Array4::from_elem([n, c, h, 2 * w], f32::NAN);
+    let mut dx_contiguous = Array4::from_elem(dims.input_shape(), f32::NAN);
+    let mut dx = if strided_input {
+        dx_wide.slice_mut(s![.., .., .., ..;2])
+    } else {
+        dx_contiguous.view_mut()
+    };
     conv2d_backward(
         &dims,
         weight.view(),
@@ -234,6 +241,27 @@ proptest! {
         sparse in any::<bool>(),
     ) {
         check_against_reference(input, out_channels, kernel, (1, 1), padding, with_bias, false, seed, Some(ConvAlgorithm::Im2colGemm), sparse)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn implicit_gemm_input_gradient_by_convolution_matches_the_direct_reference(
+        // Input channels in blocks of 16 and stride 1 (mostly): the input gradient of a dense
+        // output gradient is then itself a convolution (`conv/transposed.rs`); paddings up to
+        // the kernel's size, where it falls back to unfolding.
+        input in (1usize..5, prop_oneof![Just(16usize), Just(32)], 2usize..10, 2usize..10),
+        out_channels in prop_oneof![Just(16usize), Just(32), Just(64)],
+        kernel in (1usize..4, 1usize..4),
+        stride in prop_oneof![3 => Just((1usize, 1usize)), 1 => Just((2, 1))],
+        padding in any_padding(),
+        with_bias in any::<bool>(),
+        strided_input in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        check_against_reference(input, out_channels, kernel, stride, padding, with_bias, strided_input, seed, Some(ConvAlgorithm::ImplicitGemm), false)?;
     }
 }
 
