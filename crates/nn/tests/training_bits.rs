@@ -175,7 +175,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx512",
         "bn-small",
-        "10441e49f89d3afe1b24b8d99154db3f5aec00171b20386ecf96d1754f3ec6bc",
+        "cba837b51f7c770d2fb898c279d260145808798b9a7215687e977f62915f76f9",
     ),
     (
         "avx2",
@@ -205,7 +205,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx2",
         "bn-small",
-        "1ff2f2777b859afbd8c90949648c773dfafdd8335927f0fb24eaeae5a7049083",
+        "b2baeca52d85c62fbe4ccc4eeaba3288d9576b74084268c7194bef4fd88894e7",
     ),
     (
         "baseline",
@@ -235,36 +235,36 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "baseline",
         "bn-small",
-        "68e0889d9a4a1c90351b9ff718ef61d5ea56a368e3ff5cdc905fd6ca42b33294",
+        "c76f4b46e07669f22450ed3110c87a4079237b694f8f8203e9d75eebe44711bf",
     ),
     (
         "avx512",
         "bn-cnn",
-        "83eb20fb83af0951540f36c478a8e9ab0f5e24812f8a90c5ac45a83ef6dcced4",
+        "7d417d5ed93b4ab38f812ba337ab8309c1299914e8d9b7f88f444064f61b3a44",
     ),
     (
         "avx2",
         "bn-cnn",
-        "b50f9644e9847a3f1621bac0b99d39bca1998b2c5290ab6d4e6a5659fcd79144",
+        "633c22fd93ed491b57ee46c4c723ee2ea0545e937c61b8777499c37fc467cec4",
     ),
     (
         "baseline",
         "bn-cnn",
-        "42e028d46cd2654dad62990a0e38ab8b1ac5bbfefa89a5a668bd56a987f7fe1c",
+        "6bcaca4ef7cafa713a119a226cc7a1b5bb8757fc70ef257bdddd17c239e11f4d",
     ),
     (
         "avx512",
         "fast-cnn",
-        "4a109f8ff408558b7adaba7ab70e7af5f3a34ed976bbebb032532474071b61e5",
+        "586655ceed79eb50189b47fc3fdfb8133327e9230e9d72fbaedbadbadbda6f76",
     ),
     (
         "avx2",
         "fast-cnn",
-        "f751e830965f109d0c668de054390497ca77457d4a89e938bdb81b39c68bc896",
+        "e79a39105f326d94e38b70ae7fa7dfd690524999d665a3bdcada40d34319d6cf",
     ),
     (
         "baseline",
         "fast-cnn",
-        "56c8c8faa8707b7f679c3dd998ba781216a5181deee7607256f6fe34f6375e4d",
+        "7484d75f866e28fdea49167f8ac6b4e9673d8eee28d3f9ff006f878c5788d2c6",
     ),
 ];

@@ -50,11 +50,33 @@ fn sgemm_square(c: &mut Criterion) {
 }
 
 /// The convolutions of the reference models at batch 64: (name, input [N, C, H, W], O, K, padding).
-const CONV_SHAPES: [(&str, [usize; 4], usize, usize, Padding); 4] = [
+/// The last three are bn-cnn's "same" 3x3 convolutions (issue 19's modern MNIST CNN).
+const CONV_SHAPES: [(&str, [usize; 4], usize, usize, Padding); 7] = [
     ("1to32_3x3_28x28", [64, 1, 28, 28], 32, 3, Padding::Valid),
     ("32to64_3x3_13x13", [64, 32, 13, 13], 64, 3, Padding::Valid),
     ("1to6_5x5_pad2_28x28", [64, 1, 28, 28], 6, 5, Padding::Same),
     ("6to16_5x5_14x14", [64, 6, 14, 14], 16, 5, Padding::Valid),
+    (
+        "32to32_3x3_same_28x28",
+        [64, 32, 28, 28],
+        32,
+        3,
+        Padding::Same,
+    ),
+    (
+        "32to64_3x3_same_14x14",
+        [64, 32, 14, 14],
+        64,
+        3,
+        Padding::Same,
+    ),
+    (
+        "64to64_3x3_same_14x14",
+        [64, 64, 14, 14],
+        64,
+        3,
+        Padding::Same,
+    ),
 ];
 
 fn conv(c: &mut Criterion) {

@@ -188,6 +188,10 @@ pub(super) struct GemmBackwardBuffers {
     /// `[chunks, B*OH*OW * O]` (or one image's when images are not gathered): a chunk's dense
     /// output gradient channels last, for `implicit::weight_grad`; empty otherwise.
     pub(super) grads_channels_last: Array2<f32>,
+    /// `[chunks, KH*KW*C * O]`: each chunk's weight-gradient sum from dense output gradients,
+    /// a receptive-field value's sums for every output channel consecutive (as
+    /// `implicit::weight_grad` adds them); empty where that is not used.
+    pub(super) partial_dw_taps: Array2<f32>,
     /// `[O * KH*KW*C + ALIGN_SLACK]`: the weight flipped for `transposed`, which computes the
     /// input gradient as a convolution; `[ALIGN_SLACK]` where that does not apply.
     pub(super) weight_flipped: Array1<f32>,

@@ -275,6 +275,11 @@ pub(super) fn backward_gemm(
         DenseProducts::Gemm => 0,
     };
     resize(&mut own.grads_channels_last, (chunks, grads_cl_len));
+    let taps_len = match dense {
+        DenseProducts::ChannelsLast => patch * o,
+        DenseProducts::Gemm => 0,
+    };
+    resize(&mut own.partial_dw_taps, (chunks, taps_len));
     resize(&mut own.scatter_corners, (chunks, pixels));
     resize(&mut own.scatter_values, (chunks, o * pixels));
     resize(&mut own.scatter_lists, (chunks, scatter::lists_len(dims)));
@@ -303,6 +308,7 @@ pub(super) fn backward_gemm(
         grads_channels_last,
         weight_flipped,
         grads_padded,
+        partial_dw_taps,
     } = own;
     let shared = Shared {
         dims,
@@ -349,16 +355,20 @@ pub(super) fn backward_gemm(
         .zip(dcols.outer_iter_mut())
         .zip(grads_channels_last.outer_iter_mut())
         .zip(grads_padded.outer_iter_mut())
+        .zip(partial_dw_taps.outer_iter_mut())
         .zip(scatters)
         .map(
-            |((((((pdw, pdb), cols), dcols), grads_cl), grads_padded), scatter)| ChunkBackward {
-                pdw,
-                pdb,
-                cols,
-                dcols,
-                scatter,
-                grads_cl: into_contiguous_mut(grads_cl),
-                grads_padded: aligned_mut(into_contiguous_mut(grads_padded)),
+            |(((((((pdw, pdb), cols), dcols), grads_cl), grads_padded), dw_taps), scatter)| {
+                ChunkBackward {
+                    pdw,
+                    pdb,
+                    cols,
+                    dcols,
+                    scatter,
+                    grads_cl: into_contiguous_mut(grads_cl),
+                    grads_padded: aligned_mut(into_contiguous_mut(grads_padded)),
+                    dw_taps: into_contiguous_mut(dw_taps),
+                }
             },
         )
         .collect();
@@ -401,6 +411,9 @@ struct ChunkBackward<'a> {
     grads_cl: &'a mut [f32],
     /// One image's output gradient, zero-padded channels last, as `transposed` reads it.
     grads_padded: &'a mut [f32],
+    /// `[KH*KW*C, O]`: the weight-gradient sum of the chunk's dense gradients, for
+    /// [`DenseProducts::ChannelsLast`].
+    dw_taps: &'a mut [f32],
 }
 
 impl ChunkBackward<'_> {
@@ -451,8 +464,9 @@ impl ChunkBackward<'_> {
             return;
         }
         self.pdw.fill(0.0);
+        self.dw_taps.fill(0.0);
         self.add_dense_weight_grad(shared, wide, 0, images);
-        layout::add_from_channels_last(dims, self.scatter.dw, contiguous_mut(&mut self.pdw));
+        self.add_dense_sums(shared);
         if let Some(dx) = dx {
             self.dense_input_grad(shared, wide, dx);
         }
@@ -471,6 +485,7 @@ impl ChunkBackward<'_> {
         self.pdb.fill(0.0);
         self.pdw.fill(0.0);
         self.scatter.dw.fill(0.0);
+        self.dw_taps.fill(0.0);
         for j in 0..dy.images() {
             let grad = match dy.conv_view(j, o, pixels) {
                 Some(grad) => grad,
@@ -493,6 +508,15 @@ impl ChunkBackward<'_> {
             }
         }
         layout::add_from_channels_last(dims, self.scatter.dw, contiguous_mut(&mut self.pdw));
+        self.add_dense_sums(shared);
+    }
+
+    /// Adds the weight-gradient sum [`Self::add_dense_weight_grad`] left in `dw_taps` (for
+    /// [`DenseProducts::ChannelsLast`]) onto `pdw`.
+    fn add_dense_sums(&mut self, shared: &Shared<'_>) {
+        if shared.dense == DenseProducts::ChannelsLast {
+            layout::add_from_taps(shared.dims, self.dw_taps, contiguous_mut(&mut self.pdw));
+        }
     }
 
     /// `dx [count, C, H, W] =` the input gradient of a dense `grad [O, count*OH*OW]`, whose
@@ -545,7 +569,7 @@ impl ChunkBackward<'_> {
     }
 
     /// Adds the weight gradient of a dense `grad [O, count*OH*OW]` of `count` images from
-    /// image `first` of the chunk: onto the channels-last sum `scatter.dw` from the kept
+    /// image `first` of the chunk: onto the sum `dw_taps` from the kept
     /// images (leaving the gradient channels last in `grads_cl` for the input gradient), or
     /// onto `pdw` from the unfolded columns.
     fn add_dense_weight_grad(
@@ -561,7 +585,7 @@ impl ChunkBackward<'_> {
                 let grads_cl = &mut self.grads_cl[..grad.len()];
                 layout::into_channels_last(grad, grads_cl);
                 let images = &self.scatter.images[first * layout::image_len(dims)..];
-                implicit::weight_grad(dims, images, count, grads_cl, self.scatter.dw);
+                implicit::weight_grad(dims, images, count, grads_cl, self.dw_taps);
             }
             DenseProducts::Gemm => {
                 // dW [O, C*KH*KW] += dy [O, count*OH*OW] * cols^T [count*OH*OW, C*KH*KW].

@@ -364,13 +364,14 @@ fn tiles<M: MulAdd, const LANES: usize, const ROWS: usize, const VECTORS: usize>
 dispatched! {
     /// Adds the weight gradient of `count` zero-padded channels-last images (`images`, each
     /// `layout::image_len` values) with output gradients `grads_cl [count*OH*OW, O]` onto
-    /// `dw_cl [O, KH*KW*C]`: `dw_cl^T += cols * grads_cl`, cols read in place.
+    /// `dw_taps [KH*KW*C, O]` (taps in channels-last order (kh, kw, c)): `dw_taps += cols *
+    /// grads_cl`, cols read in place.
     fn weight_grad(
         dims: &Conv2dDims,
         images: &[f32],
         count: usize,
         grads_cl: &[f32],
-        dw_cl: &mut [f32],
+        dw_taps: &mut [f32],
     ) => weight_grad_body;
 }
 
@@ -391,25 +392,60 @@ fn weight_grad_body<S: Simd, const LANES: usize>(
     images: &[f32],
     count: usize,
     grads_cl: &[f32],
-    dw_cl: &mut [f32],
+    dw_taps: &mut [f32],
 ) {
     // As the forward tiles, transposed: ROWS receptive-field values by VECTORS vectors of
-    // output channels, summed over every pixel; the output gradients stay in registers for
+    // output channels, summed over a block of pixels; the output gradients stay in registers for
     // all ROWS broadcast inputs. (AVX2's 16 registers: 6 x 2 sums, two gradients, an input.)
     let o_count = dims.out_channels;
     if S::LANES < 16 {
-        grad_tiles::<S, 6, 2>(simd, dims, images, count, grads_cl, dw_cl);
+        grad_tiles::<S, 6, 2>(simd, dims, images, count, grads_cl, dw_taps);
     } else if o_count.is_multiple_of(4 * S::LANES) {
-        grad_tiles::<S, 6, 4>(simd, dims, images, count, grads_cl, dw_cl);
+        grad_tiles::<S, 6, 4>(simd, dims, images, count, grads_cl, dw_taps);
     } else if o_count.is_multiple_of(2 * S::LANES) {
-        grad_tiles::<S, 8, 2>(simd, dims, images, count, grads_cl, dw_cl);
+        grad_tiles::<S, 8, 2>(simd, dims, images, count, grads_cl, dw_taps);
     } else {
-        grad_tiles::<S, 8, 1>(simd, dims, images, count, grads_cl, dw_cl);
+        grad_tiles::<S, 8, 1>(simd, dims, images, count, grads_cl, dw_taps);
     }
 }
 
-/// The most output channels a tile of [`grad_tiles`] holds: four AVX-512 vectors.
-const SUMS_LEN: usize = 64;
+/// One tile of [`grad_tiles`] over one block of output rows: the sums over its pixels of
+/// ROWS consecutive values of `image` from each pixel's receptive-field corner (`image` starts
+/// at the block's first corner plus the tile's offset) times the gradients `grads [pixels, O]`
+/// of output channels `ob..ob + VECTORS * LANES`.
+#[inline(always)]
+fn block_sums<S: Simd, const ROWS: usize, const VECTORS: usize>(
+    simd: S,
+    dims: &Conv2dDims,
+    image: &[f32],
+    grads: &[f32],
+    ob: usize,
+) -> [[S::V; VECTORS]; ROWS] {
+    let (o_count, lanes) = (dims.out_channels, S::LANES);
+    let row_step = dims.padded_w() * dims.in_channels;
+    let mut acc = [[simd.splat(0.0); VECTORS]; ROWS];
+    for (oh, row) in grads.chunks_exact(dims.out_w() * o_count).enumerate() {
+        let row_corner = oh * dims.stride_h * row_step;
+        for (ow, grad) in row.chunks_exact(o_count).enumerate() {
+            let corner = row_corner + ow * dims.stride_w * dims.in_channels;
+            let x = &image[corner..corner + ROWS];
+            let grad = &grad[ob..ob + VECTORS * lanes];
+            let g: [S::V; VECTORS] = std::array::from_fn(|v| simd.load(&grad[v * lanes..]));
+            for (acc, &x) in acc.iter_mut().zip(x) {
+                let x = simd.splat(x);
+                for (acc, &g) in acc.iter_mut().zip(&g) {
+                    *acc = simd.mul_add(x, g, *acc);
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// The output gradients one block of [`grad_tiles`] reads, in bytes: with the image rows under
+/// them, a block stays in L1 while every tile of the kernel passes over it. (Passing over a
+/// whole chunk's gradients, 1.6 MB for conv 64->64 at 14x14, read them from L3 96 times.)
+const GRAD_BLOCK_BYTES: usize = 16 * 1024;
 
 #[inline(always)]
 fn grad_tiles<S: Simd, const ROWS: usize, const VECTORS: usize>(
@@ -418,53 +454,42 @@ fn grad_tiles<S: Simd, const ROWS: usize, const VECTORS: usize>(
     images: &[f32],
     count: usize,
     grads_cl: &[f32],
-    dw_cl: &mut [f32],
+    dw_taps: &mut [f32],
 ) {
-    let (o_count, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
+    let (o_count, pixels) = (dims.out_channels, dims.out_pixels());
     let (lanes, block) = (S::LANES, VECTORS * S::LANES);
-    debug_assert!(block <= SUMS_LEN && ROWS <= MAX_TILE_ROWS);
+    debug_assert!(ROWS <= MAX_TILE_ROWS);
     let run = dims.kernel_w * dims.in_channels;
     let row_step = dims.padded_w() * dims.in_channels;
     let image_len = layout::image_len(dims);
-    // Tiles of ROWS consecutive values of one kernel row (channels-last order (kw, c)); a
-    // row's last tile starts early enough to end with it, and stores only its new values.
-    for kh in 0..dims.kernel_h {
-        for step in (0..run).step_by(ROWS) {
-            let start = step.min(run - ROWS);
-            let offset = kh * row_step + start;
-            for ob in (0..o_count).step_by(block) {
-                let mut acc = [[simd.splat(0.0); VECTORS]; ROWS];
-                for (image, grads) in images
-                    .chunks_exact(image_len)
-                    .zip(grads_cl.chunks_exact(pixels * o_count))
-                    .take(count)
-                {
-                    let rows = grads.chunks_exact(dims.out_w() * o_count);
-                    for (oh, row) in rows.enumerate() {
-                        let row_corner = oh * dims.stride_h * row_step + offset;
-                        for (ow, grad) in row.chunks_exact(o_count).enumerate() {
-                            let corner = row_corner + ow * dims.stride_w * dims.in_channels;
-                            let x = &image[corner..corner + ROWS];
-                            let grad = &grad[ob..ob + block];
-                            let g: [S::V; VECTORS] =
-                                std::array::from_fn(|v| simd.load(&grad[v * lanes..]));
-                            for (acc, &x) in acc.iter_mut().zip(x) {
-                                let x = simd.splat(x);
-                                for (acc, &g) in acc.iter_mut().zip(&g) {
-                                    *acc = simd.mul_add(x, g, *acc);
-                                }
+    let grad_row = dims.out_w() * o_count;
+    let rows_per_block = (GRAD_BLOCK_BYTES / (grad_row * size_of::<f32>())).max(1);
+    for (image, grads) in images
+        .chunks_exact(image_len)
+        .zip(grads_cl.chunks_exact(pixels * o_count))
+        .take(count)
+    {
+        for first_row in (0..dims.out_h()).step_by(rows_per_block) {
+            let last_row = (first_row + rows_per_block).min(dims.out_h());
+            let grads = &grads[first_row * grad_row..last_row * grad_row];
+            let image = &image[first_row * dims.stride_h * row_step..];
+            // Tiles of ROWS consecutive values of one kernel row (channels-last order (kw, c));
+            // a row's last tile starts early enough to end with it, and adds only its new
+            // values.
+            for kh in 0..dims.kernel_h {
+                for step in (0..run).step_by(ROWS) {
+                    let start = step.min(run - ROWS);
+                    let offset = kh * row_step + start;
+                    for ob in (0..o_count).step_by(block) {
+                        let acc =
+                            block_sums::<S, ROWS, VECTORS>(simd, dims, &image[offset..], grads, ob);
+                        for (r, acc) in acc.iter().enumerate().skip(step - start) {
+                            let tap = kh * run + start + r;
+                            let sums = &mut dw_taps[tap * o_count + ob..][..block];
+                            for (sums, &acc) in sums.chunks_exact_mut(lanes).zip(acc) {
+                                simd.store(simd.add(simd.load(sums), acc), sums);
                             }
                         }
-                    }
-                }
-                for (r, acc) in acc.iter().enumerate().skip(step - start) {
-                    let mut sums = [0.0; SUMS_LEN];
-                    for (sums, &acc) in sums.chunks_exact_mut(lanes).zip(acc) {
-                        simd.store(acc, sums);
-                    }
-                    let tap = kh * run + start + r;
-                    for (l, &sum) in sums[..block].iter().enumerate() {
-                        dw_cl[(ob + l) * patch + tap] += sum;
                     }
                 }
             }
