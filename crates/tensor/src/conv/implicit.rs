@@ -54,11 +54,7 @@ pub(crate) fn pack_weight(dims: &Conv2dDims, weight: &[f32], out: &mut [f32]) {
 /// Writes `out_cl [OH*OW, O]` into `out [O, OH*OW]`.
 pub(crate) fn transpose_into(dims: &Conv2dDims, out_cl: &[f32], out: &mut [f32]) {
     let (o_count, pixels) = (dims.out_channels, dims.out_pixels());
-    for (o, row) in out.chunks_exact_mut(pixels).enumerate() {
-        for (v, pixel) in row.iter_mut().zip(out_cl.chunks_exact(o_count)) {
-            *v = pixel[o];
-        }
-    }
+    layout::transpose(out_cl, o_count, pixels, o_count, out, pixels);
 }
 
 /// The forward pass: each image is copied channels last (and kept, for the backward pass,
