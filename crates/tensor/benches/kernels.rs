@@ -9,11 +9,12 @@
 
 use std::hint::black_box;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array1, Array2, Array4};
 use tensor::{
-    Conv2dBuffers, Conv2dDims, Conv2dGrads, Padding, Pool2dDims, conv2d_backward, conv2d_forward,
-    gemm, gemm_parallel, max_pool2d_backward, max_pool2d_forward,
+    ChannelNormalization, Conv2dBuffers, Conv2dDims, Conv2dGrads, Padding, Pool2dDims,
+    batch_norm_relu_max_pool_backward, batch_norm_relu_max_pool_forward, conv2d_backward,
+    conv2d_forward, gemm, gemm_parallel, max_pool2d_backward, max_pool2d_forward,
 };
 
 fn filled2(shape: (usize, usize)) -> Array2<f32> {
@@ -198,5 +199,65 @@ fn max_pool(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sgemm_square, conv, max_pool);
+fn batch_norm_pooled(c: &mut Criterion) {
+    let mut group = c.benchmark_group("batch_norm_relu_max_pool");
+    // The fast recipe's two BatchNorm + ReLU + 2x2 pooling layers, at its batch of 128.
+    for (name, input) in [
+        ("2x2_128x16x26x26", [128, 16, 26, 26]),
+        ("2x2_128x32x11x11", [128, 32, 11, 11]),
+    ] {
+        let channels = input[1];
+        let dims = Pool2dDims::new(input, [2, 2], [2, 2]).unwrap();
+        let x = filled4(input);
+        let (mean, inv_std) = (Array1::zeros(channels), Array1::ones(channels));
+        let (gamma, beta) = (Array1::ones(channels), Array1::zeros(channels));
+        let normalization = ChannelNormalization {
+            mean: mean.view(),
+            inv_std: inv_std.view(),
+            gamma: gamma.view(),
+            beta: beta.view(),
+        };
+        let mut y = Array4::zeros(dims.output_shape());
+        let mut argmax = Array4::zeros(dims.output_shape());
+        let (mut dgamma, mut dbeta) = (Array1::zeros(channels), Array1::zeros(channels));
+        group.throughput(Throughput::Elements(x.len() as u64));
+        group.bench_function(BenchmarkId::new("forward", name), |bench| {
+            bench.iter(|| {
+                let argmax = Some(argmax.view_mut());
+                batch_norm_relu_max_pool_forward(
+                    x.view(),
+                    &dims,
+                    normalization,
+                    y.view_mut(),
+                    argmax,
+                )
+                .unwrap()
+            })
+        });
+        // The input is overwritten by its gradient: each iteration starts from a copy, made
+        // outside the timing.
+        group.bench_function(BenchmarkId::new("backward", name), |bench| {
+            bench.iter_batched_ref(
+                || x.clone(),
+                |dx| {
+                    batch_norm_relu_max_pool_backward(
+                        y.view(),
+                        argmax.view(),
+                        &dims,
+                        dx.view_mut(),
+                        normalization,
+                        dgamma.view_mut(),
+                        dbeta.view_mut(),
+                        true,
+                    )
+                    .unwrap()
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, sgemm_square, conv, max_pool, batch_norm_pooled);
 criterion_main!(benches);

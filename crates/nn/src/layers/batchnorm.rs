@@ -3,7 +3,7 @@
 //! unbiased to update the running variance), running statistics in evaluation. It computes the
 //! ReLU after it, or the ReLU and max pooling, in the same pass when the model fuses them.
 
-use ndarray::{Array1, Array3, Array4, ArrayD, ArrayView3, ArrayView4, Ix1, Zip};
+use ndarray::{Array1, Array3, Array4, ArrayD, ArrayView3, ArrayView4, ArrayViewMut4, Ix1, Zip};
 use tensor::{ChannelNormalization, Pool2dDims};
 
 use crate::error::NnError;
@@ -81,6 +81,14 @@ fn nchw_view(x: ndarray::ArrayViewD<'_, f32>) -> Result<ArrayView4<'_, f32>, NnE
     })
 }
 
+/// [`nchw_view`], mutable.
+fn nchw_view_mut(x: ndarray::ArrayViewMutD<'_, f32>) -> Result<ArrayViewMut4<'_, f32>, NnError> {
+    x.into_dimensionality().map_err(|e| NnError::Input {
+        kind: "BatchNorm",
+        detail: format!("pooling needs [N, C, H, W] input: {e}"),
+    })
+}
+
 /// The hyper-parameters of a [`BatchNorm`] layer.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchNormConfig {
@@ -131,6 +139,69 @@ impl BatchNormConfig {
 }
 
 impl BatchNorm {
+    /// [`Layer::backward`] from the forward pass's `cache`, whose input the pooled pass
+    /// consumes.
+    fn backward_from(
+        &mut self,
+        cache: &mut TrainingCache,
+        dy: ArrayD<f32>,
+        input_grad: bool,
+    ) -> Result<Option<ArrayD<f32>>, NnError> {
+        let kind = self.kind();
+        let (gamma, dgamma) = self.weight.value_and_grad_to_add();
+        let (beta, dbeta) = self.bias.value_and_grad_to_add();
+        let normalization = ChannelNormalization {
+            mean: cache.mean.view(),
+            inv_std: cache.inv_std.view(),
+            gamma: fixed::<Ix1>(gamma, "BatchNorm weight")?,
+            beta: fixed::<Ix1>(beta, "BatchNorm bias")?,
+        };
+        let dgamma = fixed_mut::<Ix1>(dgamma, "BatchNorm weight")?;
+        let dbeta = fixed_mut::<Ix1>(dbeta, "BatchNorm bias")?;
+        let wrong_gradient = |dy: &ArrayD<f32>| NnError::Input {
+            kind,
+            detail: format!(
+                "gradient of shape {:?} for an input of shape {:?}",
+                dy.shape(),
+                cache.input.shape()
+            ),
+        };
+        if let Some(pool) = cache.pool {
+            if dy.shape() != pool.output_shape() {
+                return Err(wrong_gradient(&dy));
+            }
+            let dy = dy.as_standard_layout();
+            // The input becomes its own gradient: this pass is the last to read it.
+            let mut input = std::mem::take(&mut cache.input);
+            tensor::batch_norm_relu_max_pool_backward(
+                nchw_view(dy.view())?,
+                self.argmax.view(),
+                &pool,
+                nchw_view_mut(input.view_mut())?,
+                normalization,
+                dgamma,
+                dbeta,
+                input_grad,
+            )?;
+            return Ok(input_grad.then_some(input));
+        }
+        if dy.shape() != cache.input.shape() {
+            return Err(wrong_gradient(&dy));
+        }
+        let shape = dy.shape().to_vec();
+        let mut dy = into_ncs(standard_layout(dy))?;
+        tensor::batch_norm_backward(
+            dy.view_mut(),
+            cache.ncs()?,
+            normalization,
+            cache.fusion == Fusion::Relu,
+            dgamma,
+            dbeta,
+            input_grad,
+        )?;
+        Ok(input_grad.then(|| into_shape(dy, shape)))
+    }
+
     /// Checks an input's shape, and gives it in standard layout.
     fn checked(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>, NnError> {
         self.output_shape(x.shape())
@@ -331,59 +402,17 @@ impl Layer for BatchNorm {
         dy: ArrayD<f32>,
         input_grad: bool,
     ) -> Result<Option<ArrayD<f32>>, NnError> {
-        let kind = self.kind();
-        let cache = self.cache.as_ref().ok_or(NnError::NoForwardCache(kind))?;
-        let (gamma, dgamma) = self.weight.value_and_grad_to_add();
-        let (beta, dbeta) = self.bias.value_and_grad_to_add();
-        let normalization = ChannelNormalization {
-            mean: cache.mean.view(),
-            inv_std: cache.inv_std.view(),
-            gamma: fixed::<Ix1>(gamma, "BatchNorm weight")?,
-            beta: fixed::<Ix1>(beta, "BatchNorm bias")?,
-        };
-        let dgamma = fixed_mut::<Ix1>(dgamma, "BatchNorm weight")?;
-        let dbeta = fixed_mut::<Ix1>(dbeta, "BatchNorm bias")?;
-        let wrong_gradient = |dy: &ArrayD<f32>| NnError::Input {
-            kind,
-            detail: format!(
-                "gradient of shape {:?} for an input of shape {:?}",
-                dy.shape(),
-                cache.input.shape()
-            ),
-        };
-        if let Some(pool) = &cache.pool {
-            if dy.shape() != pool.output_shape() {
-                return Err(wrong_gradient(&dy));
-            }
-            let dy = dy.as_standard_layout();
-            let mut dx = input_grad.then(|| Array4::zeros(pool.input_shape()));
-            tensor::batch_norm_relu_max_pool_backward(
-                nchw_view(dy.view())?,
-                self.argmax.view(),
-                pool,
-                nchw_view(cache.input.view())?,
-                normalization,
-                dgamma,
-                dbeta,
-                dx.as_mut().map(|dx| dx.view_mut()),
-            )?;
-            return Ok(dx.map(Array4::into_dyn));
+        let mut cache = self
+            .cache
+            .take()
+            .ok_or(NnError::NoForwardCache(self.kind()))?;
+        let result = self.backward_from(&mut cache, dy, input_grad);
+        // The pooled pass turned the input into its gradient; otherwise the next forward
+        // pass writes its output into the input's buffer.
+        if cache.pool.is_none() {
+            self.cache = Some(cache);
         }
-        if dy.shape() != cache.input.shape() {
-            return Err(wrong_gradient(&dy));
-        }
-        let shape = dy.shape().to_vec();
-        let mut dy = into_ncs(standard_layout(dy))?;
-        tensor::batch_norm_backward(
-            dy.view_mut(),
-            cache.ncs()?,
-            normalization,
-            cache.fusion == Fusion::Relu,
-            dgamma,
-            dbeta,
-            input_grad,
-        )?;
-        Ok(input_grad.then(|| into_shape(dy, shape)))
+        result
     }
 
     fn fuse(&mut self, following: Fusion) -> bool {

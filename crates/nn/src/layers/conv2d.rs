@@ -89,6 +89,7 @@ impl Conv2dConfig {
             fused_pool: None,
             pool_dims: None,
             argmax: Array4::zeros((0, 0, 0, 0)),
+            spare_output: None,
         })
     }
 
@@ -145,6 +146,10 @@ pub struct Conv2d {
     pool_dims: Option<Pool2dDims>,
     /// Where each pooled maximum came from, in the last fused forward pass.
     argmax: Array4<u32>,
+    /// The last backward pass's output gradient, free once it has run: the next forward
+    /// pass writes its output there (the same shape), not into fresh memory, whose page
+    /// faults cost as much as a small layer's arithmetic.
+    spare_output: Option<Array4<f32>>,
 }
 
 impl Conv2d {
@@ -203,7 +208,11 @@ impl Layer for Conv2d {
         };
         let y = match self.fused_pool {
             None => {
-                let mut y = Array4::zeros(dims.output_shape());
+                // Every value is overwritten.
+                let mut y = match self.spare_output.take() {
+                    Some(spare) if spare.shape() == dims.output_shape() => spare,
+                    _ => Array4::zeros(dims.output_shape()),
+                };
                 conv2d_forward(
                     &dims,
                     x.view(),
@@ -278,6 +287,9 @@ impl Layer for Conv2d {
                 &mut self.buffers,
                 grads,
             )?,
+        }
+        if self.pool_dims.is_none() && dy.is_standard_layout() {
+            self.spare_output = Some(dy);
         }
         Ok(dx.map(Array4::into_dyn))
     }

@@ -90,19 +90,23 @@ pub fn batch_norm_relu_max_pool_forward(
 
 /// The gradient of [`batch_norm_relu_max_pool_forward`] with batch statistics, given the pooled
 /// output's gradient `dy` and the `argmax` the forward pass wrote: adds the parameter
-/// gradients to `dgamma` and `dbeta`, and writes the input's gradient into `dx` when given.
-/// The same bits as [`crate::max_pool2d_backward`], [`crate::relu_backward`] and
-/// [`super::batch_norm_backward`] in turn.
+/// gradients to `dgamma` and `dbeta`, and with `input_grad` turns the forward pass's input `x`
+/// into its gradient in place. The same bits as [`crate::max_pool2d_backward`],
+/// [`crate::relu_backward`] and [`super::batch_norm_backward`] in turn.
+///
+/// In place because the input is the largest array of the layer (four times its pooled
+/// output) and nothing needs it after this pass: a fresh array for its gradient cost more in
+/// page faults than the arithmetic of the whole pass.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_relu_max_pool_backward(
     dy: ArrayView4<'_, f32>,
     argmax: ArrayView4<'_, u32>,
     pool: &Pool2dDims,
-    x: ArrayView4<'_, f32>,
+    mut x: ArrayViewMut4<'_, f32>,
     normalization: ChannelNormalization<'_>,
     dgamma: ArrayViewMut1<'_, f32>,
     dbeta: ArrayViewMut1<'_, f32>,
-    dx: Option<ArrayViewMut4<'_, f32>>,
+    input_grad: bool,
 ) -> Result<(), TensorError> {
     const OP: &str = "batch_norm_relu_max_pool_backward";
     check_shapes(OP, pool, x.shape(), dy.shape())?;
@@ -112,52 +116,50 @@ pub fn batch_norm_relu_max_pool_backward(
     expect_shape(OP, "dbeta", dbeta.shape(), &[channels])?;
     let coefficients = normalization.coefficients(OP, channels)?;
     let (plane, out_plane) = (pool.in_h * pool.in_w, pool.out_h() * pool.out_w());
-    let (xs, dys, argmaxes) = (
-        values(OP, "input", &x)?,
+    let (dys, argmaxes) = (
         values(OP, "output gradient", &dy)?,
         values(OP, "argmax", &argmax)?,
     );
+    let xs = x.as_slice_mut().ok_or(TensorError::Layout {
+        op: OP,
+        operand: "input",
+    })?;
     check_argmax(OP, argmaxes, plane, "input")?;
     // The gradient before the ReLU of plane `index`, rebuilt into `dz`.
     let unpool = |index: usize, dz: &mut [f32]| {
         let out = index * out_plane..(index + 1) * out_plane;
         unpool_plane(&dys[out.clone()], &argmaxes[out], dz);
     };
-    let sums: Vec<[f64; 2]> = (0..channels)
-        .into_par_iter()
-        .map(|c| {
-            let mut sums = Sums::default();
-            let mut dz = vec![0.0f32; plane];
-            for n in 0..images {
-                let index = n * channels + c;
-                unpool(index, &mut dz);
-                let x = &xs[index * plane..(index + 1) * plane];
-                // The ReLU is in the argmax already (no gradient where the maximum was not
-                // positive).
-                rows::add_gradients(&mut sums, &dz, x, coefficients[c], false);
-            }
-            sums.total()
-        })
-        .collect();
-    let per_channel = parameter_grads(&sums, &coefficients, images * plane, dgamma, dbeta);
-    let Some(mut dx) = dx else {
-        return Ok(());
+    let sums: Vec<[f64; 2]> = {
+        let xs = &*xs;
+        (0..channels)
+            .into_par_iter()
+            .map(|c| {
+                let mut sums = Sums::default();
+                let mut dz = vec![0.0f32; plane];
+                for n in 0..images {
+                    let index = n * channels + c;
+                    unpool(index, &mut dz);
+                    let x = &xs[index * plane..(index + 1) * plane];
+                    // The ReLU is in the argmax already (no gradient where the maximum was
+                    // not positive).
+                    rows::add_gradients(&mut sums, &dz, x, coefficients[c], false);
+                }
+                sums.total()
+            })
+            .collect()
     };
-    expect_shape(OP, "input gradient", dx.shape(), &pool.input_shape())?;
-    let dxs = dx.as_slice_mut().ok_or(TensorError::Layout {
-        op: OP,
-        operand: "input gradient",
-    })?;
-    dxs.par_chunks_mut(plane.max(1))
-        .zip(xs.par_chunks(plane.max(1)))
-        .enumerate()
-        .for_each_init(
-            || vec![0.0f32; plane],
-            |dz, (index, (dx, x))| {
-                let c = index % channels;
-                unpool(index, dz);
-                rows::input_gradient(dz, x, dx, coefficients[c], per_channel[c], false);
-            },
-        );
+    let per_channel = parameter_grads(&sums, &coefficients, images * plane, dgamma, dbeta);
+    if !input_grad {
+        return Ok(());
+    }
+    xs.par_chunks_mut(plane.max(1)).enumerate().for_each_init(
+        || vec![0.0f32; plane],
+        |dz, (index, x)| {
+            let c = index % channels;
+            unpool(index, dz);
+            rows::input_gradient_over_input(dz, x, coefficients[c], per_channel[c], false);
+        },
+    );
     Ok(())
 }

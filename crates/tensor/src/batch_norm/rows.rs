@@ -100,29 +100,29 @@ fn normalize_body<S: Simd, const LANES: usize>(
 }
 
 dispatched! {
-    /// The input's gradient of a row into `dx` from the output's gradient `dy` (the same
-    /// slice is allowed through [`input_gradient_in_place`]), through the ReLU when `relu`.
-    fn input_gradient(dy: &[f32], xs: &[f32], dx: &mut [f32], k: Coefficients, d: InputGradient, relu: bool)
-        => input_gradient_body;
+    /// The input's gradient of a row from the output's gradient `dy`, through the ReLU when
+    /// `relu`, written over the input `xs` it is computed from.
+    fn input_gradient_over_input(dy: &[f32], xs: &mut [f32], k: Coefficients, d: InputGradient, relu: bool)
+        => input_gradient_over_input_body;
 }
 
 #[inline(always)]
-fn input_gradient_body<S: Simd, const LANES: usize>(
+fn input_gradient_over_input_body<S: Simd, const LANES: usize>(
     _: S,
     dy: &[f32],
-    xs: &[f32],
-    dx: &mut [f32],
+    xs: &mut [f32],
     k: Coefficients,
     d: InputGradient,
     relu: bool,
 ) {
-    for ((out, &g), &x) in dx.iter_mut().zip(dy).zip(xs) {
-        *out = d.dx(k.dz(g, x, relu), k.x_hat(x));
+    for (x, &g) in xs.iter_mut().zip(dy) {
+        *x = d.dx(k.dz(g, *x, relu), k.x_hat(*x));
     }
 }
 
 dispatched! {
-    /// [`input_gradient`] with the output's gradient `g` turned into the input's in place.
+    /// The input's gradient of a row from the output's gradient `g`, written over `g`, through
+    /// the ReLU when `relu`.
     fn input_gradient_in_place(g: &mut [f32], xs: &[f32], k: Coefficients, d: InputGradient, relu: bool)
         => input_gradient_in_place_body;
 }

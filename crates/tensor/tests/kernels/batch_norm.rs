@@ -209,15 +209,25 @@ proptest! {
         let (mut dgamma, mut dbeta) = (Array1::zeros(c), Array1::zeros(c));
         batch_norm_backward(dx.view_mut(), x3, normalization, false, dgamma.view_mut(), dbeta.view_mut(), true).unwrap();
 
-        let mut fused_dx = Array4::from_elem((n, c, h, w), f32::NAN);
+        // The fused pass turns the input into its gradient in place; without an input
+        // gradient, it leaves the input as it was.
+        let mut fused_dx = x.clone();
         let (mut fused_dgamma, mut fused_dbeta) = (Array1::zeros(c), Array1::zeros(c));
         batch_norm_relu_max_pool_backward(
-            dy.view(), fused_argmax.view(), &pool, x.view(), normalization,
-            fused_dgamma.view_mut(), fused_dbeta.view_mut(), Some(fused_dx.view_mut()),
+            dy.view(), fused_argmax.view(), &pool, fused_dx.view_mut(), normalization,
+            fused_dgamma.view_mut(), fused_dbeta.view_mut(), true,
         ).unwrap();
         prop_assert_eq!(bits(dx.as_slice().unwrap()), bits(fused_dx.as_slice().unwrap()));
         prop_assert_eq!(bits(dgamma.as_slice().unwrap()), bits(fused_dgamma.as_slice().unwrap()));
         prop_assert_eq!(bits(dbeta.as_slice().unwrap()), bits(fused_dbeta.as_slice().unwrap()));
+        let mut kept = x.clone();
+        let (mut kept_dgamma, mut kept_dbeta) = (Array1::zeros(c), Array1::zeros(c));
+        batch_norm_relu_max_pool_backward(
+            dy.view(), fused_argmax.view(), &pool, kept.view_mut(), normalization,
+            kept_dgamma.view_mut(), kept_dbeta.view_mut(), false,
+        ).unwrap();
+        prop_assert_eq!(bits(x.as_slice().unwrap()), bits(kept.as_slice().unwrap()));
+        prop_assert_eq!(bits(dgamma.as_slice().unwrap()), bits(kept_dgamma.as_slice().unwrap()));
 
         // BatchNorm with its ReLU, backward, against BatchNorm then the ReLU's backward.
         let dz = Array3::from_shape_simple_fn((n, c, h * w), || values.next());
