@@ -3,7 +3,9 @@
 //! unbiased to update the running variance), running statistics in evaluation. It computes the
 //! ReLU after it, or the ReLU and max pooling, in the same pass when the model fuses them.
 
-use ndarray::{Array1, Array3, Array4, ArrayD, ArrayView3, ArrayView4, ArrayViewMut4, Ix1, Zip};
+use ndarray::{
+    Array1, Array3, Array4, ArrayBase, ArrayD, ArrayView3, Ix1, Ix4, IxDyn, RawData, Zip,
+};
 use tensor::{ChannelNormalization, Pool2dDims};
 
 use crate::error::NnError;
@@ -73,16 +75,8 @@ fn ncs_view(x: ndarray::ArrayViewD<'_, f32>) -> Result<ArrayView3<'_, f32>, NnEr
     x.into_shape_with_order(shape).map_err(not_ncs)
 }
 
-/// A standard-layout array as `[N, C, H, W]`.
-fn nchw_view(x: ndarray::ArrayViewD<'_, f32>) -> Result<ArrayView4<'_, f32>, NnError> {
-    x.into_dimensionality().map_err(|e| NnError::Input {
-        kind: "BatchNorm",
-        detail: format!("pooling needs [N, C, H, W] input: {e}"),
-    })
-}
-
-/// [`nchw_view`], mutable.
-fn nchw_view_mut(x: ndarray::ArrayViewMutD<'_, f32>) -> Result<ArrayViewMut4<'_, f32>, NnError> {
+/// A standard-layout array (or view, mutable or not) as `[N, C, H, W]`.
+fn nchw<S: RawData<Elem = f32>>(x: ArrayBase<S, IxDyn>) -> Result<ArrayBase<S, Ix4>, NnError> {
     x.into_dimensionality().map_err(|e| NnError::Input {
         kind: "BatchNorm",
         detail: format!("pooling needs [N, C, H, W] input: {e}"),
@@ -174,10 +168,10 @@ impl BatchNorm {
             // The input becomes its own gradient: this pass is the last to read it.
             let mut input = std::mem::take(&mut cache.input);
             tensor::batch_norm_relu_max_pool_backward(
-                nchw_view(dy.view())?,
+                nchw(dy.view())?,
                 self.argmax.view(),
                 &pool,
-                nchw_view_mut(input.view_mut())?,
+                nchw(input.view_mut())?,
                 normalization,
                 dgamma,
                 dbeta,
@@ -257,7 +251,7 @@ impl BatchNorm {
             };
             let mut y = Array4::zeros(pool.output_shape());
             tensor::batch_norm_relu_max_pool_forward(
-                nchw_view(x.view())?,
+                nchw(x.view())?,
                 &pool,
                 normalization,
                 y.view_mut(),
@@ -367,7 +361,7 @@ impl Layer for BatchNorm {
                 }
                 let mut y = Array4::zeros(pool.output_shape());
                 tensor::batch_norm_relu_max_pool_forward(
-                    nchw_view(x.view())?,
+                    nchw(x.view())?,
                     &pool,
                     normalization,
                     y.view_mut(),

@@ -22,6 +22,15 @@ fn values<'a, T>(
     a.as_slice().ok_or(TensorError::Layout { op, operand })
 }
 
+/// A standard-layout operand's values, mutable.
+fn values_mut<'a, T>(
+    op: &'static str,
+    operand: &'static str,
+    a: &'a mut ArrayViewMut4<'_, T>,
+) -> Result<&'a mut [T], TensorError> {
+    a.as_slice_mut().ok_or(TensorError::Layout { op, operand })
+}
+
 /// Checks that `pool` pools `x`'s planes into `y`'s.
 fn check_shapes(
     op: &'static str,
@@ -50,20 +59,14 @@ pub fn batch_norm_relu_max_pool_forward(
     let coefficients = normalization.coefficients(OP, channels)?;
     let xs = values(OP, "input", &x)?;
     let (plane, out_plane) = (pool.in_h * pool.in_w, pool.out_h() * pool.out_w());
-    let ys = y.as_slice_mut().ok_or(TensorError::Layout {
-        op: OP,
-        operand: "output",
-    })?;
+    let ys = values_mut(OP, "output", &mut y)?;
     let pool_one = |index: usize, x: &[f32], y: &mut [f32], argmax: &mut [u32]| {
         rows::normalize_and_pool(pool, x, y, argmax, coefficients[index % channels]);
     };
     match argmax {
         Some(mut argmax) => {
             expect_shape(OP, "argmax", argmax.shape(), &pool.output_shape())?;
-            let argmax = argmax.as_slice_mut().ok_or(TensorError::Layout {
-                op: OP,
-                operand: "argmax",
-            })?;
+            let argmax = values_mut(OP, "argmax", &mut argmax)?;
             xs.par_chunks(plane.max(1))
                 .zip(ys.par_chunks_mut(out_plane.max(1)))
                 .zip(argmax.par_chunks_mut(out_plane.max(1)))
@@ -120,10 +123,7 @@ pub fn batch_norm_relu_max_pool_backward(
         values(OP, "output gradient", &dy)?,
         values(OP, "argmax", &argmax)?,
     );
-    let xs = x.as_slice_mut().ok_or(TensorError::Layout {
-        op: OP,
-        operand: "input",
-    })?;
+    let xs = values_mut(OP, "input", &mut x)?;
     check_argmax(OP, argmaxes, plane, "input")?;
     // The gradient before the ReLU of plane `index`, rebuilt into `dz`.
     let unpool = |index: usize, dz: &mut [f32]| {
