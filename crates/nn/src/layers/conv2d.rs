@@ -4,9 +4,10 @@ use ndarray::{Array4, ArrayD, Ix1, Ix4};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::NnError;
-use crate::init::{Init, fans, initialize};
+use crate::init::Init;
 use crate::layer::{Fusion, Layer, Mode, PoolWindow};
 use crate::layers::expect_dim;
+use crate::layers::weights::{check_weight_and_bias, initial_weight_and_bias};
 use crate::param::{Param, fixed, fixed_mut, weight_and_bias, weight_and_bias_mut};
 use crate::spec::{LayerSpec, PaddingSpec};
 use tensor::{
@@ -37,16 +38,7 @@ impl Conv2dConfig {
     /// A layer with freshly initialized weights.
     pub fn init(self, rng: &mut ChaCha8Rng) -> Result<Conv2d, NnError> {
         let shape = self.weight_shape()?;
-        let fan = fans(&shape);
-        let weight = initialize(self.init, &shape, fan, rng);
-        let bias = self.bias.then(|| {
-            let bias_init = if self.init == Init::Zeros {
-                Init::Zeros
-            } else {
-                Init::TorchDefault
-            };
-            initialize(bias_init, &[self.out_channels], fan, rng)
-        });
+        let (weight, bias) = initial_weight_and_bias(self.init, &shape, self.bias, rng);
         self.with_weights(weight, bias)
     }
 
@@ -58,26 +50,7 @@ impl Conv2dConfig {
         bias: Option<ArrayD<f32>>,
     ) -> Result<Conv2d, NnError> {
         let shape = self.weight_shape()?;
-        if weight.shape() != shape {
-            return Err(refused(format!(
-                "weight has shape {:?}, the layer needs {shape:?}",
-                weight.shape()
-            )));
-        }
-        match &bias {
-            Some(b) if b.shape() != [self.out_channels] => {
-                return Err(refused(format!(
-                    "bias has shape {:?}, the layer needs [{}]",
-                    b.shape(),
-                    self.out_channels
-                )));
-            }
-            Some(_) if !self.bias => {
-                return Err(refused("a bias was given to a layer without one".into()));
-            }
-            None if self.bias => return Err(refused("the bias is missing".into())),
-            _ => {}
-        }
+        check_weight_and_bias(&weight, bias.as_ref(), &shape, self.bias).map_err(refused)?;
         Ok(Conv2d {
             config: self,
             weight: Param::new(weight),

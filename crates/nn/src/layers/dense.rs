@@ -5,9 +5,10 @@ use ndarray::{Array2, ArrayD, Ix1, Ix2, Zip};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::NnError;
-use crate::init::{Init, fans, initialize};
+use crate::init::Init;
 use crate::layer::{Layer, Mode};
 use crate::layers::expect_dim;
+use crate::layers::weights::{check_weight_and_bias, initial_weight_and_bias};
 use crate::param::{Param, fixed, fixed_mut, weight_and_bias, weight_and_bias_mut};
 use crate::spec::LayerSpec;
 use tensor::gemm_parallel;
@@ -40,16 +41,7 @@ impl DenseConfig {
     /// A layer with freshly initialized weights.
     pub fn init(self, rng: &mut ChaCha8Rng) -> Result<Dense, NnError> {
         let shape = self.weight_shape()?;
-        let fan = fans(&shape);
-        let weight = initialize(self.init, &shape, fan, rng);
-        let bias = self.bias.then(|| {
-            let bias_init = if self.init == Init::Zeros {
-                Init::Zeros
-            } else {
-                Init::TorchDefault
-            };
-            initialize(bias_init, &[self.out_features], fan, rng)
-        });
+        let (weight, bias) = initial_weight_and_bias(self.init, &shape, self.bias, rng);
         self.with_weights(weight, bias)
     }
 
@@ -61,26 +53,7 @@ impl DenseConfig {
         bias: Option<ArrayD<f32>>,
     ) -> Result<Dense, NnError> {
         let shape = self.weight_shape()?;
-        if weight.shape() != shape {
-            return Err(refused(format!(
-                "weight has shape {:?}, the layer needs {shape:?}",
-                weight.shape()
-            )));
-        }
-        match &bias {
-            Some(b) if b.shape() != [self.out_features] => {
-                return Err(refused(format!(
-                    "bias has shape {:?}, the layer needs [{}]",
-                    b.shape(),
-                    self.out_features
-                )));
-            }
-            Some(_) if !self.bias => {
-                return Err(refused("a bias was given to a layer without one".into()));
-            }
-            None if self.bias => return Err(refused("the bias is missing".into())),
-            _ => {}
-        }
+        check_weight_and_bias(&weight, bias.as_ref(), &shape, self.bias).map_err(refused)?;
         Ok(Dense {
             in_features: self.in_features,
             out_features: self.out_features,

@@ -13,6 +13,7 @@ mod dropout;
 mod flatten;
 mod pool2d;
 mod softmax;
+mod weights;
 
 pub use activation::{Activation, ActivationKind};
 pub use batchnorm::{BatchNorm, BatchNormConfig};
