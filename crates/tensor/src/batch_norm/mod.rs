@@ -17,7 +17,9 @@ mod rows;
 
 pub use pooled::{batch_norm_relu_max_pool_backward, batch_norm_relu_max_pool_forward};
 
-use ndarray::{ArrayView1, ArrayView3, ArrayViewMut1, ArrayViewMut3};
+use ndarray::{
+    ArrayBase, ArrayView1, ArrayView3, ArrayViewMut1, ArrayViewMut3, Data, DataMut, Dimension,
+};
 use rayon::prelude::*;
 
 use crate::error::{TensorError, expect_shape};
@@ -117,12 +119,21 @@ fn channel_sums(
 }
 
 /// An operand's values, which must be in standard layout.
-fn slice<'a>(
+fn slice<'a, S: Data, D: Dimension>(
     op: &'static str,
     operand: &'static str,
-    a: &'a ArrayView3<'_, f32>,
-) -> Result<&'a [f32], TensorError> {
+    a: &'a ArrayBase<S, D>,
+) -> Result<&'a [S::Elem], TensorError> {
     a.as_slice().ok_or(TensorError::Layout { op, operand })
+}
+
+/// An operand's values, mutable, which must be in standard layout.
+fn slice_mut<'a, S: DataMut, D: Dimension>(
+    op: &'static str,
+    operand: &'static str,
+    a: &'a mut ArrayBase<S, D>,
+) -> Result<&'a mut [S::Elem], TensorError> {
+    a.as_slice_mut().ok_or(TensorError::Layout { op, operand })
 }
 
 /// Each channel's mean and biased variance, in one pass over the values.
@@ -163,10 +174,7 @@ pub fn batch_norm_forward(
     expect_shape(OP, "output", y.shape(), x.shape())?;
     let coefficients = normalization.coefficients(OP, channels)?;
     let xs = slice(OP, "input", &x)?;
-    let ys = y.as_slice_mut().ok_or(TensorError::Layout {
-        op: OP,
-        operand: "output",
-    })?;
+    let ys = slice_mut(OP, "output", &mut y)?;
     let image = (channels * pixels).max(1);
     ys.par_chunks_mut(image)
         .zip(xs.par_chunks(image))
@@ -191,10 +199,7 @@ pub fn scale_channels(
     expect_shape(OP, "scale", scale.shape(), &[channels])?;
     expect_shape(OP, "shift", shift.shape(), &[channels])?;
     let (scale, shift) = (scale.to_vec(), shift.to_vec());
-    let xs = x.as_slice_mut().ok_or(TensorError::Layout {
-        op: OP,
-        operand: "input",
-    })?;
+    let xs = slice_mut(OP, "input", &mut x)?;
     xs.par_chunks_mut((channels * pixels).max(1))
         .for_each(|xi| {
             for (c, xc) in xi.chunks_mut(pixels.max(1)).enumerate() {
@@ -275,10 +280,7 @@ pub fn batch_norm_backward(
     expect_shape(OP, "dbeta", dbeta.shape(), &[channels])?;
     let coefficients = normalization.coefficients(OP, channels)?;
     let xs = slice(OP, "input", &x)?;
-    let g = dy.as_slice().ok_or(TensorError::Layout {
-        op: OP,
-        operand: "output gradient",
-    })?;
+    let g = slice(OP, "output gradient", &dy)?;
     let sums = channel_sums(g, xs, [images, channels, pixels], |sums, c, g, x| {
         rows::add_gradients(sums, g, x, coefficients[c], relu);
     });
@@ -286,10 +288,7 @@ pub fn batch_norm_backward(
     if !input_grad {
         return Ok(());
     }
-    let gs = dy.as_slice_mut().ok_or(TensorError::Layout {
-        op: OP,
-        operand: "output gradient",
-    })?;
+    let gs = slice_mut(OP, "output gradient", &mut dy)?;
     let image = (channels * pixels).max(1);
     gs.par_chunks_mut(image)
         .zip(xs.par_chunks(image))

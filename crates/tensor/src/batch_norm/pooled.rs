@@ -8,28 +8,10 @@ use ndarray::{ArrayView4, ArrayViewMut1, ArrayViewMut4};
 use rayon::prelude::*;
 
 use super::rows::{self, Sums};
-use super::{ChannelNormalization, parameter_grads};
+use super::{ChannelNormalization, parameter_grads, slice, slice_mut};
 use crate::conv::{NO_GRADIENT, check_argmax, unpool_plane};
 use crate::error::{TensorError, expect_shape};
 use crate::pool::Pool2dDims;
-
-/// A standard-layout operand's values.
-fn values<'a, T>(
-    op: &'static str,
-    operand: &'static str,
-    a: &'a ArrayView4<'_, T>,
-) -> Result<&'a [T], TensorError> {
-    a.as_slice().ok_or(TensorError::Layout { op, operand })
-}
-
-/// A standard-layout operand's values, mutable.
-fn values_mut<'a, T>(
-    op: &'static str,
-    operand: &'static str,
-    a: &'a mut ArrayViewMut4<'_, T>,
-) -> Result<&'a mut [T], TensorError> {
-    a.as_slice_mut().ok_or(TensorError::Layout { op, operand })
-}
 
 /// Checks that `pool` pools `x`'s planes into `y`'s.
 fn check_shapes(
@@ -57,16 +39,16 @@ pub fn batch_norm_relu_max_pool_forward(
     check_shapes(OP, pool, x.shape(), y.shape())?;
     let channels = pool.channels;
     let coefficients = normalization.coefficients(OP, channels)?;
-    let xs = values(OP, "input", &x)?;
+    let xs = slice(OP, "input", &x)?;
     let (plane, out_plane) = (pool.in_h * pool.in_w, pool.out_h() * pool.out_w());
-    let ys = values_mut(OP, "output", &mut y)?;
+    let ys = slice_mut(OP, "output", &mut y)?;
     let pool_one = |index: usize, x: &[f32], y: &mut [f32], argmax: &mut [u32]| {
         rows::normalize_and_pool(pool, x, y, argmax, coefficients[index % channels]);
     };
     match argmax {
         Some(mut argmax) => {
             expect_shape(OP, "argmax", argmax.shape(), &pool.output_shape())?;
-            let argmax = values_mut(OP, "argmax", &mut argmax)?;
+            let argmax = slice_mut(OP, "argmax", &mut argmax)?;
             xs.par_chunks(plane.max(1))
                 .zip(ys.par_chunks_mut(out_plane.max(1)))
                 .zip(argmax.par_chunks_mut(out_plane.max(1)))
@@ -120,10 +102,10 @@ pub fn batch_norm_relu_max_pool_backward(
     let coefficients = normalization.coefficients(OP, channels)?;
     let (plane, out_plane) = (pool.in_h * pool.in_w, pool.out_h() * pool.out_w());
     let (dys, argmaxes) = (
-        values(OP, "output gradient", &dy)?,
-        values(OP, "argmax", &argmax)?,
+        slice(OP, "output gradient", &dy)?,
+        slice(OP, "argmax", &argmax)?,
     );
-    let xs = values_mut(OP, "input", &mut x)?;
+    let xs = slice_mut(OP, "input", &mut x)?;
     check_argmax(OP, argmaxes, plane, "input")?;
     // The gradient before the ReLU of plane `index`, rebuilt into `dz`.
     let unpool = |index: usize, dz: &mut [f32]| {
