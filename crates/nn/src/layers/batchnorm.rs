@@ -33,6 +33,9 @@ pub struct BatchNorm {
     cache: Option<TrainingCache>,
     /// Where each pooled maximum came from, in the last fused training pass with pooling.
     argmax: Array4<u32>,
+    /// The last pooled backward pass's output gradient, free once it has run: the next
+    /// pooled training pass writes its output there (the same shape), not into fresh memory.
+    spare_output: Option<Array4<f32>>,
 }
 
 /// What a training pass keeps for its backward pass.
@@ -128,6 +131,7 @@ impl BatchNormConfig {
             fusion: Fusion::Alone,
             cache: None,
             argmax: Array4::zeros((0, 0, 0, 0)),
+            spare_output: None,
         })
     }
 }
@@ -164,7 +168,7 @@ impl BatchNorm {
             if dy.shape() != pool.output_shape() {
                 return Err(wrong_gradient(&dy));
             }
-            let dy = dy.as_standard_layout();
+            let dy = standard_layout(dy);
             // The input becomes its own gradient: this pass is the last to read it.
             let mut input = std::mem::take(&mut cache.input);
             tensor::batch_norm_relu_max_pool_backward(
@@ -177,6 +181,7 @@ impl BatchNorm {
                 dbeta,
                 input_grad,
             )?;
+            self.spare_output = dy.into_dimensionality().ok();
             return Ok(input_grad.then_some(input));
         }
         if dy.shape() != cache.input.shape() {
@@ -359,7 +364,11 @@ impl Layer for BatchNorm {
                 if self.argmax.shape() != pool.output_shape() {
                     self.argmax = Array4::zeros(pool.output_shape());
                 }
-                let mut y = Array4::zeros(pool.output_shape());
+                // Every value is overwritten.
+                let mut y = match self.spare_output.take() {
+                    Some(spare) if spare.shape() == pool.output_shape() => spare,
+                    _ => Array4::zeros(pool.output_shape()),
+                };
                 tensor::batch_norm_relu_max_pool_forward(
                     nchw(x.view())?,
                     &pool,
