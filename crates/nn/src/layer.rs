@@ -30,6 +30,8 @@ pub enum Fusion {
     Relu,
     /// The ReLU and the max pooling (window and stride) after it.
     ReluMaxPool(PoolWindow),
+    /// The max pooling (window and stride) right after it.
+    MaxPool(PoolWindow),
 }
 
 /// One layer with hand-written forward and backward passes.

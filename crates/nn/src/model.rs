@@ -84,8 +84,9 @@ impl Sequential {
     }
 
     /// With `enabled` (the default), a Conv2d or BatchNorm2d followed by ReLU and MaxPool2d
-    /// computes all three in one pass, and a BatchNorm followed by ReLU both, which gives the
-    /// same bits faster; without, every layer runs alone.
+    /// computes all three in one pass, a Conv2d followed by MaxPool2d both, and a BatchNorm
+    /// followed by ReLU both, which gives the same bits faster; without, every layer runs
+    /// alone.
     pub fn fuse_layers(&mut self, enabled: bool) {
         self.steps.clear();
         let mut first = 0;
@@ -95,6 +96,10 @@ impl Sequential {
             let following = &self.layers[first + 1..end];
             let candidates = [
                 relu_then_max_pool(following.get(..2)).map(Fusion::ReluMaxPool),
+                following
+                    .first()
+                    .and_then(|layer| max_pool(layer.as_ref()))
+                    .map(Fusion::MaxPool),
                 following
                     .first()
                     .filter(|layer| layer.spec() == LayerSpec::ReLU)
@@ -108,7 +113,7 @@ impl Sequential {
                 .find(|&fusion| layer.fuse(fusion));
             let len = match fused {
                 Some(Fusion::ReluMaxPool(_)) => 3,
-                Some(Fusion::Relu) => 2,
+                Some(Fusion::Relu | Fusion::MaxPool(_)) => 2,
                 Some(Fusion::Alone) | None => {
                     layer.fuse(Fusion::Alone);
                     1
@@ -482,10 +487,13 @@ fn relu_then_max_pool(layers: Option<&[Box<dyn Layer>]>) -> Option<PoolWindow> {
     let [relu, pool] = layers? else {
         return None;
     };
-    match (relu.spec(), pool.spec()) {
-        (LayerSpec::ReLU, LayerSpec::MaxPool2d { kernel, stride }) => {
-            Some((kernel, stride.unwrap_or(kernel)))
-        }
+    (relu.spec() == LayerSpec::ReLU).then(|| max_pool(pool.as_ref()))?
+}
+
+/// The window and stride of `layer` when it is a max pooling.
+fn max_pool(layer: &dyn Layer) -> Option<PoolWindow> {
+    match layer.spec() {
+        LayerSpec::MaxPool2d { kernel, stride } => Some((kernel, stride.unwrap_or(kernel))),
         _ => None,
     }
 }

@@ -35,9 +35,9 @@ pub use batch_norm::{
 };
 pub use bias::{add_channel_bias, add_row_bias, channel_bias_grad, row_bias_grad};
 pub use conv::{
-    Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, ConvAlgorithm, NO_GRADIENT, Padding, col2im,
-    conv2d_backward, conv2d_forward, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward,
-    im2col,
+    Backward, BeforePool, Conv2dBuffers, Conv2dDims, Conv2dGrads, ConvAlgorithm, NO_GRADIENT,
+    Padding, col2im, conv2d_backward, conv2d_forward, conv2d_max_pool_backward,
+    conv2d_max_pool_forward, im2col,
 };
 pub use error::TensorError;
 pub use gemm::{gemm, gemm_parallel};

@@ -419,9 +419,12 @@ impl Layer for BatchNorm {
     }
 
     fn fuse(&mut self, following: Fusion) -> bool {
-        // Pooling needs images; BatchNorm1d fuses a ReLU only.
-        if matches!(following, Fusion::ReluMaxPool(_)) && self.rank != 4 {
-            return false;
+        // Pooling needs images; BatchNorm1d fuses a ReLU only. Pooling without a ReLU before
+        // it has no kernel here (no network was seen to want it).
+        match following {
+            Fusion::ReluMaxPool(_) if self.rank != 4 => return false,
+            Fusion::MaxPool(_) => return false,
+            _ => {}
         }
         self.fusion = following;
         self.cache = None;

@@ -11,8 +11,8 @@ use crate::layers::weights::{check_weight_and_bias, initial_weight_and_bias};
 use crate::param::{Param, fixed, fixed_mut, weight_and_bias, weight_and_bias_mut};
 use crate::spec::{LayerSpec, PaddingSpec};
 use tensor::{
-    Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, ConvAlgorithm, Pool2dDims, conv2d_backward,
-    conv2d_forward, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward,
+    Backward, BeforePool, Conv2dBuffers, Conv2dDims, Conv2dGrads, ConvAlgorithm, Pool2dDims,
+    conv2d_backward, conv2d_forward, conv2d_max_pool_backward, conv2d_max_pool_forward,
 };
 
 /// The hyper-parameters of a [`Conv2d`], apart from its weights.
@@ -113,15 +113,16 @@ pub struct Conv2d {
     /// The dimensions of the last training forward pass; `None` when there is nothing to
     /// differentiate.
     forward_dims: Option<Conv2dDims>,
-    /// The max pooling window this layer computes with the ReLU after it, when fused.
-    fused_pool: Option<PoolWindow>,
+    /// The max pooling window this layer computes, and whether a ReLU comes before it, when
+    /// fused.
+    fused_pool: Option<(PoolWindow, BeforePool)>,
     /// The pooling of the last fused training forward pass.
     pool_dims: Option<Pool2dDims>,
     /// Where each pooled maximum came from, in the last fused forward pass.
     argmax: Array4<u32>,
-    /// The last backward pass's output gradient, free once it has run: the next forward
-    /// pass writes its output there (the same shape), not into fresh memory, whose page
-    /// faults cost as much as a small layer's arithmetic.
+    /// The last backward pass's output gradient (of the pooled output, when fused), free
+    /// once it has run: the next forward pass writes its output there (the same shape), not
+    /// into fresh memory, whose page faults cost as much as a small layer's arithmetic.
     spare_output: Option<Array4<f32>>,
 }
 
@@ -181,11 +182,7 @@ impl Layer for Conv2d {
         };
         let y = match self.fused_pool {
             None => {
-                // Every value is overwritten.
-                let mut y = match self.spare_output.take() {
-                    Some(spare) if spare.shape() == dims.output_shape() => spare,
-                    _ => Array4::zeros(dims.output_shape()),
-                };
+                let mut y = output_array(&mut self.spare_output, dims.output_shape());
                 conv2d_forward(
                     &dims,
                     x.view(),
@@ -198,10 +195,10 @@ impl Layer for Conv2d {
                 self.pool_dims = None;
                 y
             }
-            Some((kernel, stride)) => {
+            Some(((kernel, stride), before)) => {
                 let pool = Pool2dDims::new(dims.output_shape(), kernel, stride)
                     .map_err(|e| self.shape_error(format!("the fused max pooling: {e}")))?;
-                let mut y = Array4::zeros(pool.output_shape());
+                let mut y = output_array(&mut self.spare_output, pool.output_shape());
                 // Inference keeps no argmax (only the backward pass reads it).
                 let argmax = match mode {
                     Mode::Train => {
@@ -212,9 +209,10 @@ impl Layer for Conv2d {
                     }
                     Mode::Eval => None,
                 };
-                conv2d_relu_max_pool_forward(
+                conv2d_max_pool_forward(
                     &dims,
                     &pool,
+                    before,
                     x.view(),
                     weight,
                     bias,
@@ -251,7 +249,7 @@ impl Layer for Conv2d {
         let weight = fixed::<Ix4>(weight, "Conv2d weight")?;
         match &self.pool_dims {
             None => conv2d_backward(&dims, weight, dy.view(), &mut self.buffers, grads)?,
-            Some(pool) => conv2d_relu_max_pool_backward(
+            Some(pool) => conv2d_max_pool_backward(
                 &dims,
                 pool,
                 weight,
@@ -261,7 +259,7 @@ impl Layer for Conv2d {
                 grads,
             )?,
         }
-        if self.pool_dims.is_none() && dy.is_standard_layout() {
+        if dy.is_standard_layout() {
             self.spare_output = Some(dy);
         }
         Ok(dx.map(Array4::into_dyn))
@@ -270,7 +268,8 @@ impl Layer for Conv2d {
     fn fuse(&mut self, following: Fusion) -> bool {
         self.fused_pool = match following {
             Fusion::Alone => None,
-            Fusion::ReluMaxPool(pool) => Some(pool),
+            Fusion::ReluMaxPool(pool) => Some((pool, BeforePool::Relu)),
+            Fusion::MaxPool(pool) => Some((pool, BeforePool::Nothing)),
             // A ReLU alone is cheap next to a convolution: not worth a third path.
             Fusion::Relu => return false,
         };
@@ -295,5 +294,14 @@ impl Layer for Conv2d {
             bias: self.config.bias,
             init: self.config.init,
         }
+    }
+}
+
+/// An array of `shape` for a forward pass's output, every value of which it overwrites: the
+/// `spare` output gradient when it has that shape.
+fn output_array(spare: &mut Option<Array4<f32>>, shape: [usize; 4]) -> Array4<f32> {
+    match spare.take() {
+        Some(spare) if spare.shape() == shape => spare,
+        _ => Array4::zeros(shape),
     }
 }

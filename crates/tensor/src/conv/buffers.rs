@@ -216,7 +216,8 @@ where
 mod tests {
     use super::*;
     use crate::conv::{
-        Backward, Conv2dGrads, Padding, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward,
+        Backward, BeforePool, Conv2dGrads, Padding, conv2d_max_pool_backward,
+        conv2d_max_pool_forward,
     };
     use crate::pool::Pool2dDims;
     use ndarray::Array1;
@@ -309,9 +310,10 @@ mod tests {
             for step in 0..3 {
                 let mut y = Array4::zeros(pool.output_shape());
                 let mut argmax = Array4::zeros(pool.output_shape());
-                conv2d_relu_max_pool_forward(
+                conv2d_max_pool_forward(
                     &dims,
                     &pool,
+                    BeforePool::Relu,
                     x.view(),
                     w.view(),
                     Some(b.view()),
@@ -328,7 +330,7 @@ mod tests {
                     bias: None,
                     input: (input[1] > 1).then(|| dx.view_mut()),
                 };
-                conv2d_relu_max_pool_backward(
+                conv2d_max_pool_backward(
                     &dims,
                     &pool,
                     w.view(),

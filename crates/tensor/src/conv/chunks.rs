@@ -2,7 +2,7 @@
 
 use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut3, ArrayViewMut4, Axis};
 
-use super::fused::unpool_plane;
+use super::fused::{BeforePool, unpool_plane};
 use super::{
     as_matrix, as_matrix_mut, contiguous, contiguous_mut, into_contiguous, into_contiguous_mut,
 };
@@ -12,8 +12,14 @@ use crate::pool::Pool2dDims;
 pub(super) enum ChunkOutput<'a> {
     /// The convolution output `[B, O, OH, OW]`.
     Conv(ArrayViewMut4<'a, f32>),
-    /// ReLU and max pooling of it, `[B, O, PH, PW]`, and the argmax of each window.
-    ReluMaxPool(Pool2dDims, ArrayViewMut4<'a, f32>, ArgmaxOut<'a>),
+    /// Max pooling of it (after a ReLU, if asked), `[B, O, PH, PW]`, and the argmax of each
+    /// window.
+    MaxPool(
+        Pool2dDims,
+        BeforePool,
+        ArrayViewMut4<'a, f32>,
+        ArgmaxOut<'a>,
+    ),
 }
 
 /// Where a chunk's argmax goes.

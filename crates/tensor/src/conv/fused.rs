@@ -1,6 +1,7 @@
-//! Convolution, ReLU and max pooling in one pass, and its backward pass from the argmax.
+//! Convolution, ReLU (or not) and max pooling in one pass, and its backward pass from the
+//! argmax.
 //!
-//! Why: the convolution output of a layer followed by ReLU and pooling is four times the
+//! Why: the convolution output of a layer followed by pooling is four times the
 //! pooled output; computing each image's and pooling it while it is in cache saves writing
 //! and reading it, and the backward pass reads only the pooled gradient and where it goes.
 
@@ -18,18 +19,57 @@ use crate::pool::{Pool2dDims, max_pool_plane};
 use crate::simd::dispatched;
 use crate::vector::Simd;
 
-/// `y = max_pool(relu(conv(x, weight) + bias))` in one pass: each image's convolution output
-/// is activated and pooled while it is still in cache, and never written out whole. The same
-/// bits as [`conv2d_forward`], [`crate::relu`] and [`crate::max_pool2d_forward`] in turn.
+/// What a fused convolution applies to its output before max pooling it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BeforePool {
+    /// ReLU: a window whose maximum is not positive gives 0 and passes no gradient.
+    Relu,
+    /// Nothing: the convolution output is pooled as it is (a BatchNorm follows, say).
+    Nothing,
+}
+
+impl BeforePool {
+    /// ReLU if `relu`, else nothing: for kernels that take the choice as a constant.
+    #[inline(always)]
+    pub(crate) const fn relu_if(relu: bool) -> BeforePool {
+        if relu {
+            BeforePool::Relu
+        } else {
+            BeforePool::Nothing
+        }
+    }
+
+    /// The activation of one value (ReLU's `max(v, 0)`, which also turns a NaN into 0, as
+    /// [`crate::relu`] does).
+    #[inline(always)]
+    pub(crate) fn apply(self, v: f32) -> f32 {
+        match self {
+            BeforePool::Relu => v.max(0.0),
+            BeforePool::Nothing => v,
+        }
+    }
+
+    /// Whether a window whose (activated) maximum is `best` passes no gradient back.
+    #[inline(always)]
+    pub(crate) fn blocks(self, best: f32) -> bool {
+        matches!(self, BeforePool::Relu) & (best <= 0.0)
+    }
+}
+
+/// `y = max_pool(before(conv(x, weight) + bias))` in one pass, `before` a ReLU or nothing:
+/// each image's convolution output is activated and pooled while it is still in cache, and
+/// never written out whole. The same bits as [`conv2d_forward`], [`crate::relu`] (if asked)
+/// and [`crate::max_pool2d_forward`] in turn.
 ///
 /// `pool` describes the pooling of the `[N, O, OH, OW]` convolution output; `y` and `argmax`
 /// are `[N, O, PH, PW]`. `argmax` is where each maximum came from in its convolution output
-/// plane, or [`NO_GRADIENT`] where the pooled value is 0 (ReLU passes no gradient there); the
+/// plane, or [`NO_GRADIENT`] where a ReLU gave the window 0 (it passes no gradient there); the
 /// backward pass needs it. Without one (inference), none is written out.
 #[allow(clippy::too_many_arguments)]
-pub fn conv2d_relu_max_pool_forward(
+pub fn conv2d_max_pool_forward(
     dims: &Conv2dDims,
     pool: &Pool2dDims,
+    before: BeforePool,
     x: ArrayView4<'_, f32>,
     weight: ArrayView4<'_, f32>,
     bias: Option<ArrayView1<'_, f32>>,
@@ -38,7 +78,7 @@ pub fn conv2d_relu_max_pool_forward(
     y: ArrayViewMut4<'_, f32>,
     argmax: Option<ArrayViewMut4<'_, u32>>,
 ) -> Result<(), TensorError> {
-    const OP: &str = "conv2d_relu_max_pool_forward";
+    const OP: &str = "conv2d_max_pool_forward";
     check_pool_of(OP, dims, pool)?;
     expect_shape(OP, "output", y.shape(), &pool.output_shape())?;
     if let Some(argmax) = &argmax {
@@ -52,7 +92,7 @@ pub fn conv2d_relu_max_pool_forward(
             let mut argmax = standard_layout(OP, "argmax", argmax)?;
             let outputs = y_chunks
                 .zip(argmax.axis_chunks_iter_mut(Axis(0), per_chunk))
-                .map(|(y, argmax)| ChunkOutput::ReluMaxPool(*pool, y, ArgmaxOut::Kept(argmax)))
+                .map(|(y, argmax)| ChunkOutput::MaxPool(*pool, before, y, ArgmaxOut::Kept(argmax)))
                 .collect();
             forward(OP, dims, x, weight, bias, buffers, backward, outputs)
         }
@@ -65,7 +105,9 @@ pub fn conv2d_relu_max_pool_forward(
             resize(&mut scratch, (y_chunks.len(), o, ph, pw));
             let outputs = y_chunks
                 .zip(scratch.outer_iter_mut())
-                .map(|(y, scratch)| ChunkOutput::ReluMaxPool(*pool, y, ArgmaxOut::Dropped(scratch)))
+                .map(|(y, scratch)| {
+                    ChunkOutput::MaxPool(*pool, before, y, ArgmaxOut::Dropped(scratch))
+                })
                 .collect();
             let result = forward(OP, dims, x, weight, bias, buffers, backward, outputs);
             buffers.argmax_scratch = scratch;
@@ -74,15 +116,16 @@ pub fn conv2d_relu_max_pool_forward(
     }
 }
 
-/// Marks a window of [`conv2d_relu_max_pool_forward`] whose maximum was not positive: the
-/// ReLU before the pooling passes no gradient back through it.
+/// Marks a window of [`conv2d_max_pool_forward`] whose maximum was not positive: the ReLU
+/// before the pooling passes no gradient back through it.
 pub const NO_GRADIENT: u32 = u32::MAX;
 
-/// ReLU and max pooling of one image's convolution output `conv [O, OH*OW]` (a slice of
+/// `before` and max pooling of one image's convolution output `conv [O, OH*OW]` (a slice of
 /// `gathered_out`, whose rows are contiguous) into `y` and `argmax` `[O, PH, PW]`, both in
 /// standard layout.
-pub(super) fn relu_max_pool_image(
+pub(super) fn max_pool_image(
     pool: &Pool2dDims,
+    before: BeforePool,
     conv: ArrayView2<'_, f32>,
     y: ArrayViewMut3<'_, f32>,
     argmax: ArrayViewMut3<'_, u32>,
@@ -94,17 +137,22 @@ pub(super) fn relu_max_pool_image(
         .zip(argmax.chunks_exact_mut(out_len));
     for (row, (y, argmax)) in conv.outer_iter().zip(planes) {
         let row = into_contiguous(row);
-        max_pool_plane(pool, row, y, argmax, |v| v.max(0.0));
-        for (y, a) in y.iter().zip(argmax.iter_mut()) {
-            // A select, not a branch: the loop vectorizes.
-            *a = if *y <= 0.0 { NO_GRADIENT } else { *a };
+        match before {
+            BeforePool::Relu => {
+                max_pool_plane(pool, row, y, argmax, |v| before.apply(v));
+                for (y, a) in y.iter().zip(argmax.iter_mut()) {
+                    // A select, not a branch: the loop vectorizes.
+                    *a = if before.blocks(*y) { NO_GRADIENT } else { *a };
+                }
+            }
+            BeforePool::Nothing => max_pool_plane(pool, row, y, argmax, |v| v),
         }
     }
 }
 
-/// The gradients of [`conv2d_relu_max_pool_forward`] given the gradient of its pooled output
+/// The gradients of [`conv2d_max_pool_forward`] given the gradient of its pooled output
 /// `dy [N, O, PH, PW]` and the `argmax` it returned.
-pub fn conv2d_relu_max_pool_backward(
+pub fn conv2d_max_pool_backward(
     dims: &Conv2dDims,
     pool: &Pool2dDims,
     weight: ArrayView4<'_, f32>,
@@ -113,7 +161,7 @@ pub fn conv2d_relu_max_pool_backward(
     buffers: &mut Conv2dBuffers,
     grads: Conv2dGrads<'_>,
 ) -> Result<(), TensorError> {
-    const OP: &str = "conv2d_relu_max_pool_backward";
+    const OP: &str = "conv2d_max_pool_backward";
     check_pool_of(OP, dims, pool)?;
     expect_shape(OP, "output gradient", dy.shape(), &pool.output_shape())?;
     expect_shape(OP, "argmax", argmax.shape(), &pool.output_shape())?;

@@ -11,7 +11,7 @@ use ndarray::{
 
 use super::buffers::{GemmBackwardBuffers, Im2colBuffers, resize};
 use super::chunks::{ChunkGrad, ChunkOutput, image_matrix};
-use super::fused::relu_max_pool_image;
+use super::fused::max_pool_image;
 use super::layout::{self, ALIGN_SLACK, aligned, aligned_mut};
 use super::{
     Conv2dDims, ForwardPass, Partials, col2im, contiguous, contiguous_mut, im2col,
@@ -45,7 +45,7 @@ pub(super) fn forward(
         bias,
         keep,
     } = *pass;
-    let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
+    let pooled = matches!(outputs.first(), Some(ChunkOutput::MaxPool(..)));
     let (o, patch, pixels) = (dims.out_channels, dims.patch_len(), dims.out_pixels());
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
@@ -145,10 +145,11 @@ pub(super) fn forward(
                                 image_matrix(y, o, pixels).assign(&image(j));
                             }
                         }
-                        ChunkOutput::ReluMaxPool(pool, y, argmax) => {
+                        ChunkOutput::MaxPool(pool, before, y, argmax) => {
                             let mut y = y.slice_mut(here);
                             for (j, y) in y.outer_iter_mut().enumerate() {
-                                relu_max_pool_image(pool, image(j), y, argmax.image(g * group + j));
+                                let argmax = argmax.image(g * group + j);
+                                max_pool_image(pool, *before, image(j), y, argmax);
                             }
                         }
                     }

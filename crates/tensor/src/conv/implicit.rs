@@ -23,7 +23,7 @@ use ndarray::{ArrayView2, ArrayViewMut4, Axis};
 
 use super::buffers::{ImplicitBuffers, resize};
 use super::chunks::{ChunkGrad, ChunkOutput};
-use super::fused::relu_max_pool_image;
+use super::fused::{BeforePool, max_pool_image};
 use super::im2col::{DenseProducts, KeptInput, backward_gemm};
 use super::layout::{self, ALIGN_SLACK, aligned, aligned_mut};
 use super::{
@@ -77,7 +77,7 @@ pub(super) fn forward(
     let chunks = dims.batch.div_ceil(per_chunk);
     let image_len = layout::image_len(dims);
     let kept_images = if keep_columns { per_chunk } else { 1 };
-    let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
+    let pooled = matches!(outputs.first(), Some(ChunkOutput::MaxPool(..)));
     let staged = if pooled { (o, pixels) } else { (0, 0) };
     // The backward pass reads the kept channels-last images (see `weight_grad`), or, for
     // kernel rows too short for it, unfolds them again: no columns are kept.
@@ -145,7 +145,7 @@ pub(super) fn forward(
                     // A 2x2 pooling reads the output's first 2*PH rows and 2*PW columns only
                     // (conv 32->64 on 13x13: 100 of 121 pixels).
                     let covered = match &output {
-                        ChunkOutput::ReluMaxPool(pool, ..) if pool.is_2x2_stride_2() => {
+                        ChunkOutput::MaxPool(pool, ..) if pool.is_2x2_stride_2() => {
                             (dims.out_h() / 2 * 2, dims.out_w() / 2 * 2)
                         }
                         _ => (dims.out_h(), dims.out_w()),
@@ -158,18 +158,20 @@ pub(super) fn forward(
                             out_cl,
                             contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
                         ),
-                        ChunkOutput::ReluMaxPool(pool, y, argmax) if pool.is_2x2_stride_2() => {
-                            relu_max_pool_2x2(
+                        ChunkOutput::MaxPool(pool, before, y, argmax) if pool.is_2x2_stride_2() => {
+                            max_pool_2x2(
                                 dims,
+                                *before,
                                 out_cl,
                                 contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
                                 argmax.image_2x2(j),
                             );
                         }
-                        ChunkOutput::ReluMaxPool(pool, y, argmax) => {
+                        ChunkOutput::MaxPool(pool, before, y, argmax) => {
                             transpose_into(dims, out_cl, contiguous_mut(&mut staged));
-                            relu_max_pool_image(
+                            max_pool_image(
                                 pool,
+                                *before,
                                 staged.view(),
                                 y.index_axis_mut(Axis(0), j),
                                 argmax.image(j),
@@ -535,45 +537,52 @@ fn fold_body<S: Simd, const LANES: usize>(
 }
 
 dispatched! {
-    /// ReLU and 2x2 max pooling (stride 2) of `out_cl [OH*OW, O]` into `y` and `argmax`
-    /// `[O, PH*PW]`, a vector of channels at a time: the comparisons of
-    /// `relu_max_pool_image` in the same order, so the same bits, without transposing first.
-    /// Without `argmax`, computes none.
-    fn relu_max_pool_2x2(
+    /// `before` and 2x2 max pooling (stride 2) of `out_cl [OH*OW, O]` into `y` and `argmax`
+    /// `[O, PH*PW]`, a vector of channels at a time: the comparisons of `max_pool_image` in
+    /// the same order, so the same bits, without transposing first. Without `argmax`,
+    /// computes none.
+    fn max_pool_2x2(
         dims: &Conv2dDims,
+        before: BeforePool,
         out_cl: &[f32],
         y: &mut [f32],
         argmax: Option<&mut [u32]>,
-    ) => relu_max_pool_2x2_body;
+    ) => max_pool_2x2_body;
 }
 
 #[inline(always)]
-fn relu_max_pool_2x2_body<S: Simd, const LANES: usize>(
+fn max_pool_2x2_body<S: Simd, const LANES: usize>(
     _simd: S,
     dims: &Conv2dDims,
+    before: BeforePool,
     out_cl: &[f32],
     y: &mut [f32],
     argmax: Option<&mut [u32]>,
 ) {
-    match argmax {
-        Some(argmax) => relu_max_pool_2x2_windows::<LANES, true>(dims, out_cl, y, argmax),
-        None => relu_max_pool_2x2_windows::<LANES, false>(dims, out_cl, y, &mut []),
+    // The activation as a constant, as in the direct convolution's pooling.
+    use max_pool_2x2_windows as windows;
+    match (argmax, before) {
+        (Some(a), BeforePool::Relu) => windows::<LANES, true, true>(dims, out_cl, y, a),
+        (Some(a), BeforePool::Nothing) => windows::<LANES, true, false>(dims, out_cl, y, a),
+        (None, BeforePool::Relu) => windows::<LANES, false, true>(dims, out_cl, y, &mut []),
+        (None, BeforePool::Nothing) => windows::<LANES, false, false>(dims, out_cl, y, &mut []),
     }
 }
 
-/// [`relu_max_pool_2x2`], with the argmax when ARGMAX (without it, evaluation's pooling ran the
+/// [`max_pool_2x2`], with the argmax when ARGMAX (without it, evaluation's pooling ran the
 /// comparisons that pick it and stored it to scratch).
 #[inline(always)]
-fn relu_max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool>(
+fn max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool, const RELU: bool>(
     dims: &Conv2dDims,
     out_cl: &[f32],
     y: &mut [f32],
     argmax: &mut [u32],
 ) {
+    let before = BeforePool::relu_if(RELU);
     let (o_count, out_w) = (dims.out_channels, dims.out_w());
     let (pooled_h, pooled_w) = (dims.out_h() / 2, out_w / 2);
     let windows = pooled_h * pooled_w;
-    let relu = |v: f32| v.max(0.0);
+    let activate = |v: f32| before.apply(v);
     for window_h in 0..pooled_h {
         for window_w in 0..pooled_w {
             let w = window_h * pooled_w + window_w;
@@ -589,13 +598,13 @@ fn relu_max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool>(
                 let mut best = [0.0f32; LANES];
                 let mut at = [0u32; LANES];
                 for (b, &v) in best.iter_mut().zip(&pixel(top)[first..first + LANES]) {
-                    *b = relu(v);
+                    *b = activate(v);
                 }
                 for &(p, offset) in &others {
                     let values = &pixel(p)[first..first + LANES];
                     for ((b, a), &v) in best.iter_mut().zip(at.iter_mut()).zip(values) {
                         // In scan order, as every pooling loop (see `replaces_max`).
-                        let v = relu(v);
+                        let v = activate(v);
                         let wins = replaces_max(v, *b);
                         *b = if wins { v } else { *b };
                         if ARGMAX {
@@ -607,7 +616,7 @@ fn relu_max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool>(
                     let o = first + l;
                     y[o * windows + w] = b;
                     if ARGMAX {
-                        argmax[o * windows + w] = if b <= 0.0 {
+                        argmax[o * windows + w] = if before.blocks(b) {
                             super::NO_GRADIENT
                         } else {
                             corner as u32 + a

@@ -44,7 +44,7 @@ mod unfold;
 pub use algorithm::ConvAlgorithm;
 pub use buffers::{Conv2dBuffers, images_per_chunk};
 pub use dims::{Conv2dDims, Padding};
-pub use fused::{NO_GRADIENT, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward};
+pub use fused::{BeforePool, NO_GRADIENT, conv2d_max_pool_backward, conv2d_max_pool_forward};
 pub(crate) use fused::{check_argmax, unpool_plane};
 pub use unfold::{col2im, im2col};
 
@@ -97,7 +97,7 @@ pub fn conv2d_forward(
     forward(OP, dims, x, weight, bias, buffers, backward, outputs)
 }
 
-/// The forward pass of [`conv2d_forward`] and [`conv2d_relu_max_pool_forward`], writing into
+/// The forward pass of [`conv2d_forward`] and [`conv2d_max_pool_forward`], writing into
 /// one `outputs` entry per chunk of the batch, by the algorithm `buffers` choose.
 #[allow(clippy::too_many_arguments)]
 fn forward(
@@ -209,7 +209,7 @@ pub fn conv2d_backward(
     backward(OP, dims, weight, chunks, buffers, grads)
 }
 
-/// The backward pass of [`conv2d_backward`] and [`conv2d_relu_max_pool_backward`], given one
+/// The backward pass of [`conv2d_backward`] and [`conv2d_max_pool_backward`], given one
 /// output gradient per chunk of the batch, by the algorithm whose forward pass filled
 /// `buffers`.
 fn backward(

@@ -1,11 +1,11 @@
-//! The fused convolution + ReLU + max pooling against the three kernels run in turn: the same
-//! bits forward and backward, which is what lets a model use either.
+//! The fused convolution + ReLU (or nothing) + max pooling against the kernels run in turn: the
+//! same bits forward and backward, which is what lets a model use either.
 
 use ndarray::Array4;
 use proptest::prelude::*;
 use tensor::{
-    Backward, Conv2dBuffers, Conv2dDims, Conv2dGrads, NO_GRADIENT, Padding, Pool2dDims,
-    conv2d_backward, conv2d_forward, conv2d_relu_max_pool_backward, conv2d_relu_max_pool_forward,
+    Backward, BeforePool, Conv2dBuffers, Conv2dDims, Conv2dGrads, NO_GRADIENT, Padding, Pool2dDims,
+    conv2d_backward, conv2d_forward, conv2d_max_pool_backward, conv2d_max_pool_forward,
     max_pool2d_backward, max_pool2d_forward, relu, relu_backward,
 };
 
@@ -23,6 +23,7 @@ fn check_fused_matches_unfused(
     kernel: usize,
     padding: Padding,
     pool: (usize, usize),
+    before: BeforePool,
     with_bias: bool,
     input_grad: bool,
     seed: u64,
@@ -41,7 +42,8 @@ fn check_fused_matches_unfused(
     let bias = with_bias.then(|| bias.view());
     let dy = values.array4(pool.output_shape());
 
-    // Unfused: convolution, ReLU, max pooling; then their backward passes in reverse.
+    // Unfused: convolution, ReLU (if asked), max pooling; then their backward passes in
+    // reverse.
     let mut buffers = Conv2dBuffers::default();
     let mut conv = Array4::from_elem(dims.output_shape(), f32::NAN);
     let (x, w) = (x.view(), weight.view());
@@ -55,13 +57,18 @@ fn check_fused_matches_unfused(
         conv.view_mut(),
     )
     .unwrap();
-    relu(conv.view_mut());
+    let relu_first = before == BeforePool::Relu;
+    if relu_first {
+        relu(conv.view_mut());
+    }
     let mut y = Array4::from_elem(pool.output_shape(), f32::NAN);
     let mut argmax = Array4::zeros(pool.output_shape());
     max_pool2d_forward(&pool, conv.view(), y.view_mut(), argmax.view_mut()).unwrap();
     let mut dconv = Array4::from_elem(dims.output_shape(), f32::NAN);
     max_pool2d_backward(&pool, dy.view(), argmax.view(), dconv.view_mut()).unwrap();
-    relu_backward(conv.view(), dconv.view_mut()).unwrap();
+    if relu_first {
+        relu_backward(conv.view(), dconv.view_mut()).unwrap();
+    }
     let (mut dw, mut db) = (
         Array4::zeros(dims.weight_shape()),
         ndarray::Array1::zeros(out_channels),
@@ -78,9 +85,10 @@ fn check_fused_matches_unfused(
     let mut buffers = Conv2dBuffers::default();
     let mut fused_y = Array4::from_elem(pool.output_shape(), f32::NAN);
     let mut fused_argmax = Array4::zeros(pool.output_shape());
-    conv2d_relu_max_pool_forward(
+    conv2d_max_pool_forward(
         &dims,
         &pool,
+        before,
         x,
         w,
         bias,
@@ -92,7 +100,8 @@ fn check_fused_matches_unfused(
     .unwrap();
     prop_assert_eq!(bits(&fused_y), bits(&y));
     for ((&a, &fa), &v) in argmax.iter().zip(&fused_argmax).zip(&y) {
-        prop_assert_eq!(fa, if v > 0.0 { a } else { NO_GRADIENT });
+        let blocked = relu_first && v <= 0.0;
+        prop_assert_eq!(fa, if blocked { NO_GRADIENT } else { a });
     }
     let (mut fused_dw, mut fused_db) = (
         Array4::zeros(dims.weight_shape()),
@@ -105,7 +114,7 @@ fn check_fused_matches_unfused(
         input: input_grad.then(|| fused_dx.view_mut()),
     };
     let (dy, a) = (dy.view(), fused_argmax.view());
-    conv2d_relu_max_pool_backward(&dims, &pool, w, dy, a, &mut buffers, grads).unwrap();
+    conv2d_max_pool_backward(&dims, &pool, w, dy, a, &mut buffers, grads).unwrap();
     prop_assert_eq!(bits(&fused_dw), bits(&dw));
     prop_assert_eq!(fused_db.mapv(f32::to_bits), db.mapv(f32::to_bits));
     prop_assert_eq!(bits(&fused_dx), bits(&dx));
@@ -114,9 +123,10 @@ fn check_fused_matches_unfused(
     // pass.
     let mut buffers = Conv2dBuffers::default();
     let mut eval_y = Array4::from_elem(pool.output_shape(), f32::NAN);
-    conv2d_relu_max_pool_forward(
+    conv2d_max_pool_forward(
         &dims,
         &pool,
+        before,
         x,
         w,
         bias,
@@ -132,9 +142,7 @@ fn check_fused_matches_unfused(
         bias: None,
         input: None,
     };
-    prop_assert!(
-        conv2d_relu_max_pool_backward(&dims, &pool, w, dy, a, &mut buffers, grads).is_err()
-    );
+    prop_assert!(conv2d_max_pool_backward(&dims, &pool, w, dy, a, &mut buffers, grads).is_err());
     Ok(())
 }
 
@@ -152,11 +160,12 @@ proptest! {
         padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],
         // Overlapping and non-overlapping windows.
         pool in (1usize..4, 1usize..4),
+        before in prop_oneof![Just(BeforePool::Relu), Just(BeforePool::Nothing)],
         with_bias in any::<bool>(),
         input_grad in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        check_fused_matches_unfused(input, out_channels, kernel, padding, pool, with_bias, input_grad, seed)?;
+        check_fused_matches_unfused(input, out_channels, kernel, padding, pool, before, with_bias, input_grad, seed)?;
     }
 }
 
@@ -171,11 +180,12 @@ proptest! {
         out_channels in prop_oneof![Just(16usize), Just(32), Just(64)],
         kernel in 2usize..4,
         padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],
+        before in prop_oneof![Just(BeforePool::Relu), Just(BeforePool::Nothing)],
         with_bias in any::<bool>(),
         input_grad in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        check_fused_matches_unfused(input, out_channels, kernel, padding, (2, 2), with_bias, input_grad, seed)?;
+        check_fused_matches_unfused(input, out_channels, kernel, padding, (2, 2), before, with_bias, input_grad, seed)?;
     }
 }
 
@@ -195,9 +205,10 @@ fn fused_shapes_that_do_not_fit_are_errors() {
                    buffers: &mut Conv2dBuffers,
                    y: &mut Array4<f32>,
                    argmax: &mut Array4<u32>| {
-        conv2d_relu_max_pool_forward(
+        conv2d_max_pool_forward(
             &dims,
             pool,
+            BeforePool::Relu,
             x.view(),
             w.view(),
             None,
@@ -218,7 +229,7 @@ fn fused_shapes_that_do_not_fit_are_errors() {
         input: None,
     };
     let dy = Array4::ones(pool.output_shape());
-    let result = conv2d_relu_max_pool_backward(
+    let result = conv2d_max_pool_backward(
         &dims,
         &pool,
         w.view(),
@@ -245,9 +256,10 @@ fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
     let mut buffers = Conv2dBuffers::default();
     let mut y = Array4::zeros(pool.output_shape());
     let mut argmax = Array4::zeros(pool.output_shape());
-    conv2d_relu_max_pool_forward(
+    conv2d_max_pool_forward(
         &dims,
         &pool,
+        BeforePool::Relu,
         x.view(),
         w.view(),
         None,
@@ -268,7 +280,7 @@ fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
         bias: None,
         input: None,
     };
-    conv2d_relu_max_pool_backward(
+    conv2d_max_pool_backward(
         &dims,
         &pool,
         w.view(),
@@ -291,4 +303,48 @@ fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
     // The moved gradient is where the comparison looked (the input rises to the right and
     // down, so window (0, 2)'s own argmax is pixel (1, 5)).
     assert_eq!(dconv[(0, 1, 0, 5)], dy[(0, 1, 0, 0)]);
+}
+
+#[test]
+fn pooling_without_relu_keeps_negative_maxima_and_nan_as_max_pooling_does() {
+    // Every algorithm's 2x2 path and the general one: a ReLU-less fused pooling must not
+    // clamp (a BatchNorm after it sees the negative values) nor hide a NaN, which wins a
+    // window in max_pool2d_forward as in PyTorch.
+    for (channels, out_channels, kernel, stride) in [(1, 4, 3, 2), (16, 32, 3, 2), (1, 4, 3, 1)] {
+        let dims = Conv2dDims::new(
+            [2, channels, 8, 8],
+            out_channels,
+            [kernel; 2],
+            [1, 1],
+            Padding::Valid,
+        )
+        .unwrap();
+        let pool = Pool2dDims::new(dims.output_shape(), [2, 2], [stride; 2]).unwrap();
+        let mut x = Array4::from_elem(dims.input_shape(), -1.0f32);
+        x[(1, 0, 0, 0)] = f32::NAN;
+        let w = Array4::from_elem(dims.weight_shape(), 0.25f32);
+        let mut y = Array4::zeros(pool.output_shape());
+        let mut argmax = Array4::zeros(pool.output_shape());
+        let mut buffers = Conv2dBuffers::default();
+        let (x, w) = (x.view(), w.view());
+        let (y_out, argmax_out) = (y.view_mut(), Some(argmax.view_mut()));
+        conv2d_max_pool_forward(
+            &dims,
+            &pool,
+            BeforePool::Nothing,
+            x,
+            w,
+            None,
+            &mut buffers,
+            Backward::Needed,
+            y_out,
+            argmax_out,
+        )
+        .unwrap();
+        let label = format!("{dims:?}, stride {stride}");
+        let negative = -0.25 * (channels * kernel * kernel) as f32;
+        assert_eq!(y[(0, 0, 1, 1)], negative, "{label}");
+        assert_ne!(argmax[(0, 0, 1, 1)], NO_GRADIENT, "{label}");
+        assert!(y[(1, 0, 0, 0)].is_nan(), "{label}: {}", y[(1, 0, 0, 0)]);
+    }
 }

@@ -1,8 +1,9 @@
 //! The direct convolution's forward kernels: sums of shifted planes, from the padded image
-//! or from its unfolded copy, and the fused ReLU + 2x2 pooling of a padded-width plane.
+//! or from its unfolded copy, and the fused (ReLU +) 2x2 pooling of a padded-width plane.
 
-use super::{CHANNELS_AT_ONCE, Output, POOL_SLACK, PaddedLayout, STRIP, relu_max_pool_2x2};
+use super::{CHANNELS_AT_ONCE, Output, POOL_SLACK, PaddedLayout, STRIP, max_pool_2x2};
 use crate::conv::Conv2dDims;
+use crate::conv::fused::BeforePool;
 use crate::conv::unfold::copy_short;
 use crate::pool::replaces_max;
 use crate::vector::Simd;
@@ -99,9 +100,10 @@ pub(super) fn forward_image_body<S: Simd, const LANES: usize>(
                         copy_short(&row[..ow], out);
                     }
                 }
-                Output::ReluMaxPool2x2(y, argmax) => relu_max_pool_2x2(
+                Output::MaxPool2x2(before, y, argmax) => max_pool_2x2(
                     dims,
                     layout,
+                    *before,
                     wide_with_slack(wide, layout),
                     &mut y[o * pooled..],
                     argmax
@@ -244,17 +246,27 @@ pub(super) fn wide_with_slack<'a>(wide: &'a [f32], layout: &PaddedLayout) -> &'a
 }
 
 #[inline(always)]
-pub(super) fn relu_max_pool_2x2_body<S: Simd, const LANES: usize>(
+pub(super) fn max_pool_2x2_body<S: Simd, const LANES: usize>(
     _simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,
+    before: BeforePool,
     wide: &[f32],
     y: &mut [f32],
     argmax: Option<&mut [u32]>,
 ) {
-    match argmax {
-        Some(argmax) => relu_max_pool_2x2_windows::<LANES, true>(dims, layout, wide, y, argmax),
-        None => relu_max_pool_2x2_windows::<LANES, false>(dims, layout, wide, y, &mut []),
+    // The activation as a constant, so that each loop is compiled for one (first conv of the
+    // pooling-first fast-cnn, forward: 0.83-0.90 ms a batch with the choice made in the loop,
+    // 0.64-0.76 ms with it constant, on a noisy host). Still slower than with the ReLU: without
+    // its max(0) the compiler gathers the deinterleaved pixels lane by lane through the stack.
+    use max_pool_2x2_windows as windows;
+    match (argmax, before) {
+        (Some(a), BeforePool::Relu) => windows::<LANES, true, true>(dims, layout, wide, y, a),
+        (Some(a), BeforePool::Nothing) => windows::<LANES, true, false>(dims, layout, wide, y, a),
+        (None, BeforePool::Relu) => windows::<LANES, false, true>(dims, layout, wide, y, &mut []),
+        (None, BeforePool::Nothing) => {
+            windows::<LANES, false, false>(dims, layout, wide, y, &mut [])
+        }
     }
 }
 
@@ -262,16 +274,17 @@ pub(super) fn relu_max_pool_2x2_body<S: Simd, const LANES: usize>(
 // windows would not vectorize); the argmax too when ARGMAX (without it, evaluation's pooling
 // ran the comparisons that pick it and stored it to scratch).
 #[inline(always)]
-pub(super) fn relu_max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool>(
+pub(super) fn max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool, const RELU: bool>(
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     wide: &[f32],
     y: &mut [f32],
     argmax: &mut [u32],
 ) {
+    let before = BeforePool::relu_if(RELU);
     let out_w = dims.out_w();
     let (pooled_h, pooled_w) = (dims.out_h() / 2, out_w / 2);
-    let relu = |v: f32| v.max(0.0);
+    let activate = |v: f32| before.apply(v);
     for window_h in 0..pooled_h {
         let top = &wide[2 * window_h * layout.width..];
         let below = &top[layout.width..];
@@ -291,7 +304,7 @@ pub(super) fn relu_max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool>(
             let deinterleave = |[lo, hi]: [[f32; LANES]; 2], odd: usize| -> [f32; LANES] {
                 std::array::from_fn(|l| {
                     let i = 2 * l + odd;
-                    relu(if i < LANES { lo[i] } else { hi[i - LANES] })
+                    activate(if i < LANES { lo[i] } else { hi[i - LANES] })
                 })
             };
             let (top, below) = (halves(top), halves(below));
@@ -316,7 +329,7 @@ pub(super) fn relu_max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool>(
             }
             let corner = (2 * window_h * out_w + 2 * first) as u32;
             let found: [u32; LANES] = std::array::from_fn(|l| {
-                if best[l] <= 0.0 {
+                if before.blocks(best[l]) {
                     crate::conv::NO_GRADIENT
                 } else {
                     corner + 2 * l as u32 + at[l]

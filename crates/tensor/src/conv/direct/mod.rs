@@ -28,11 +28,11 @@ mod backward;
 mod forward;
 
 use backward::backward_image_body;
-use forward::{forward_image_body, relu_max_pool_2x2_body};
+use forward::{forward_image_body, max_pool_2x2_body};
 
 use super::buffers::{DirectBuffers, resize};
 use super::chunks::{ChunkGrad, ChunkOutput, image_slice};
-use super::fused::relu_max_pool_image;
+use super::fused::{BeforePool, max_pool_image};
 use super::layout::{ALIGN_SLACK, aligned_mut};
 use super::{Conv2dDims, ForwardPass, Partials, contiguous, contiguous_mut, images_per_chunk};
 use crate::simd::dispatched;
@@ -182,10 +182,10 @@ pub(crate) enum ImageGrad<'a> {
 pub(crate) enum Output<'a> {
     /// The convolution, `[O, OH*OW]`.
     Plain(&'a mut [f32]),
-    /// ReLU and 2x2 max pooling (stride 2) of it, and, if wanted, the argmax of each window,
-    /// `[O, PH*PW]` each: the comparisons of `max_pool_plane` in the same order, so the same
-    /// bits.
-    ReluMaxPool2x2(&'a mut [f32], Option<&'a mut [u32]>),
+    /// 2x2 max pooling (stride 2) of it after `BeforePool`, and, if wanted, the argmax of
+    /// each window, `[O, PH*PW]` each: the comparisons of `max_pool_plane` in the same order,
+    /// so the same bits.
+    MaxPool2x2(BeforePool, &'a mut [f32], Option<&'a mut [u32]>),
 }
 
 dispatched! {
@@ -221,18 +221,19 @@ dispatched! {
 }
 
 dispatched! {
-    /// ReLU and 2x2 max pooling (stride 2) of one output plane in the padded width (`wide`,
+    /// `before` and 2x2 max pooling (stride 2) of one output plane in the padded width (`wide`,
     /// with [`POOL_SLACK`] values after it), and the argmax of each window, into the first
     /// `PH*PW` values of `y` and `argmax` (values after those, which belong to planes written
     /// later, may be overwritten): the comparisons of `max_pool_plane` in the same order, so
     /// the same bits. Without `argmax`, computes none.
-    fn relu_max_pool_2x2(
+    fn max_pool_2x2(
         dims: &Conv2dDims,
         layout: &PaddedLayout,
+        before: BeforePool,
         wide: &[f32],
         y: &mut [f32],
         argmax: Option<&mut [u32]>,
-    ) => relu_max_pool_2x2_body;
+    ) => max_pool_2x2_body;
 }
 
 /// The forward pass: each image is zero-padded (and kept, for backward, when `pass.keep`) and
@@ -254,7 +255,7 @@ pub(in crate::conv) fn forward(
     let per_chunk = images_per_chunk(dims.batch);
     let chunks = dims.batch.div_ceil(per_chunk);
     let kept_images = if keep_padded { per_chunk } else { 1 };
-    let pooled = matches!(outputs.first(), Some(ChunkOutput::ReluMaxPool(..)));
+    let pooled = matches!(outputs.first(), Some(ChunkOutput::MaxPool(..)));
     let staged = if pooled { (o, pixels) } else { (0, 0) };
     resize(&mut own.padded, (chunks, kept_images * layout.image_len));
     resize(&mut own.wide, (chunks, layout.scratch_len()));
@@ -289,16 +290,18 @@ pub(in crate::conv) fn forward(
                     ChunkOutput::Conv(y) => conv(Output::Plain(contiguous_mut(
                         &mut y.index_axis_mut(Axis(0), j),
                     ))),
-                    ChunkOutput::ReluMaxPool(pool, y, argmax) if pool.is_2x2_stride_2() => {
-                        conv(Output::ReluMaxPool2x2(
+                    ChunkOutput::MaxPool(pool, before, y, argmax) if pool.is_2x2_stride_2() => {
+                        conv(Output::MaxPool2x2(
+                            *before,
                             contiguous_mut(&mut y.index_axis_mut(Axis(0), j)),
                             argmax.image_2x2(j),
                         ));
                     }
-                    ChunkOutput::ReluMaxPool(pool, y, argmax) => {
+                    ChunkOutput::MaxPool(pool, before, y, argmax) => {
                         conv(Output::Plain(contiguous_mut(&mut staged)));
-                        relu_max_pool_image(
+                        max_pool_image(
                             pool,
+                            *before,
                             staged.view(),
                             y.index_axis_mut(Axis(0), j),
                             argmax.image(j),
