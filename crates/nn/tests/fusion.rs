@@ -1,5 +1,6 @@
-//! A Conv2d that computes the ReLU and max pooling after it gives the same bits as the three
-//! layers run one by one: outputs, every gradient, and the weights after optimizer steps.
+//! A Conv2d that computes the ReLU and max pooling after it (or the pooling alone) gives the
+//! same bits as the layers run one by one: outputs, every gradient, and the weights after
+//! optimizer steps.
 
 // Everything in this file is test code: an unwrap that fails is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -33,11 +34,15 @@ fn fused_and_unfused_presets_train_to_the_same_bits() {
     // 19 images: chunks of 3 with a partial last one.
     let images = Array4::from_shape_fn((19, 1, 28, 28), |_| next() as f32 / 8e6 - 1.0);
     let labels = Array1::from_shape_fn(19, |_| (next() % 10) as u8);
-    for name in ["two-conv", "lenet5", "one-conv"] {
+    for name in ["two-conv", "lenet5", "one-conv", "fast-cnn"] {
         let mut fused = Sequential::new(preset(name).unwrap(), 3).unwrap();
         let mut unfused = Sequential::new(preset(name).unwrap(), 3).unwrap();
         unfused.fuse_layers(false);
-        assert_ne!(fused.computed_by(1), 1, "{name}: the first ReLU is fused");
+        assert_ne!(
+            fused.computed_by(1),
+            1,
+            "{name}: layer 1 (ReLU or pooling) is fused"
+        );
         assert_eq!(unfused.computed_by(1), 1);
         let mut optimizers = [
             Optimizer::new(Rule::adam(), 1e-2).unwrap(),

@@ -255,16 +255,16 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx512",
         "fast-cnn",
-        "586655ceed79eb50189b47fc3fdfb8133327e9230e9d72fbaedbadbadbda6f76",
+        "db13ce8101db038aad297d50f58165ccdab997ae19a9e2fc94df311e85b728ae",
     ),
     (
         "avx2",
         "fast-cnn",
-        "e79a39105f326d94e38b70ae7fa7dfd690524999d665a3bdcada40d34319d6cf",
+        "c3b54fb7e99d72421a7bfde735dab39b87d7c289726eb0c14cac55d876c6867b",
     ),
     (
         "baseline",
         "fast-cnn",
-        "7484d75f866e28fdea49167f8ac6b4e9673d8eee28d3f9ff006f878c5788d2c6",
+        "046947510ef43f8a63338b76871e80897628581a0cda335bf6ae099a3f1d5044",
     ),
 ];
