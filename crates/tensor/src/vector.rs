@@ -34,6 +34,9 @@ pub(crate) trait Simd: Copy {
     /// Writes the transpose of the 8x8 block `src[r * src_stride + c]` (r, c < 8) into
     /// `dst[c * dst_stride + r]`.
     fn transpose_8x8(self, src: &[f32], src_stride: usize, dst: &mut [f32], dst_stride: usize);
+    /// Splits `pairs[..2 * LANES]` into its even-indexed values, written to `even[..LANES]`,
+    /// and its odd-indexed ones, to `odd[..LANES]` (the two columns of 2-wide windows).
+    fn deinterleave(self, pairs: &[f32], even: &mut [f32], odd: &mut [f32]);
 }
 
 /// No vector instructions beyond the target's baseline: eight lanes in an array, multiply and
@@ -82,6 +85,17 @@ impl Simd for Portable {
             for c in 0..8 {
                 dst[c * dst_stride + r] = src[r * src_stride + c];
             }
+        }
+    }
+
+    #[inline(always)]
+    fn deinterleave(self, pairs: &[f32], even: &mut [f32], odd: &mut [f32]) {
+        for ((pair, even), odd) in pairs[..16]
+            .chunks_exact(2)
+            .zip(&mut even[..8])
+            .zip(&mut odd[..8])
+        {
+            (*even, *odd) = (pair[0], pair[1]);
         }
     }
 }
@@ -217,6 +231,29 @@ mod x86 {
             // SAFETY: the token proves AVX.
             unsafe { transpose_8x8_avx(src, src_stride, dst, dst_stride) }
         }
+
+        #[inline(always)]
+        fn deinterleave(self, pairs: &[f32], even: &mut [f32], odd: &mut [f32]) {
+            let (pairs, even, odd) = (&pairs[..16], &mut even[..8], &mut odd[..8]);
+            // SAFETY: the token proves AVX and AVX2; the slices hold 16, 8 and 8 values.
+            // Within each 128-bit half, `shuffle_ps` picks lanes 0, 2 (or 1, 3) of `low` then
+            // of `high`; the 64-bit permute puts the halves' pairs back in order.
+            unsafe {
+                let low = _mm256_loadu_ps(pairs.as_ptr());
+                let high = _mm256_loadu_ps(pairs.as_ptr().add(8));
+                let in_order = |v: __m256| {
+                    _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+                };
+                _mm256_storeu_ps(
+                    even.as_mut_ptr(),
+                    in_order(_mm256_shuffle_ps::<0b10_00_10_00>(low, high)),
+                );
+                _mm256_storeu_ps(
+                    odd.as_mut_ptr(),
+                    in_order(_mm256_shuffle_ps::<0b11_01_11_01>(low, high)),
+                );
+            }
+        }
     }
 
     /// AVX-512F with FMA: sixteen lanes.
@@ -286,6 +323,23 @@ mod x86 {
         fn transpose_8x8(self, src: &[f32], src_stride: usize, dst: &mut [f32], dst_stride: usize) {
             // SAFETY: the token proves AVX-512F, AVX2 and FMA (and so AVX).
             unsafe { transpose_8x8_avx(src, src_stride, dst, dst_stride) }
+        }
+
+        #[inline(always)]
+        fn deinterleave(self, pairs: &[f32], even: &mut [f32], odd: &mut [f32]) {
+            let (pairs, even, odd) = (&pairs[..32], &mut even[..16], &mut odd[..16]);
+            // SAFETY: the token proves AVX-512F; the slices hold 32, 16 and 16 values. Index
+            // i < 16 of the two-register permute picks `low[i]`, 16 + i picks `high[i]`.
+            unsafe {
+                let low = _mm512_loadu_ps(pairs.as_ptr());
+                let high = _mm512_loadu_ps(pairs.as_ptr().add(16));
+                let evens =
+                    _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                let odds =
+                    _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+                _mm512_storeu_ps(even.as_mut_ptr(), _mm512_permutex2var_ps(low, evens, high));
+                _mm512_storeu_ps(odd.as_mut_ptr(), _mm512_permutex2var_ps(low, odds, high));
+            }
         }
     }
 }
@@ -362,6 +416,18 @@ mod tests {
                 assert!(v.is_nan(), "wrote past the block at {i}");
             }
         }
+        // Pairs inside a longer row: each value to its half, nothing written past a register.
+        let row = values(2 * lanes + 3, 5);
+        let (mut even, mut odd) = (vec![f32::NAN; lanes + 1], vec![f32::NAN; lanes + 1]);
+        simd.deinterleave(&row[1..], &mut even, &mut odd);
+        for l in 0..lanes {
+            assert_eq!(even[l].to_bits(), row[1 + 2 * l].to_bits(), "even lane {l}");
+            assert_eq!(odd[l].to_bits(), row[2 + 2 * l].to_bits(), "odd lane {l}");
+        }
+        assert!(
+            even[lanes].is_nan() && odd[lanes].is_nan(),
+            "wrote past a register"
+        );
     }
 
     #[test]

@@ -247,7 +247,7 @@ pub(super) fn wide_with_slack<'a>(wide: &'a [f32], layout: &PaddedLayout) -> &'a
 
 #[inline(always)]
 pub(super) fn max_pool_2x2_body<S: Simd, const LANES: usize>(
-    _simd: S,
+    simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     before: BeforePool,
@@ -257,15 +257,20 @@ pub(super) fn max_pool_2x2_body<S: Simd, const LANES: usize>(
 ) {
     // The activation as a constant, so that each loop is compiled for one (first conv of the
     // pooling-first fast-cnn, forward: 0.83-0.90 ms a batch with the choice made in the loop,
-    // 0.64-0.76 ms with it constant, on a noisy host). Still slower than with the ReLU: without
-    // its max(0) the compiler gathers the deinterleaved pixels lane by lane through the stack.
+    // 0.64-0.76 ms with it constant, on a noisy host).
     use max_pool_2x2_windows as windows;
     match (argmax, before) {
-        (Some(a), BeforePool::Relu) => windows::<LANES, true, true>(dims, layout, wide, y, a),
-        (Some(a), BeforePool::Nothing) => windows::<LANES, true, false>(dims, layout, wide, y, a),
-        (None, BeforePool::Relu) => windows::<LANES, false, true>(dims, layout, wide, y, &mut []),
+        (Some(a), BeforePool::Relu) => {
+            windows::<S, LANES, true, true>(simd, dims, layout, wide, y, a)
+        }
+        (Some(a), BeforePool::Nothing) => {
+            windows::<S, LANES, true, false>(simd, dims, layout, wide, y, a)
+        }
+        (None, BeforePool::Relu) => {
+            windows::<S, LANES, false, true>(simd, dims, layout, wide, y, &mut [])
+        }
         (None, BeforePool::Nothing) => {
-            windows::<LANES, false, false>(dims, layout, wide, y, &mut [])
+            windows::<S, LANES, false, false>(simd, dims, layout, wide, y, &mut [])
         }
     }
 }
@@ -274,7 +279,13 @@ pub(super) fn max_pool_2x2_body<S: Simd, const LANES: usize>(
 // windows would not vectorize); the argmax too when ARGMAX (without it, evaluation's pooling
 // ran the comparisons that pick it and stored it to scratch).
 #[inline(always)]
-pub(super) fn max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool, const RELU: bool>(
+pub(super) fn max_pool_2x2_windows<
+    S: Simd,
+    const LANES: usize,
+    const ARGMAX: bool,
+    const RELU: bool,
+>(
+    simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     wide: &[f32],
@@ -284,36 +295,25 @@ pub(super) fn max_pool_2x2_windows<const LANES: usize, const ARGMAX: bool, const
     let before = BeforePool::relu_if(RELU);
     let out_w = dims.out_w();
     let (pooled_h, pooled_w) = (dims.out_h() / 2, out_w / 2);
-    let activate = |v: f32| before.apply(v);
     for window_h in 0..pooled_h {
         let top = &wide[2 * window_h * layout.width..];
         let below = &top[layout.width..];
         for first in (0..pooled_w).step_by(LANES) {
             // A last, partial vector reads past the row's windows (within the plane and its
             // POOL_SLACK) and stores only its own.
-            let (top, below) = (
-                &top[2 * first..][..2 * LANES],
-                &below[2 * first..][..2 * LANES],
-            );
-            // Even and odd columns of two whole vectors each, indexed by constants: the
-            // compiler makes permutes of them (a loop writing lane by lane went through memory).
-            let halves = |row: &[f32]| -> [[f32; LANES]; 2] {
-                let (vectors, _) = row.as_chunks::<LANES>();
-                [vectors[0], vectors[1]]
-            };
-            let deinterleave = |[lo, hi]: [[f32; LANES]; 2], odd: usize| -> [f32; LANES] {
-                std::array::from_fn(|l| {
-                    let i = 2 * l + odd;
-                    activate(if i < LANES { lo[i] } else { hi[i - LANES] })
-                })
-            };
-            let (top, below) = (halves(top), halves(below));
-            let pixels = [
-                deinterleave(top, 0),
-                deinterleave(top, 1),
-                deinterleave(below, 0),
-                deinterleave(below, 1),
-            ];
+            // The even and odd columns by explicit shuffles: left to the compiler (an array
+            // indexed `2 * l + odd`), they went lane by lane through the stack unless the
+            // ReLU's max(0) happened to make it shuffle (0.52 ms against 0.28 ms a batch for
+            // fast-cnn's first convolution).
+            let mut pixels = [[0.0f32; LANES]; 4];
+            let [top_left, top_right, below_left, below_right] = &mut pixels;
+            simd.deinterleave(&top[2 * first..], top_left, top_right);
+            simd.deinterleave(&below[2 * first..], below_left, below_right);
+            if RELU {
+                for v in pixels.as_flattened_mut() {
+                    *v = before.apply(*v);
+                }
+            }
             let mut best = pixels[0];
             let mut at = [0u32; LANES];
             let offsets = [1, out_w as u32, out_w as u32 + 1];
