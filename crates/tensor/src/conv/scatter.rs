@@ -159,7 +159,7 @@ fn scatter_image_body<S: Simd, const LANES: usize>(
 /// for C = 32), summing in registers instead of scattering each product onto memory (which
 /// loads two operands and stores one per multiply-add, and measured 140 cycles a nonzero on
 /// conv 32->64):
-/// - `dW[o] += g * x` over the nonzeros of channel o, strip by strip of a kernel row, each
+/// - `dW[o] += g * x` over the nonzeros of channel o, strip by strip of the kernel rows, each
 ///   strip's sums in registers across all of them;
 /// - the input gradient by output pixel: the `g * W[o]` of all the channels with a nonzero
 ///   at pixel p summed in registers, then added once onto the receptive field of p.
@@ -208,10 +208,16 @@ fn scatter_by_lists<M: MulAdd, const LANES: usize>(
         for &p in nonzeros {
             pixel_starts[p as usize + 1] += 1;
         }
-        for (dw, kh) in dw.chunks_exact_mut(run).zip(0..) {
-            let fields = |p: u32| (row[p as usize], corners[p as usize] + kh * row_len);
-            add_in_strips::<M, LANES>(nonzeros.iter().map(|&p| fields(p)), x_cl, dw, true);
-        }
+        let fields = nonzeros
+            .iter()
+            .map(|&p| (row[p as usize], corners[p as usize]));
+        let rows = KernelRows {
+            count: dims.kernel_h,
+            run,
+            source_stride: row_len,
+            out_stride: run,
+        };
+        add_kernel_rows::<M, LANES>(fields, x_cl, dw, rows, true);
     }
     let Some(dx_cl) = dx_cl else {
         return;
@@ -240,82 +246,152 @@ fn scatter_by_lists<M: MulAdd, const LANES: usize>(
         if channels.is_empty() {
             continue;
         }
-        for kh in 0..dims.kernel_h {
-            let at = corner + kh * row_len;
-            let rows = channels
-                .iter()
-                .zip(gs)
-                .map(|(&o, &g)| (g, o as usize * patch + kh * run));
-            add_in_strips::<M, LANES>(rows, weight_cl, &mut dx_cl[at..at + run], false);
-        }
+        let weights = channels
+            .iter()
+            .zip(gs)
+            .map(|(&o, &g)| (g, o as usize * patch));
+        let rows = KernelRows {
+            count: dims.kernel_h,
+            run,
+            source_stride: run,
+            out_stride: row_len,
+        };
+        add_kernel_rows::<M, LANES>(weights, weight_cl, &mut dx_cl[corner..], rows, false);
     }
 }
 
-/// `out += sum_i g_i * source[at_i..][..out.len()]` over `(g_i, at_i)`, for `out` a whole
-/// number of vectors long: strips of up to 6 vectors whose sums stay in registers, in two sets
-/// (even and odd i, added at the end) so that 8 or more multiply-adds are in flight. The sums
-/// start from `out` when `from_out` (the weight gradient, summed over many nonzeros), else
-/// from zero and are then added onto `out` (a pixel's share of the input gradient).
-#[inline(always)]
-fn add_in_strips<M: MulAdd, const LANES: usize>(
-    terms: impl Iterator<Item = (f32, usize)> + Clone,
-    source: &[f32],
-    out: &mut [f32],
-    from_out: bool,
-) {
-    let done = strips::<M, LANES, 6>(terms.clone(), source, out, 0, from_out);
-    let done = strips::<M, LANES, 4>(terms.clone(), source, out, done, from_out);
-    let done = strips::<M, LANES, 2>(terms.clone(), source, out, done, from_out);
-    let done = strips::<M, LANES, 1>(terms, source, out, done, from_out);
-    debug_assert_eq!(done, out.len());
+/// The kernel rows one term of [`add_kernel_rows`] covers: `count` runs of `run` values,
+/// `source_stride` apart in the source and `out_stride` apart in the output.
+#[derive(Clone, Copy)]
+struct KernelRows {
+    count: usize,
+    run: usize,
+    source_stride: usize,
+    out_stride: usize,
 }
 
-/// The whole strips of `V` vectors of `out[start..]` for [`add_in_strips`] (sums starting from
-/// `out` when `from_out`, else from zero and then added onto `out`); returns
-/// where they end.
+/// For each kernel row r: `out[r * out_stride..][..run] += sum_i g_i *
+/// source[at_i + r * source_stride..][..run]` over `(g_i, at_i)`, `run` a whole number of
+/// vectors. The three rows of a 3x3 kernel are summed in one pass over the terms (a pass per
+/// row walked the list three times, and C = 16's three-vector rows took two passes each:
+/// the list's index arithmetic outweighed the multiply-adds).
 #[inline(always)]
-fn strips<M: MulAdd, const LANES: usize, const V: usize>(
+fn add_kernel_rows<M: MulAdd, const LANES: usize>(
     terms: impl Iterator<Item = (f32, usize)> + Clone,
     source: &[f32],
     out: &mut [f32],
+    rows: KernelRows,
+    from_out: bool,
+) {
+    if rows.count == 3 {
+        add_in_strips::<M, LANES, 3>(terms, source, out, rows, from_out);
+        return;
+    }
+    for r in 0..rows.count {
+        let terms = terms
+            .clone()
+            .map(move |(g, at)| (g, at + r * rows.source_stride));
+        add_in_strips::<M, LANES, 1>(
+            terms,
+            source,
+            &mut out[r * rows.out_stride..],
+            rows,
+            from_out,
+        );
+    }
+}
+
+/// [`add_kernel_rows`] for R rows at once (`rows.count` is R, or 1 and R = 1): strips of up
+/// to 6 vectors of each row whose sums stay in registers (fewer for R = 3, so that they fit
+/// in 32 registers with AVX-512's 16 lanes, 16 with 8), in two sets (even and odd i, added
+/// at the end) so that 8 or more multiply-adds are in flight. The sums start from `out` when
+/// `from_out` (the weight gradient, summed over many nonzeros), else from zero and are then
+/// added onto `out` (a pixel's share of the input gradient). Each value's sum runs in the
+/// same order whatever R and the strip widths are.
+#[inline(always)]
+fn add_in_strips<M: MulAdd, const LANES: usize, const R: usize>(
+    terms: impl Iterator<Item = (f32, usize)> + Clone,
+    source: &[f32],
+    out: &mut [f32],
+    rows: KernelRows,
+    from_out: bool,
+) {
+    let done = if R == 1 {
+        let done = strips::<M, LANES, 6, R>(terms.clone(), source, out, rows, 0, from_out);
+        strips::<M, LANES, 4, R>(terms.clone(), source, out, rows, done, from_out)
+    } else if LANES >= 16 {
+        let done = strips::<M, LANES, 4, R>(terms.clone(), source, out, rows, 0, from_out);
+        strips::<M, LANES, 3, R>(terms.clone(), source, out, rows, done, from_out)
+    } else {
+        0
+    };
+    let done = strips::<M, LANES, 2, R>(terms.clone(), source, out, rows, done, from_out);
+    let done = strips::<M, LANES, 1, R>(terms, source, out, rows, done, from_out);
+    debug_assert_eq!(done, rows.run);
+}
+
+/// The whole strips of `V` vectors of each of R rows from `start` for [`add_in_strips`];
+/// returns where they end.
+#[inline(always)]
+fn strips<M: MulAdd, const LANES: usize, const V: usize, const R: usize>(
+    terms: impl Iterator<Item = (f32, usize)> + Clone,
+    source: &[f32],
+    out: &mut [f32],
+    rows: KernelRows,
     start: usize,
     from_out: bool,
 ) -> usize {
     let mut start = start;
-    for strip in out[start..].chunks_exact_mut(V * LANES) {
-        let mut even = [[0.0f32; LANES]; V];
-        let mut odd = [[0.0f32; LANES]; V];
+    while start + V * LANES <= rows.run {
+        let mut even = [[[0.0f32; LANES]; V]; R];
+        let mut odd = [[[0.0f32; LANES]; V]; R];
         if from_out {
-            for (acc, strip) in even.iter_mut().zip(strip.chunks_exact(LANES)) {
-                acc.copy_from_slice(strip);
+            for (r, even) in even.iter_mut().enumerate() {
+                let strip = &out[r * rows.out_stride + start..][..V * LANES];
+                for (acc, strip) in even.iter_mut().zip(strip.chunks_exact(LANES)) {
+                    acc.copy_from_slice(strip);
+                }
             }
         }
         let mut terms = terms.clone();
         while let Some((g, at)) = terms.next() {
-            let x = &source[at + start..][..V * LANES];
-            for (acc, x) in even.iter_mut().zip(x.chunks_exact(LANES)) {
-                for (a, &x) in acc.iter_mut().zip(x) {
-                    *a = M::mul_add(g, x, *a);
-                }
-            }
+            add_term::<M, LANES, V, R>(&mut even, g, &source[at + start..], rows);
             let Some((g, at)) = terms.next() else {
                 break;
             };
-            let x = &source[at + start..][..V * LANES];
-            for (acc, x) in odd.iter_mut().zip(x.chunks_exact(LANES)) {
-                for (a, &x) in acc.iter_mut().zip(x) {
-                    *a = M::mul_add(g, x, *a);
-                }
-            }
+            add_term::<M, LANES, V, R>(&mut odd, g, &source[at + start..], rows);
         }
-        for ((strip, even), odd) in strip.chunks_exact_mut(LANES).zip(&even).zip(&odd) {
-            for ((s, &e), &o) in strip.iter_mut().zip(even).zip(odd) {
-                *s = if from_out { e + o } else { *s + (e + o) };
+        for (r, (even, odd)) in even.iter().zip(&odd).enumerate() {
+            let strip = &mut out[r * rows.out_stride + start..][..V * LANES];
+            for ((strip, even), odd) in strip.chunks_exact_mut(LANES).zip(even).zip(odd) {
+                for ((s, &e), &o) in strip.iter_mut().zip(even).zip(odd) {
+                    *s = if from_out { e + o } else { *s + (e + o) };
+                }
             }
         }
         start += V * LANES;
     }
     start
+}
+
+/// `sums[r] += g * x[r * rows.source_stride..][..V * LANES]` for each of the R rows. (A
+/// function, not a closure: a closure was not inlined into the SIMD-compiled caller and
+/// called `fmaf` per value.)
+#[inline(always)]
+fn add_term<M: MulAdd, const LANES: usize, const V: usize, const R: usize>(
+    sums: &mut [[[f32; LANES]; V]; R],
+    g: f32,
+    x: &[f32],
+    rows: KernelRows,
+) {
+    for (r, sums) in sums.iter_mut().enumerate() {
+        let x = &x[r * rows.source_stride..][..V * LANES];
+        for (acc, x) in sums.iter_mut().zip(x.chunks_exact(LANES)) {
+            for (a, &x) in acc.iter_mut().zip(x) {
+                *a = M::mul_add(g, x, *a);
+            }
+        }
+    }
 }
 
 /// `y += a * x` one whole vector at a time (a fixed-length inner loop, so each is one
