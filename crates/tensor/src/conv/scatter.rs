@@ -49,12 +49,16 @@ pub(crate) struct ChunkScatter<'a> {
     pub(crate) lists: &'a mut [u32],
 }
 
-/// The scratch [`ChunkScatter::lists`] holds: the nonzeros of each output channel, the same
-/// sorted by pixel, where each pixel's start and each channel's end.
+/// The scratch [`ChunkScatter::lists`] holds: the nonzeros of each output channel (and room
+/// for a register stored past the last, see [`Simd::nonzero_positions`]), the same sorted by
+/// pixel, where each pixel's start and each channel's end.
 pub(crate) fn lists_len(dims: &Conv2dDims) -> usize {
     let entries = dims.out_channels * dims.out_pixels();
-    2 * entries + dims.out_pixels() + 1 + dims.out_channels
+    2 * entries + LIST_SLACK + dims.out_pixels() + 1 + dims.out_channels
 }
+
+/// Room past the nonzero lists for one register of the widest instruction set.
+const LIST_SLACK: usize = 16;
 
 impl ChunkScatter<'_> {
     /// Scatters image j's output gradient `grad [O, OH*OW]`: onto the chunk's weight gradient,
@@ -101,7 +105,7 @@ dispatched! {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn scatter_image_body<S: Simd, const LANES: usize>(
-    _simd: S,
+    simd: S,
     dims: &Conv2dDims,
     grad: ArrayView2<'_, f32>,
     x_cl: &[f32],
@@ -114,7 +118,7 @@ fn scatter_image_body<S: Simd, const LANES: usize>(
     let run = dims.kernel_w * dims.in_channels;
     if run.is_multiple_of(LANES) {
         let scratch = (corners, values, lists);
-        scatter_by_lists::<S::MulAdd, LANES>(dims, grad, x_cl, weight_cl, dw_cl, dx_cl, scratch);
+        scatter_by_lists::<S, LANES>(simd, dims, grad, x_cl, weight_cl, dw_cl, dx_cl, scratch);
         return;
     }
     let row_len = dims.padded_w() * dims.in_channels;
@@ -167,7 +171,9 @@ fn scatter_image_body<S: Simd, const LANES: usize>(
 /// The nonzeros are listed once per channel (by a scan without branches) and sorted by pixel
 /// with a counting sort; every sum runs in an order fixed by the gradient's values alone.
 #[inline(always)]
-fn scatter_by_lists<M: MulAdd, const LANES: usize>(
+#[allow(clippy::too_many_arguments)]
+fn scatter_by_lists<S: Simd, const LANES: usize>(
+    simd: S,
     dims: &Conv2dDims,
     grad: ArrayView2<'_, f32>,
     x_cl: &[f32],
@@ -185,7 +191,7 @@ fn scatter_by_lists<M: MulAdd, const LANES: usize>(
             * dims.in_channels;
     }
     let corners = &corners[..pixels];
-    let (by_channel, rest) = lists.split_at_mut(o_count * pixels);
+    let (by_channel, rest) = lists.split_at_mut(o_count * pixels + LIST_SLACK);
     let (by_pixel, rest) = rest.split_at_mut(o_count * pixels);
     let (pixel_starts, channel_ends) = rest.split_at_mut(pixels + 1);
     pixel_starts.fill(0);
@@ -196,13 +202,8 @@ fn scatter_by_lists<M: MulAdd, const LANES: usize>(
         .zip(dw_cl.chunks_exact_mut(patch))
     {
         let row = into_contiguous(row);
-        // Every entry is written and only a nonzero advances the end: no branch to mispredict
-        // on a pooled gradient's random pattern.
         let start = end;
-        for (p, &g) in row.iter().enumerate() {
-            by_channel[end] = p as u32;
-            end += usize::from(g != 0.0);
-        }
+        end += simd.nonzero_positions(row, 0, &mut by_channel[start..]);
         channel_ends[o] = end as u32;
         let nonzeros = &by_channel[start..end];
         for &p in nonzeros {
@@ -217,7 +218,7 @@ fn scatter_by_lists<M: MulAdd, const LANES: usize>(
             source_stride: row_len,
             out_stride: run,
         };
-        add_kernel_rows::<M, LANES>(fields, x_cl, dw, rows, true);
+        add_kernel_rows::<S::MulAdd, LANES>(fields, x_cl, dw, rows, true);
     }
     let Some(dx_cl) = dx_cl else {
         return;
@@ -256,7 +257,7 @@ fn scatter_by_lists<M: MulAdd, const LANES: usize>(
             source_stride: run,
             out_stride: row_len,
         };
-        add_kernel_rows::<M, LANES>(weights, weight_cl, &mut dx_cl[corner..], rows, false);
+        add_kernel_rows::<S::MulAdd, LANES>(weights, weight_cl, &mut dx_cl[corner..], rows, false);
     }
 }
 
