@@ -255,17 +255,12 @@ mod x86 {
             unsafe {
                 let low = _mm256_loadu_ps(pairs.as_ptr());
                 let high = _mm256_loadu_ps(pairs.as_ptr().add(8));
-                let in_order = |v: __m256| {
-                    _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
-                };
-                _mm256_storeu_ps(
-                    even.as_mut_ptr(),
-                    in_order(_mm256_shuffle_ps::<0b10_00_10_00>(low, high)),
-                );
-                _mm256_storeu_ps(
-                    odd.as_mut_ptr(),
-                    in_order(_mm256_shuffle_ps::<0b11_01_11_01>(low, high)),
-                );
+                let evens = _mm256_shuffle_ps::<0b10_00_10_00>(low, high);
+                let odds = _mm256_shuffle_ps::<0b11_01_11_01>(low, high);
+                let evens = _mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(evens));
+                let odds = _mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(odds));
+                _mm256_storeu_ps(even.as_mut_ptr(), _mm256_castpd_ps(evens));
+                _mm256_storeu_ps(odd.as_mut_ptr(), _mm256_castpd_ps(odds));
             }
         }
     }
@@ -362,35 +357,24 @@ mod x86 {
             // per value, was a fifth of the sparse backward pass of fast-cnn's second layer).
             let out = &mut out[..values.len() + 16];
             let mut count = 0;
-            let mut chunks = values.chunks_exact(16);
-            // SAFETY: the token proves AVX-512F. Each store writes out[count..count + 16],
-            // within `out`: count is at most the number of values before the chunk, and at
-            // least one chunk's or the remainder's values follow. The remainder's load reads
-            // only its own lanes.
+            // SAFETY: the token proves AVX-512F. Each masked load reads only the values of its
+            // chunk; each store writes out[count..count + 16], within `out`, as count is at
+            // most the number of values before the chunk. (No closure: one is compiled
+            // without the target's features when not inlined, which LLVM could not lower.)
             unsafe {
                 let zero = _mm512_setzero_ps();
                 let mut positions = _mm512_add_epi32(
                     _mm512_set1_epi32(first as i32),
                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                 );
-                let mut compress = |nonzero: __mmask16, positions: __m512i| {
+                for chunk in values.chunks(16) {
+                    let lanes = (u32::MAX >> (32 - chunk.len())) as __mmask16;
+                    let v = _mm512_maskz_loadu_ps(lanes, chunk.as_ptr());
+                    let nonzero = _mm512_mask_cmp_ps_mask::<_CMP_NEQ_UQ>(lanes, v, zero);
                     let at = out.as_mut_ptr().add(count).cast::<__m512i>();
                     _mm512_storeu_si512(at, _mm512_maskz_compress_epi32(nonzero, positions));
                     count += nonzero.count_ones() as usize;
-                };
-                for chunk in &mut chunks {
-                    let v = _mm512_loadu_ps(chunk.as_ptr());
-                    compress(_mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(v, zero), positions);
                     positions = _mm512_add_epi32(positions, _mm512_set1_epi32(16));
-                }
-                let rest = chunks.remainder();
-                if !rest.is_empty() {
-                    let lanes: __mmask16 = (1u16 << rest.len()) - 1;
-                    let v = _mm512_maskz_loadu_ps(lanes, rest.as_ptr());
-                    compress(
-                        _mm512_mask_cmp_ps_mask::<_CMP_NEQ_UQ>(lanes, v, zero),
-                        positions,
-                    );
                 }
             }
             count
