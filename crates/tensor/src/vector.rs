@@ -37,15 +37,15 @@ pub(crate) trait Simd: Copy {
     /// Splits `pairs[..2 * LANES]` into its even-indexed values, written to `even[..LANES]`,
     /// and its odd-indexed ones, to `odd[..LANES]` (the two columns of 2-wide windows).
     fn deinterleave(self, pairs: &[f32], even: &mut [f32], odd: &mut [f32]);
-    /// Writes `first + i` for each nonzero `values[i]` (a NaN is nonzero, -0.0 is not) to the
+    /// Writes the index i of each nonzero `values[i]` (a NaN is nonzero, -0.0 is not) to the
     /// front of `out` in order and returns how many; `out` needs `values.len() + LANES` room,
     /// as whole registers may be stored past the count.
     #[inline(always)]
-    fn nonzero_positions(self, values: &[f32], first: u32, out: &mut [u32]) -> usize {
+    fn nonzero_positions(self, values: &[f32], out: &mut [u32]) -> usize {
         // Every entry is written and only a nonzero advances the count: no branch to
         // mispredict on a pooled gradient's random pattern.
         let mut count = 0;
-        for (p, &v) in (first..).zip(values) {
+        for (p, &v) in (0..).zip(values) {
             out[count] = p;
             count += usize::from(v != 0.0);
         }
@@ -352,7 +352,7 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn nonzero_positions(self, values: &[f32], first: u32, out: &mut [u32]) -> usize {
+        fn nonzero_positions(self, values: &[f32], out: &mut [u32]) -> usize {
             // Sixteen values a compare and a compress (the scalar loop, a compare and a store
             // per value, was a fifth of the sparse backward pass of fast-cnn's second layer).
             let out = &mut out[..values.len() + 16];
@@ -363,10 +363,8 @@ mod x86 {
             // without the target's features when not inlined, which LLVM could not lower.)
             unsafe {
                 let zero = _mm512_setzero_ps();
-                let mut positions = _mm512_add_epi32(
-                    _mm512_set1_epi32(first as i32),
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                );
+                let mut positions =
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
                 for chunk in values.chunks(16) {
                     let lanes = (u32::MAX >> (32 - chunk.len())) as __mmask16;
                     let v = _mm512_maskz_loadu_ps(lanes, chunk.as_ptr());
@@ -479,13 +477,13 @@ mod tests {
                     _ => v,
                 })
                 .collect();
-            let expected: Vec<u32> = (7..)
+            let expected: Vec<u32> = (0..)
                 .zip(&row)
                 .filter(|&(_, &v)| v != 0.0)
                 .map(|(p, _)| p)
                 .collect();
             let mut out = vec![u32::MAX; len + lanes + 1];
-            let count = simd.nonzero_positions(&row, 7, &mut out);
+            let count = simd.nonzero_positions(&row, &mut out);
             assert_eq!(&out[..count], &expected[..], "positions of {len} values");
             assert_eq!(
                 out[len + lanes],

@@ -203,7 +203,7 @@ fn scatter_by_lists<S: Simd, const LANES: usize>(
     {
         let row = into_contiguous(row);
         let start = end;
-        end += simd.nonzero_positions(row, 0, &mut by_channel[start..]);
+        end += simd.nonzero_positions(row, &mut by_channel[start..]);
         channel_ends[o] = end as u32;
         let nonzeros = &by_channel[start..end];
         for &p in nonzeros {
