@@ -11,21 +11,21 @@
 /// lanes): [`Avx512`](crate::vector::Avx512) (16 lanes), [`Avx2`](crate::vector::Avx2) (8),
 /// else [`Portable`](crate::vector::Portable) (8, multiply and add rounded separately).
 macro_rules! dispatched {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident;) => {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident;) => {
         $(#[$doc])*
         #[allow(clippy::too_many_arguments)]
-        pub(crate) fn $name($($arg: $ty),*) {
+        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 use $crate::vector::{Avx2, Avx512};
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                fn avx512(simd: Avx512, $($arg: $ty),*) {
+                fn avx512(simd: Avx512, $($arg: $ty),*) $(-> $ret)? {
                     $body::<Avx512, 16>(simd, $($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                fn avx2(simd: Avx2, $($arg: $ty),*) {
+                fn avx2(simd: Avx2, $($arg: $ty),*) $(-> $ret)? {
                     $body::<Avx2, 8>(simd, $($arg),*)
                 }
                 // SAFETY: each function runs only with the token of the features it is

@@ -181,7 +181,7 @@ pub(super) struct GemmBackwardBuffers {
     /// `[chunks, OH*OW]`: where the nonzero gradients of one output channel are (receptive
     /// field corners in a channels-last image), scratch for the scatter.
     pub(super) scatter_corners: Array2<usize>,
-    /// `[chunks, O*OH*OW]`: their values, scratch for the scatter.
+    /// `[chunks, OH*OW]`: their values, scratch for the scatter.
     pub(super) scatter_values: Array2<f32>,
     /// `[chunks, scatter::lists_len]`: where the nonzero gradients are, for the scatter.
     pub(super) scatter_lists: Array2<u32>,

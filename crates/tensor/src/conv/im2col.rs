@@ -282,7 +282,7 @@ pub(super) fn backward_gemm(
     };
     resize(&mut own.partial_dw_taps, (chunks, taps_len));
     resize(&mut own.scatter_corners, (chunks, pixels));
-    resize(&mut own.scatter_values, (chunks, o * pixels));
+    resize(&mut own.scatter_values, (chunks, pixels));
     resize(&mut own.scatter_lists, (chunks, scatter::lists_len(dims)));
     let weight_std = weight.as_standard_layout();
     layout::weight_to_channels_last(
