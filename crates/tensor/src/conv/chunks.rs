@@ -64,6 +64,16 @@ impl ChunkGrad<'_> {
         }
     }
 
+    /// The most nonzeros one image's gradient with respect to the convolution output can
+    /// have, when the pooling bounds it: one per window, as unpooling puts each window's
+    /// gradient on one pixel.
+    pub(super) fn nonzero_bound(&self) -> Option<usize> {
+        match self {
+            ChunkGrad::Conv(_) => None,
+            ChunkGrad::Pooled(dy, _) => Some(dy.len() / dy.len_of(Axis(0)).max(1)),
+        }
+    }
+
     /// Image j's gradient with respect to the convolution output, `[O, OH*OW]`, when dy holds
     /// it as it is.
     pub(super) fn conv_view(

@@ -158,6 +158,9 @@ fn scatter_image_body<S: Simd, const LANES: usize>(
         return;
     }
     let row_len = dims.padded_w() * dims.in_channels;
+    let ow_count = dims.out_w();
+    let step_w = dims.stride_w * dims.in_channels;
+    let step_h = dims.stride_h * row_len;
     for ((row, dw), w) in grad
         .outer_iter()
         .zip(dw_cl.chunks_exact_mut(patch))
@@ -167,10 +170,17 @@ fn scatter_image_body<S: Simd, const LANES: usize>(
         // (which would be mispredicted at random on a pooled gradient): every entry is written,
         // only nonzeros advance the count.
         let mut count = 0;
-        for (&g, corner) in row.iter().zip(field_corners(dims)) {
+        let (mut corner, mut row_start, mut ow) = (0, 0, 0);
+        for &g in row.iter() {
             corners[count] = corner;
             values[count] = g;
             count += usize::from(g != 0.0);
+            ow += 1;
+            corner += step_w;
+            if ow == ow_count {
+                (ow, row_start) = (0, row_start + step_h);
+                corner = row_start;
+            }
         }
         let (corners, values) = (&corners[..count], &values[..count]);
         for (&corner, &g) in corners.iter().zip(values) {
@@ -212,10 +222,14 @@ fn scatter_by_lists<S: Simd, const LANES: usize>(
     let (pixels, patch) = (dims.out_pixels(), dims.patch_len());
     let run = dims.kernel_w * dims.in_channels;
     let row_len = dims.padded_w() * dims.in_channels;
-    for (corner, field) in corners[..pixels].iter_mut().zip(field_corners(dims)) {
-        *corner = field;
+    let corners = &mut corners[..pixels];
+    let (step_w, step_h) = (dims.stride_w * dims.in_channels, dims.stride_h * row_len);
+    for (oh, corners) in corners.chunks_exact_mut(dims.out_w()).enumerate() {
+        for (ow, corner) in corners.iter_mut().enumerate() {
+            *corner = oh * step_h + ow * step_w;
+        }
     }
-    let corners = &corners[..pixels];
+    let corners = &*corners;
     let words = mask_words(dims);
     let (nonzeros, masks) = lists.split_at_mut(pixels + LIST_SLACK);
     let masks = &mut masks[..pixels * words];
@@ -259,14 +273,6 @@ fn scatter_by_lists<S: Simd, const LANES: usize>(
         let weights = SetBits::new(mask).map(|o| (grad[[o, p]], o * patch));
         add_kernel_rows::<S::MulAdd, LANES>(weights, weight_cl, &mut dx_cl[corner..], rows, false);
     }
-}
-
-/// Where the receptive field of each output pixel, in order, starts in a padded
-/// channels-last image.
-fn field_corners(dims: &Conv2dDims) -> impl Iterator<Item = usize> {
-    let row_len = dims.padded_w() * dims.in_channels;
-    let (step_w, step_h) = (dims.stride_w * dims.in_channels, dims.stride_h * row_len);
-    (0..dims.out_h()).flat_map(move |oh| (0..dims.out_w()).map(move |ow| oh * step_h + ow * step_w))
 }
 
 /// The indices of the set bits of a mask of 32-bit words, in increasing order.
