@@ -18,7 +18,10 @@ macro_rules! dispatched {
             #[cfg(target_arch = "x86_64")]
             {
                 use $crate::vector::{Avx2, Avx512};
-                #[target_feature(enable = "avx512f,avx2,fma")]
+                // AVX-512VL too: without it, a register zeroed or moved by a 128- or 256-bit
+                // instruction must be one of the first 16, and the allocator spilled sums to
+                // the stack with zmm23-31 free.
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 fn avx512(simd: Avx512, $($arg: $ty),*) $(-> $ret)? {
                     $body::<Avx512, 16>(simd, $($arg),*)
@@ -52,7 +55,7 @@ pub(crate) enum Isa {
     Baseline,
     /// AVX2 with FMA: 8 lanes.
     Avx2,
-    /// AVX-512F with FMA: 16 lanes.
+    /// AVX-512F and AVX-512VL with FMA: 16 lanes.
     Avx512,
 }
 
@@ -82,7 +85,7 @@ impl Isa {
         static CHOICE: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *CHOICE.get_or_init(|| {
             use std::arch::is_x86_feature_detected as has;
-            let best = if has!("avx512f") && has!("avx2") && has!("fma") {
+            let best = if has!("avx512f") && has!("avx512vl") && has!("avx2") && has!("fma") {
                 Isa::Avx512
             } else if has!("avx2") && has!("fma") {
                 Isa::Avx2

@@ -265,12 +265,12 @@ mod x86 {
         }
     }
 
-    /// AVX-512F with FMA: sixteen lanes.
+    /// AVX-512F and AVX-512VL with FMA: sixteen lanes.
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Avx512(());
 
     impl Avx512 {
-        /// The token, when the CPU has AVX-512F, AVX2 and FMA (and they are not capped).
+        /// The token, when the CPU has AVX-512F, AVX-512VL, AVX2 and FMA (and they are not capped).
         pub(crate) fn detected() -> Option<Self> {
             (Isa::detected() >= Isa::Avx512).then_some(Avx512(()))
         }
