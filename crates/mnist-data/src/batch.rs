@@ -2,6 +2,7 @@
 
 use ndarray::{Array1, Array2, Array4, Axis};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::augment::Augmentation;
 use crate::error::DataError;
@@ -68,6 +69,9 @@ pub struct Batches<'a> {
     augmentation: Option<(Augmentation, ChaCha8Rng)>,
 }
 
+/// Images a task of the parallel lookup normalizes at least: a task's cost outweighs fewer.
+const IMAGES_PER_TASK: usize = 16;
+
 /// Keeps augmentation's random stream apart from the shuffle's, which uses the bare seed.
 const AUGMENTATION_SEED_SALT: u64 = 0x6175_676d_656e_7421;
 
@@ -129,28 +133,36 @@ impl<'a> Batches<'a> {
             batch.labels = Array1::zeros(indices.len());
         }
         let images = self.data.images();
-        let mut scaled = Array2::<f32>::zeros((rows, cols));
-        for ((&index, mut out), label) in indices
-            .iter()
-            .zip(batch.images.outer_iter_mut())
-            .zip(batch.labels.iter_mut())
+        for (&index, label) in indices.iter().zip(batch.labels.iter_mut()) {
+            *label = self.data.labels()[index];
+        }
+        if self.augmentation.is_none()
+            && let (Some(out), Some(source)) = (batch.images.as_slice_mut(), images.as_slice())
         {
+            // The lookups in parallel, on flat slices: on one thread, while the other waited,
+            // they took 4% of a fast-cnn training step.
+            let table = &self.table;
+            let pixels = rows * cols;
+            out.par_chunks_mut(pixels)
+                .zip(indices.par_iter())
+                .with_min_len(IMAGES_PER_TASK)
+                .for_each(|(out, &index)| {
+                    let source = &source[index * pixels..(index + 1) * pixels];
+                    for (o, &p) in out.iter_mut().zip(source) {
+                        *o = table[usize::from(p)];
+                    }
+                });
+            return true;
+        }
+        let mut scaled = Array2::<f32>::zeros((rows, cols));
+        for (&index, mut out) in indices.iter().zip(batch.images.outer_iter_mut()) {
             let source = images.index_axis(Axis(0), index);
             match &mut self.augmentation {
-                None => match (out.as_slice_mut(), source.as_slice()) {
-                    // Flat slices when the layouts allow (always, for images this crate
-                    // loaded): the lookup loop then runs without ndarray's index arithmetic.
-                    (Some(out), Some(source)) => {
-                        for (o, &p) in out.iter_mut().zip(source) {
-                            *o = self.table[usize::from(p)];
-                        }
+                None => {
+                    for (o, &p) in out.iter_mut().zip(source.iter()) {
+                        *o = self.table[usize::from(p)];
                     }
-                    _ => {
-                        for (o, &p) in out.iter_mut().zip(source.iter()) {
-                            *o = self.table[usize::from(p)];
-                        }
-                    }
-                },
+                }
                 Some((augmentation, rng)) => {
                     // Transform in [0, 1], then standardize.
                     scaled.zip_mut_with(&source, |s, &p| *s = f32::from(p) / 255.0);
@@ -160,7 +172,6 @@ impl<'a> Batches<'a> {
                     plane.mapv_inplace(|v| (v - mean) / std);
                 }
             }
-            *label = self.data.labels()[index];
         }
         true
     }
