@@ -454,11 +454,8 @@ impl ChunkBackward<'_> {
             .and(wide.rows())
             .for_each(|b, row| *b = row.sum());
         self.scatter.dw.fill(0.0);
-        // When the pooling's bound already pays, counting (a pass over the whole chunk's
-        // gradient, 2% of a fast-cnn step) would not change the choice.
         let bound = dy.nonzero_bound().map(|per_image| per_image * images);
-        let pays = |nonzeros| scatter::pays(nonzeros, wide.len());
-        if bound.is_some_and(pays) || pays(scatter::nonzeros(&wide)) {
+        if scatter::pays(&wide, bound) {
             for j in 0..images {
                 let grad = wide.slice(s![.., j * pixels..(j + 1) * pixels]);
                 let dx = dx.as_mut().map(|dx| dx.index_axis_mut(Axis(0), j));
@@ -503,8 +500,7 @@ impl ChunkBackward<'_> {
                 .and(grad.rows())
                 .for_each(|b, row| *b += row.sum());
             let dx = dx.as_mut().map(|dx| dx.index_axis_mut(Axis(0), j));
-            let pays = |nonzeros| scatter::pays(nonzeros, grad.len());
-            if dy.nonzero_bound().is_some_and(pays) || pays(scatter::nonzeros(&grad)) {
+            if scatter::pays(&grad, dy.nonzero_bound()) {
                 self.scatter.image(dims, shared.weight_cl, j, grad, dx);
                 continue;
             }

@@ -17,10 +17,19 @@ use super::{Conv2dDims, into_contiguous};
 use crate::simd::{MulAdd, dispatched};
 use crate::vector::Simd;
 
+/// Whether scattering `grad` beats the dense GEMMs, given `bound`, the most nonzeros it can
+/// have when known (a pooled gradient's). Where the bound already pays, the nonzeros are not
+/// counted: the count is a pass over the whole gradient (2% of a fast-cnn step) that could
+/// not change the choice.
+pub(crate) fn pays(grad: &ArrayView2<'_, f32>, bound: Option<usize>) -> bool {
+    let pays = |nonzeros| pays_with(nonzeros, grad.len());
+    bound.is_some_and(pays) || pays(nonzeros(grad))
+}
+
 /// Whether scattering beats the dense GEMMs for an output gradient with `nonzeros` of `len`
 /// entries: the scatter does `nonzeros / len` of the GEMMs' multiply-adds at about half their
 /// speed (measured on conv 32->64), so up to 30% nonzeros it wins.
-pub(crate) fn pays(nonzeros: usize, len: usize) -> bool {
+fn pays_with(nonzeros: usize, len: usize) -> bool {
     nonzeros * 10 <= len * 3
 }
 
