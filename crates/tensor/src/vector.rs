@@ -8,7 +8,34 @@
 //! type is made only after the CPU was found to have the features ([`crate::simd::dispatched!`]
 //! makes them), which is what makes its safe methods sound: the intrinsics they run exist on this CPU.
 
+use crate::conv::NO_GRADIENT;
 use crate::simd::{MulAdd, Separate, tree_sum};
+
+/// How the windows of a 2x2 pooling (stride 2) lie over the plane it pools, for
+/// [`Simd::maxima_in_pixel_order`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MaximaGrid {
+    /// Windows to a pooled row.
+    pub(crate) pool_w: usize,
+    /// The width of the pooled plane.
+    pub(crate) out_w: usize,
+    /// The width of the padded input image, for the receptive fields' starts.
+    pub(crate) padded_w: usize,
+}
+
+/// Where [`Simd::maxima_in_pixel_order`] writes, each with room for 16 more values than the
+/// windows, as whole registers may be stored past the count.
+pub(crate) struct MaximaOut<'a> {
+    /// Each window's maximum, a pixel of the pooled plane.
+    pub(crate) pixels: &'a mut [u32],
+    /// That pixel's index in the padded image.
+    pub(crate) starts: &'a mut [u32],
+    /// The window's gradient, as bits.
+    pub(crate) grads: &'a mut [u32],
+}
+
+/// The lane of [`Simd::block_3x3`] that holds 1.
+pub(crate) const BLOCK_3X3_ONE: usize = 11;
 
 /// Vector arithmetic on one instruction set; `self` is the proof that the CPU has it.
 pub(crate) trait Simd: Copy {
@@ -37,6 +64,57 @@ pub(crate) trait Simd: Copy {
     /// Splits `pairs[..2 * LANES]` into its even-indexed values, written to `even[..LANES]`,
     /// and its odd-indexed ones, to `odd[..LANES]` (the two columns of 2-wide windows).
     fn deinterleave(self, pairs: &[f32], even: &mut [f32], odd: &mut [f32]);
+    /// The 3x3 block of a plane whose rows are `stride` apart, starting at `rows[0]`, and a 1:
+    /// lane `4 * r + c` holds `rows[r * stride + c]` (r, c < 3), lane [`BLOCK_3X3_ONE`] holds
+    /// 1 (so that a multiply-add by g also sums g), every other lane 0. None where a register
+    /// has fewer than 12 lanes.
+    #[inline(always)]
+    fn block_3x3(self, rows: &[f32], stride: usize) -> Option<Self::V> {
+        let _ = (rows, stride);
+        None
+    }
+    /// Takes the windows of one plane of 2x2 pooling (stride 2, laid out as `grid` says) whose
+    /// `argmax` is a pixel (not NO_GRADIENT) in pixel order, and writes each one's pixel, that
+    /// pixel's index in the padded image and its gradient `dy` to the front of `out`; returns
+    /// how many. None unless every pixel is in its own window, which makes pixel order each
+    /// pooled row's windows with their maximum in the top row, then those with it in the
+    /// bottom row.
+    #[inline(always)]
+    fn maxima_in_pixel_order(
+        self,
+        dy: &[f32],
+        argmax: &[u32],
+        grid: MaximaGrid,
+        out: MaximaOut<'_>,
+    ) -> Option<usize> {
+        let MaximaGrid {
+            pool_w,
+            out_w,
+            padded_w,
+        } = grid;
+        let (mut count, mut owned) = (0, true);
+        let windows = dy.chunks_exact(pool_w).zip(argmax.chunks_exact(pool_w));
+        for (i, (dy, argmax)) in windows.enumerate() {
+            let top_left = 2 * i * out_w;
+            for bottom in [false, true] {
+                let row = 2 * i + usize::from(bottom);
+                let offset = if bottom { out_w } else { 0 };
+                // Pixel (row, c) is `row * out_w + c` in the plane, `row * padded_w + c` padded.
+                let shift = (row * (padded_w - out_w)) as u32;
+                // Every window is written and only one in this row advances the count: no
+                // branch to mispredict.
+                for (j, (&g, &at)) in dy.iter().zip(argmax).enumerate() {
+                    let from_corner = at.wrapping_sub((top_left + 2 * j) as u32);
+                    (out.pixels[count], out.starts[count]) = (at, at.wrapping_add(shift));
+                    out.grads[count] = g.to_bits();
+                    count += usize::from(from_corner.wrapping_sub(offset as u32) < 2);
+                    let own = (from_corner < 2) | (from_corner.wrapping_sub(out_w as u32) < 2);
+                    owned &= own | (at == NO_GRADIENT);
+                }
+            }
+        }
+        owned.then_some(count)
+    }
     /// Writes the index i of each nonzero `values[i]` (a NaN is nonzero, -0.0 is not) to the
     /// front of `out` in order and returns how many; `out` needs `values.len() + LANES` room,
     /// as whole registers may be stored past the count.
@@ -125,7 +203,8 @@ pub(crate) use x86::{Avx2, Avx512};
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Simd;
+    use super::{MaximaGrid, MaximaOut, Simd};
+    use crate::conv::NO_GRADIENT;
     use crate::simd::{Fused, Isa};
 
     /// [`Simd::transpose_8x8`] by AVX: unpack pairs of rows, then pairs of pairs, then swap
@@ -352,6 +431,88 @@ mod x86 {
         }
 
         #[inline(always)]
+        fn block_3x3(self, rows: &[f32], stride: usize) -> Option<__m512> {
+            let rows = &rows[..2 * stride + 3];
+            // SAFETY: the token proves AVX-512F and AVX-512VL. Each masked load reads only
+            // the three values of its row, `rows[r * stride..][..3]`, within `rows`.
+            unsafe {
+                let start = rows.as_ptr();
+                let top = _mm_maskz_loadu_ps(0b0111, start);
+                let middle = _mm_maskz_loadu_ps(0b0111, start.add(stride));
+                // The 1 of lane 11 (BLOCK_3X3_ONE) rides in the bottom row's unused fourth lane.
+                let one = _mm_setr_ps(0.0, 0.0, 0.0, 1.0);
+                let bottom = _mm_mask_loadu_ps(one, 0b0111, start.add(2 * stride));
+                let block = _mm512_insertf32x4::<1>(_mm512_zextps128_ps512(top), middle);
+                Some(_mm512_insertf32x4::<2>(block, bottom))
+            }
+        }
+
+        #[inline(always)]
+        fn maxima_in_pixel_order(
+            self,
+            dy: &[f32],
+            argmax: &[u32],
+            grid: MaximaGrid,
+            out: MaximaOut<'_>,
+        ) -> Option<usize> {
+            let MaximaGrid {
+                pool_w,
+                out_w,
+                padded_w,
+            } = grid;
+            let windows = argmax.len().min(dy.len()) / pool_w * pool_w;
+            let room = windows + 16;
+            let (pixels, starts) = (&mut out.pixels[..room], &mut out.starts[..room]);
+            let grads = &mut out.grads[..room];
+            let (mut count, mut stray) = (0, 0);
+            // SAFETY: the token proves AVX-512F. Each masked load reads only the windows of
+            // its chunk, within `dy` and `argmax`; each store writes [count..count + 16] of
+            // an output, within it, as count is at most the windows taken before (a window's
+            // two rows exclude each other, `out_w` being at least 2). (No closure, as in
+            // `nonzero_positions`.)
+            unsafe {
+                let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                let (two, width) = (_mm512_set1_epi32(2), _mm512_set1_epi32(out_w as i32));
+                let none = _mm512_set1_epi32(NO_GRADIENT as i32);
+                let rows = dy[..windows]
+                    .chunks_exact(pool_w)
+                    .zip(argmax[..windows].chunks_exact(pool_w));
+                for (i, (dy, argmax)) in rows.enumerate() {
+                    for bottom in [false, true] {
+                        let row = 2 * i + usize::from(bottom);
+                        let shift = _mm512_set1_epi32((row * (padded_w - out_w)) as i32);
+                        for (c, (dy, argmax)) in dy.chunks(16).zip(argmax.chunks(16)).enumerate() {
+                            let lanes = (u32::MAX >> (32 - argmax.len())) as __mmask16;
+                            let at = _mm512_maskz_loadu_epi32(lanes, argmax.as_ptr().cast());
+                            let g = _mm512_maskz_loadu_epi32(lanes, dy.as_ptr().cast());
+                            // Window j's top left pixel is (2i, 2j).
+                            let top_left = _mm512_set1_epi32((2 * i * out_w + 32 * c) as i32);
+                            let corner = _mm512_add_epi32(top_left, _mm512_add_epi32(lane, lane));
+                            let from_corner = _mm512_sub_epi32(at, corner);
+                            let below = _mm512_sub_epi32(from_corner, width);
+                            let in_top = _mm512_mask_cmplt_epu32_mask(lanes, from_corner, two);
+                            let in_bottom = _mm512_mask_cmplt_epu32_mask(lanes, below, two);
+                            if !bottom {
+                                let live = _mm512_mask_cmpneq_epi32_mask(lanes, at, none);
+                                stray |= live & !(in_top | in_bottom);
+                            }
+                            let here = if bottom { in_bottom } else { in_top };
+                            let start = _mm512_add_epi32(at, shift);
+                            for (out, v) in
+                                [(&mut *pixels, at), (&mut *starts, start), (&mut *grads, g)]
+                            {
+                                let to = out.as_mut_ptr().add(count).cast::<__m512i>();
+                                _mm512_storeu_si512(to, _mm512_maskz_compress_epi32(here, v));
+                            }
+                            count += here.count_ones() as usize;
+                        }
+                    }
+                }
+            }
+            (stray == 0).then_some(count)
+        }
+
+        #[inline(always)]
         fn nonzero_positions(self, values: &[f32], out: &mut [u32]) -> usize {
             // Sixteen values a compare and a compress (the scalar loop, a compare and a store
             // per value, was a fifth of the sparse backward pass of fast-cnn's second layer).
@@ -493,9 +654,107 @@ mod tests {
         }
     }
 
+    /// [`Simd::block_3x3`], where `simd` has it, against the rows it reads.
+    fn check_block_3x3<S: Simd>(simd: S) {
+        let stride = 7;
+        let rows = values(2 * stride + 3 + 5, 9);
+        let Some(block) = simd.block_3x3(&rows[4..], stride) else {
+            return;
+        };
+        let mut lanes = vec![f32::NAN; S::LANES];
+        simd.store(block, &mut lanes);
+        for (lane, &v) in lanes.iter().enumerate() {
+            let (r, c) = (lane / 4, lane % 4);
+            let want = match lane {
+                BLOCK_3X3_ONE => 1.0,
+                _ if r < 3 && c < 3 => rows[4 + r * stride + c],
+                _ => 0.0,
+            };
+            assert_eq!(v.to_bits(), want.to_bits(), "block lane {lane}");
+        }
+    }
+
+    /// [`Simd::maxima_in_pixel_order`] against sorting: planes of 2x2 windows up to three
+    /// registers of windows wide, odd and even widths, padded or not, some windows passing no
+    /// gradient, and in some planes a maximum outside its window (None).
+    fn check_maxima_in_pixel_order<S: Simd>(simd: S) {
+        for case in 0..160usize {
+            let (pool_w, pool_h) = (1 + case % 37, 1 + case % 4);
+            let out_w = 2 * pool_w + (case / 4) % 2;
+            let padded_w = out_w + 2 * ((case / 8) % 2);
+            let windows = pool_w * pool_h;
+            let dy = values(windows, case as u32);
+            let mut state = (case as u32).wrapping_mul(2654435761) | 1;
+            let mut argmax: Vec<u32> = (0..windows)
+                .map(|window| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    let (i, j) = (window / pool_w, window % pool_w);
+                    let (r, c) = (
+                        2 * i + (state >> 3) as usize % 2,
+                        2 * j + (state >> 4) as usize % 2,
+                    );
+                    if state.is_multiple_of(5) {
+                        NO_GRADIENT
+                    } else {
+                        (r * out_w + c) as u32
+                    }
+                })
+                .collect();
+            if case % 3 == 0 && windows > 1 {
+                // Window 0's maximum in the last window's bottom right pixel.
+                argmax[0] = ((2 * pool_h - 1) * out_w + 2 * pool_w - 1) as u32;
+            }
+            let own = |window: usize, at: u32| {
+                let (r, c) = (at as usize / out_w, at as usize % out_w);
+                (r / 2, c / 2) == (window / pool_w, window % pool_w) && c < 2 * pool_w
+            };
+            let mut live: Vec<(u32, usize)> = (0..windows)
+                .filter(|&w| argmax[w] != NO_GRADIENT)
+                .map(|w| (argmax[w], w))
+                .collect();
+            live.sort();
+            let owned = live.iter().all(|&(at, w)| own(w, at));
+            let room = windows + S::LANES.max(16) + 1;
+            let (mut pixels, mut starts, mut grads) = (
+                vec![u32::MAX; room],
+                vec![u32::MAX; room],
+                vec![u32::MAX; room],
+            );
+            let grid = MaximaGrid {
+                pool_w,
+                out_w,
+                padded_w,
+            };
+            let out = MaximaOut {
+                pixels: &mut pixels,
+                starts: &mut starts,
+                grads: &mut grads,
+            };
+            let count = simd.maxima_in_pixel_order(&dy, &argmax, grid, out);
+            assert_eq!(count, owned.then_some(live.len()), "case {case}");
+            for (k, &(at, w)) in live.iter().enumerate().take(count.unwrap_or(0)) {
+                let start = at as usize / out_w * padded_w + at as usize % out_w;
+                assert_eq!(
+                    (pixels[k], starts[k] as usize),
+                    (at, start),
+                    "case {case}, {k}"
+                );
+                assert_eq!(grads[k], dy[w].to_bits(), "case {case}, {k}");
+            }
+            assert_eq!(
+                pixels[room - 1],
+                u32::MAX,
+                "case {case}: wrote past the room"
+            );
+        }
+    }
+
     #[test]
     fn portable_lanes_compute_what_scalars_do() {
         check(Portable, false);
+        check_maxima_in_pixel_order(Portable);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -504,9 +763,12 @@ mod tests {
         // Whatever this CPU has; CI runs the suite again with TENSOR_ISA capping it.
         if let Some(simd) = Avx512::detected() {
             check(simd, true);
+            check_block_3x3(simd);
+            check_maxima_in_pixel_order(simd);
         }
         if let Some(simd) = Avx2::detected() {
             check(simd, true);
+            check_maxima_in_pixel_order(simd);
         }
     }
 }

@@ -111,6 +111,9 @@ pub(super) struct DirectBuffers {
     /// `[chunks, O, OH*OW]`: one image's output before a pooling other than 2x2 / 2; empty
     /// otherwise.
     pub(super) staged: Array3<f32>,
+    /// `[chunks, maxima_scratch_len]`: one plane's 2x2 pooling maxima in pixel order,
+    /// for a first layer's weight gradient; empty otherwise.
+    pub(super) maxima: Array2<u32>,
 }
 
 /// What [`ConvAlgorithm::Im2colGemm`] keeps and uses.

@@ -53,14 +53,15 @@ impl ArgmaxOut<'_> {
 pub(super) enum ChunkGrad<'a> {
     /// Of the convolution output, `[B, O, OH, OW]`, standard layout.
     Conv(ArrayView4<'a, f32>),
-    /// Of the pooled output, `[B, O, PH, PW]`, and its argmax, both standard layout.
-    Pooled(ArrayView4<'a, f32>, ArrayView4<'a, u32>),
+    /// Of the pooled output, `[B, O, PH, PW]`, and its argmax, both standard layout, and the
+    /// pooling.
+    Pooled(ArrayView4<'a, f32>, ArrayView4<'a, u32>, Pool2dDims),
 }
 
 impl ChunkGrad<'_> {
     pub(super) fn images(&self) -> usize {
         match self {
-            ChunkGrad::Conv(dy) | ChunkGrad::Pooled(dy, _) => dy.len_of(Axis(0)),
+            ChunkGrad::Conv(dy) | ChunkGrad::Pooled(dy, ..) => dy.len_of(Axis(0)),
         }
     }
 
@@ -70,7 +71,7 @@ impl ChunkGrad<'_> {
     pub(super) fn nonzero_bound(&self) -> Option<usize> {
         match self {
             ChunkGrad::Conv(_) => None,
-            ChunkGrad::Pooled(dy, _) => Some(dy.len() / dy.len_of(Axis(0)).max(1)),
+            ChunkGrad::Pooled(dy, ..) => Some(dy.len() / dy.len_of(Axis(0)).max(1)),
         }
     }
 
@@ -97,7 +98,7 @@ impl ChunkGrad<'_> {
                 let (o, pixels) = out.dim();
                 out.assign(&image_of(dy, j, o, pixels));
             }
-            ChunkGrad::Pooled(dy, argmax) => {
+            ChunkGrad::Pooled(dy, argmax, _) => {
                 let (dy, argmax) = (dy.index_axis(Axis(0), j), argmax.index_axis(Axis(0), j));
                 let (dy, argmax) = (into_contiguous(dy), into_contiguous(argmax));
                 let pooled = dy.len() / out.nrows().max(1);

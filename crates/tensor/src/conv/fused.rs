@@ -171,7 +171,7 @@ pub fn conv2d_max_pool_backward(
     let chunks = dy
         .axis_chunks_iter(Axis(0), per_chunk)
         .zip(argmax.axis_chunks_iter(Axis(0), per_chunk))
-        .map(|(dy, argmax)| ChunkGrad::Pooled(dy, argmax))
+        .map(|(dy, argmax)| ChunkGrad::Pooled(dy, argmax, *pool))
         .collect();
     backward(OP, dims, weight, chunks, buffers, grads)
 }

@@ -24,7 +24,7 @@ fn check_fused_matches_unfused(
     padding: Padding,
     pool: (usize, usize),
     before: BeforePool,
-    with_bias: bool,
+    bias_shift: Option<f32>,
     input_grad: bool,
     seed: u64,
 ) -> Result<(), TestCaseError> {
@@ -38,8 +38,9 @@ fn check_fused_matches_unfused(
     let mut values = Values::new(seed);
     let x = values.array4(dims.input_shape());
     let weight = values.array4(dims.weight_shape());
-    let bias = values.array1(out_channels);
-    let bias = with_bias.then(|| bias.view());
+    // A bias shifted down blocks more windows behind a ReLU.
+    let bias = values.array1(out_channels) + bias_shift.unwrap_or(0.0);
+    let bias = bias_shift.map(|_| bias.view());
     let dy = values.array4(pool.output_shape());
 
     // Unfused: convolution, ReLU (if asked), max pooling; then their backward passes in
@@ -165,7 +166,7 @@ proptest! {
         input_grad in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        check_fused_matches_unfused(input, out_channels, kernel, padding, pool, before, with_bias, input_grad, seed)?;
+        check_fused_matches_unfused(input, out_channels, kernel, padding, pool, before, with_bias.then_some(0.0), input_grad, seed)?;
     }
 }
 
@@ -185,7 +186,7 @@ proptest! {
         input_grad in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        check_fused_matches_unfused(input, out_channels, kernel, padding, (2, 2), before, with_bias, input_grad, seed)?;
+        check_fused_matches_unfused(input, out_channels, kernel, padding, (2, 2), before, with_bias.then_some(0.0), input_grad, seed)?;
     }
 }
 
@@ -244,12 +245,66 @@ fn fused_shapes_that_do_not_fit_are_errors() {
     );
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn fused_first_layer_under_2x2_pooling_gives_the_bits_of_the_three_kernels(
+        // A first layer (one input channel, 3x3, no input gradient) under 2x2 pooling, whose
+        // weight gradient is read at the maxima alone: with fewer output channels than taps
+        // (planes in the padded width) and more (the image unfolded), odd and even sizes.
+        input in (1usize..20, Just(1usize), 3usize..32, 3usize..32),
+        out_channels in prop_oneof![1usize..9, 9usize..40],
+        padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],
+        before in prop_oneof![Just(BeforePool::Relu), Just(BeforePool::Nothing)],
+        // Behind a ReLU, the maximum of four values is positive in 15 windows of 16: a bias
+        // shifted down blocks half of them, as a trained first layer's background does
+        // (and as the weight gradient from the maxima needs, to be taken).
+        bias_shift in prop_oneof![Just(None), Just(Some(0.0)), (-2.0f32..-0.5).prop_map(Some)],
+        seed in any::<u64>(),
+    ) {
+        check_fused_matches_unfused(input, out_channels, 3, padding, (2, 2), before, bias_shift, false, seed)?;
+    }
+}
+
 #[test]
 fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
     // The forward pass makes each argmax in its own window; one elsewhere in the plane (a
-    // caller's) is still followed, as max_pool2d_backward follows it. (A faster unpooling that
-    // assumed windows own their argmax must keep this.)
-    let dims = Conv2dDims::new([1, 1, 8, 8], 4, [3, 3], [1, 1], Padding::Valid).unwrap();
+    // caller's) is still followed, as max_pool2d_backward follows it, and two windows with
+    // one argmax add up there. (A faster unpooling, or a weight gradient read at the maxima
+    // in their pixel order, that assumed windows own their argmax must keep this.) With 4
+    // output channels the first layer's planes are in the padded width, with 16 unfolded.
+    for out_channels in [4, 16] {
+        // Window (0, 0) of channel 1 points at pixel (0, 5) of the 6x6 output, in window
+        // (0, 2); at (4, 1), two pooled rows down; or at window (1, 1)'s own maximum.
+        for (moved_to, expected) in [(5, (0, 5)), (4 * 6 + 1, (4, 1)), (3 * 6 + 3, (3, 3))] {
+            let (fused_dw, dw, dconv, dy) = fused_and_unfused_weight_grads(out_channels, moved_to);
+            assert_eq!(
+                bits(&fused_dw),
+                bits(&dw),
+                "{out_channels} channels, to {moved_to}"
+            );
+            // The moved gradient is where the comparison looked (the input rises to the right
+            // and down, so each window's own argmax is its bottom right pixel).
+            let (h, w) = expected;
+            let own = if moved_to == 3 * 6 + 3 {
+                dy[(0, 1, 1, 1)]
+            } else {
+                0.0
+            };
+            assert_eq!(dconv[(0, 1, h, w)], dy[(0, 1, 0, 0)] + own);
+        }
+    }
+}
+
+/// The weight gradients of the fused and unfused first layer (an 8x8 image, 3x3 kernel, 2x2
+/// pooling) when window (0, 0) of channel 1 has its argmax moved to pixel `moved_to`; and the
+/// unpooled gradient and `dy` the unfused one used.
+fn fused_and_unfused_weight_grads(
+    out_channels: usize,
+    moved_to: u32,
+) -> (Array4<f32>, Array4<f32>, Array4<f32>, Array4<f32>) {
+    let dims = Conv2dDims::new([1, 1, 8, 8], out_channels, [3, 3], [1, 1], Padding::Valid).unwrap();
     let pool = Pool2dDims::new(dims.output_shape(), [2, 2], [2, 2]).unwrap();
     let x = Array4::from_shape_fn(dims.input_shape(), |(_, _, h, w)| (h * 8 + w) as f32 / 64.0);
     let w = Array4::from_elem(dims.weight_shape(), 0.5f32);
@@ -269,10 +324,24 @@ fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
         Some(argmax.view_mut()),
     )
     .unwrap();
-    // Window (0, 0) of channel 1 points at pixel (0, 5) of the 6x6 output, in window (0, 2).
-    argmax[(0, 1, 0, 0)] = 5;
+    argmax[(0, 1, 0, 0)] = moved_to;
+    // Half the windows pass no gradient, as behind a ReLU (where the first layer's weight
+    // gradient is read at the maxima); windows (0, 0) and (1, 1) still do. Max pooling's own
+    // backward pass takes no NO_GRADIENT: it gets a zero gradient there instead.
+    let blocked = |h: usize, w: usize| (h + w) % 2 == 1;
+    let fused_argmax = Array4::from_shape_fn(pool.output_shape(), |(n, o, h, w)| {
+        if blocked(h, w) {
+            NO_GRADIENT
+        } else {
+            argmax[(n, o, h, w)]
+        }
+    });
     let dy = Array4::from_shape_fn(pool.output_shape(), |(_, o, h, w)| {
-        1.0 + (o * 9 + h * 3 + w) as f32
+        if blocked(h, w) {
+            0.0
+        } else {
+            1.0 + (o * 9 + h * 3 + w) as f32 / 7.0
+        }
     });
     let mut fused_dw = Array4::zeros(dims.weight_shape());
     let grads = Conv2dGrads {
@@ -285,7 +354,7 @@ fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
         &pool,
         w.view(),
         dy.view(),
-        argmax.view(),
+        fused_argmax.view(),
         &mut buffers,
         grads,
     )
@@ -299,10 +368,7 @@ fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
         input: None,
     };
     conv2d_backward(&dims, w.view(), dconv.view(), &mut buffers, grads).unwrap();
-    assert_eq!(bits(&fused_dw), bits(&dw));
-    // The moved gradient is where the comparison looked (the input rises to the right and
-    // down, so window (0, 2)'s own argmax is pixel (1, 5)).
-    assert_eq!(dconv[(0, 1, 0, 5)], dy[(0, 1, 0, 0)]);
+    (fused_dw, dw, dconv, dy)
 }
 
 #[test]

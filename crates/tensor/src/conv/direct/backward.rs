@@ -5,10 +5,11 @@ use ndarray::ArrayViewMut3;
 
 use super::forward::unfold;
 use super::{GRAD_CHANNELS_AT_ONCE, ImageGrad, PaddedLayout, STRIP, TAP_GROUP};
-use crate::conv::Conv2dDims;
 use crate::conv::fused::unpool_plane;
 use crate::conv::unfold::copy_short;
-use crate::vector::Simd;
+use crate::conv::{Conv2dDims, NO_GRADIENT};
+use crate::pool::Pool2dDims;
+use crate::vector::{BLOCK_3X3_ONE, MaximaGrid, MaximaOut, Simd};
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -118,6 +119,183 @@ pub(super) fn backward_image_body<S: Simd, const LANES: usize>(
                     *v = g;
                 }
             }
+        }
+    }
+}
+
+/// The lanes of the registers [`weight_grads_from_maxima`] runs on: the nine taps of a 3x3
+/// kernel and a bias fit in 16.
+const MAXIMA_LANES: usize = 16;
+
+/// The largest fraction (numerator, denominator) of an image's pooling windows passing
+/// gradient for which [`weight_grads_from_maxima_body`] beats the dense kernels (measured
+/// break-even near 0.8).
+const MAXIMA_MOST_PASSING: (usize, usize) = (3, 4);
+
+/// The scratch [`weight_grads_from_maxima`] needs for a plane of `windows` pooling windows.
+pub(super) fn maxima_scratch_len(windows: usize) -> usize {
+    3 * (windows + MAXIMA_LANES)
+}
+
+/// One output channel's plane of 2x2-pooled gradient (stride 2, `pool_w` windows to a row).
+#[derive(Clone, Copy)]
+struct PooledPlane<'a> {
+    dy: &'a [f32],
+    /// Each window's maximum, a pixel of the convolution output, or NO_GRADIENT.
+    argmax: &'a [u32],
+    pool_w: usize,
+}
+
+/// Whether [`weight_grads_from_maxima_body`] takes a layer: a first layer (one input channel,
+/// a 3x3 kernel, no input gradient) under 2x2 pooling with stride 2.
+pub(super) fn takes_maxima(dims: &Conv2dDims, pool: &Pool2dDims, input_grad: bool) -> bool {
+    !input_grad
+        && dims.in_channels == 1
+        && (dims.kernel_h, dims.kernel_w) == (3, 3)
+        && pool.is_2x2_stride_2()
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn weight_grads_from_maxima_body<S: Simd, const LANES: usize>(
+    simd: S,
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    padded: &[f32],
+    dy: &[f32],
+    argmax: &[u32],
+    pool_w: usize,
+    maxima: &mut [u32],
+    wide: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> bool {
+    if S::LANES != MAXIMA_LANES || simd.block_3x3(padded, layout.width).is_none() {
+        return false;
+    }
+    // Each maximum costs a chain of loads and a multiply-add into memory, where the dense
+    // kernels spend a few multiply-adds per 16 pixels: two-conv's first layer, with 54% of
+    // its windows passing gradient behind a ReLU, took 0.64x the dense pass's time; fast-cnn's,
+    // with all of them passing (no ReLU before the pooling), 1.33x.
+    let passing: u32 = argmax.iter().map(|&at| u32::from(at != NO_GRADIENT)).sum();
+    if passing as usize * MAXIMA_MOST_PASSING.1 > argmax.len() * MAXIMA_MOST_PASSING.0 {
+        return false;
+    }
+    let windows = dy.len() / dims.out_channels;
+    let planes = dy.chunks_exact(windows).zip(argmax.chunks_exact(windows));
+    let (_, scratch) = layout.split_scratch(wide);
+    let unpooled = &mut scratch[layout.planes_len()..][..dims.out_pixels()];
+    for ((dw, db), (dy, argmax)) in dw.chunks_exact_mut(9).zip(db).zip(planes) {
+        let pooled = PooledPlane { dy, argmax, pool_w };
+        weight_grads_from_maxima(simd, dims, layout, padded, pooled, maxima, unpooled, dw, db);
+    }
+    true
+}
+
+/// The weight and bias gradients of one output channel of a first layer (one input channel,
+/// a 3x3 kernel) from its 2x2-pooled gradient, without unpooling it: each window's gradient
+/// times the 3x3 block of the padded image at its maximum ([`Simd::block_3x3`]), the windows
+/// taken in their maxima's pixel order ([`Simd::maxima_in_pixel_order`], with `maxima` as
+/// scratch). Unpooling wrote a whole plane, three quarters zeros, and the weight
+/// gradient then read it all back with the unfolded image: two thirds of the first layer's
+/// backward pass, whose multiply-adds take a twentieth of it at the peak.
+///
+/// The same bits as unpooling and [`weight_grads_unfolded`] (or [`weight_grads`]): those sum
+/// the pixels p of lane `p % 16` in pixel order and add the 16 lanes up as [`Simd::sum`] does.
+/// Here each lane class is a register of its own, whose lanes hold its nine taps' sums and
+/// its bias's; the maxima come in pixel order, the zeros between them add nothing, and the 16
+/// registers are added up in the same tree. A plane with a maximum outside its window (a
+/// caller's argmax) is unpooled into `unpooled` and read whole, in order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn weight_grads_from_maxima<S: Simd>(
+    simd: S,
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    padded: &[f32],
+    pooled: PooledPlane<'_>,
+    maxima: &mut [u32],
+    unpooled: &mut [f32],
+    dw: &mut [f32],
+    db: &mut f32,
+) {
+    let mut classes = [simd.splat(0.0); MAXIMA_LANES];
+    let (ow, width) = (dims.out_w(), layout.width);
+    let (pixels, rest) = maxima.split_at_mut(maxima.len() / 3);
+    let (starts, grads) = rest.split_at_mut(rest.len() / 2);
+    let grid = MaximaGrid {
+        pool_w: pooled.pool_w,
+        out_w: ow,
+        padded_w: width,
+    };
+    let out = MaximaOut {
+        pixels,
+        starts,
+        grads,
+    };
+    match simd.maxima_in_pixel_order(pooled.dy, pooled.argmax, grid, out) {
+        Some(count) => {
+            let maxima = pixels[..count]
+                .iter()
+                .zip(&starts[..count])
+                .zip(&grads[..count]);
+            let maxima = maxima.map(|((&at, &start), &g)| (f32::from_bits(g), at, start));
+            // The branch outside the loop.
+            if layout.unfolds {
+                add_blocks::<S, true>(simd, &mut classes, width, padded, maxima);
+            } else {
+                add_blocks::<S, false>(simd, &mut classes, width, padded, maxima);
+            }
+        }
+        None => {
+            unpool_plane(pooled.dy, pooled.argmax, unpooled);
+            let pixels = unpooled.iter().enumerate().map(|(at, &g)| {
+                let start = at / ow * width + at % ow;
+                (g, at as u32, start as u32)
+            });
+            if layout.unfolds {
+                add_blocks::<S, true>(simd, &mut classes, width, padded, pixels);
+            } else {
+                add_blocks::<S, false>(simd, &mut classes, width, padded, pixels);
+            }
+        }
+    }
+    // Lane i plus lane i + 8, then i + 4, i + 2, i + 1, as `Simd::sum` adds.
+    let mut half = MAXIMA_LANES / 2;
+    while half > 0 {
+        for i in 0..half {
+            classes[i] = simd.add(classes[i], classes[i + half]);
+        }
+        half /= 2;
+    }
+    let mut lanes = [0.0f32; MAXIMA_LANES];
+    simd.store(classes[0], &mut lanes);
+    for (r, dw) in dw.chunks_exact_mut(3).enumerate() {
+        for (c, dw) in dw.iter_mut().enumerate() {
+            *dw += lanes[4 * r + c];
+        }
+    }
+    *db += lanes[BLOCK_3X3_ONE];
+}
+
+/// Pixels of [`weight_grads_from_maxima`], each `(g, at, start)`: its lane class += `g` times
+/// the 3x3 block at `start` in the padded image (`width` wide), and g. The class is the
+/// pixel's index `at` in the output's own width where the dense kernels unfold the image
+/// (`OWN_WIDTH`), else its index `start` in the padded width.
+#[inline(always)]
+fn add_blocks<S: Simd, const OWN_WIDTH: bool>(
+    simd: S,
+    classes: &mut [S::V; MAXIMA_LANES],
+    width: usize,
+    padded: &[f32],
+    pixels: impl Iterator<Item = (f32, u32, u32)>,
+) {
+    for (g, at, start) in pixels {
+        let pixel = if OWN_WIDTH { at } else { start };
+        let class = &mut classes[pixel as usize % MAXIMA_LANES];
+        let start = start as usize;
+        if let Some(block) = simd.block_3x3(&padded[start..start + 2 * width + 3], width) {
+            *class = simd.mul_add(simd.splat(g), block, *class);
         }
     }
 }

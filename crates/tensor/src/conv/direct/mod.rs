@@ -27,7 +27,9 @@ use ndarray::{ArrayView2, ArrayView3, ArrayViewMut3, ArrayViewMut4, Axis};
 mod backward;
 mod forward;
 
-use backward::backward_image_body;
+use backward::{
+    backward_image_body, maxima_scratch_len, takes_maxima, weight_grads_from_maxima_body,
+};
 use forward::{forward_image_body, max_pool_2x2_body};
 
 use super::buffers::{DirectBuffers, resize};
@@ -221,6 +223,26 @@ dispatched! {
 }
 
 dispatched! {
+    /// The weight and bias gradients of one image of a first layer under 2x2 pooling (see
+    /// `takes_maxima`), `dW [O, 9] += dy (*) padded` and `db [O] += sums of dy`, read at the
+    /// pooling maxima alone, with `maxima` ([`maxima_scratch_len`]) and `wide` as scratch; the
+    /// same bits as [`backward_image`]. False, having done nothing, where registers are too
+    /// narrow.
+    fn weight_grads_from_maxima(
+        dims: &Conv2dDims,
+        layout: &PaddedLayout,
+        padded: &[f32],
+        dy: &[f32],
+        argmax: &[u32],
+        pool_w: usize,
+        maxima: &mut [u32],
+        wide: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) -> bool => weight_grads_from_maxima_body;
+}
+
+dispatched! {
     /// `before` and 2x2 max pooling (stride 2) of one output plane in the padded width (`wide`,
     /// with [`POOL_SLACK`] values after it), and the argmax of each window, into the first
     /// `PH*PW` values of `y` and `argmax` (values after those, which belong to planes written
@@ -324,21 +346,27 @@ pub(in crate::conv) fn backward(
 ) {
     let layout = PaddedLayout::new(dims);
     let chunks = chunk_grads.len();
-    let dx_len = if dx_chunks.iter().any(Option::is_some) {
-        layout.image_len
-    } else {
-        0
-    };
+    let wants_dx = dx_chunks.iter().any(Option::is_some);
+    let dx_len = if wants_dx { layout.image_len } else { 0 };
     // (A pooled gradient is unpooled two channels at a time, in `wide`.)
     // The forward pass's size, so that neither pass reallocates it for the other.
     resize(&mut own.wide, (chunks, layout.scratch_len()));
     resize(&mut own.padded_dx, (chunks, dx_len));
+    // Scratch for a 2x2 pooling's maxima in pixel order, where a first layer's weight
+    // gradient is read there.
+    let maxima_pool = match chunk_grads.first() {
+        Some(ChunkGrad::Pooled(.., pool)) if takes_maxima(dims, pool, wants_dx) => Some(*pool),
+        _ => None,
+    };
+    let maxima_len = maxima_pool.map_or(0, |pool| maxima_scratch_len(pool.out_h() * pool.out_w()));
+    resize(&mut own.maxima, (chunks, maxima_len));
     let weight = weight.as_standard_layout();
     let weight = contiguous(&weight);
     let DirectBuffers {
         padded,
         wide,
         padded_dx,
+        maxima,
         ..
     } = own;
     partials
@@ -351,22 +379,44 @@ pub(in crate::conv) fn backward(
         .zip(dx_chunks)
         .zip(wide.outer_iter_mut())
         .zip(padded_dx.outer_iter_mut())
+        .zip(maxima.outer_iter_mut())
         .for_each(
-            |((((((mut pdw, mut pdb), padded), dy), mut dx), mut plane), mut padded_dx)| {
+            |(
+                ((((((mut pdw, mut pdb), padded), dy), mut dx), mut plane), mut padded_dx),
+                mut maxima,
+            )| {
                 pdw.fill(0.0);
                 pdb.fill(0.0);
                 let (pdw, pdb) = (contiguous_mut(&mut pdw), contiguous_mut(&mut pdb));
                 let plane = contiguous_mut(&mut plane);
                 let padded_dx = contiguous_mut(&mut padded_dx);
                 let padded = contiguous(&padded);
+                let maxima = contiguous_mut(&mut maxima);
                 for j in 0..dy.images() {
+                    let image = &padded[j * layout.image_len..(j + 1) * layout.image_len];
                     let grad = match &dy {
                         ChunkGrad::Conv(dy) => ImageGrad::Conv(image_slice(dy, j)),
-                        ChunkGrad::Pooled(dy, argmax) => {
-                            ImageGrad::Pooled(image_slice(dy, j), image_slice(argmax, j))
+                        ChunkGrad::Pooled(dy, argmax, _) => {
+                            let (dy, argmax) = (image_slice(dy, j), image_slice(argmax, j));
+                            if let Some(pool) = maxima_pool
+                                && weight_grads_from_maxima(
+                                    dims,
+                                    &layout,
+                                    image,
+                                    dy,
+                                    argmax,
+                                    pool.out_w(),
+                                    maxima,
+                                    plane,
+                                    pdw,
+                                    pdb,
+                                )
+                            {
+                                continue;
+                            }
+                            ImageGrad::Pooled(dy, argmax)
                         }
                     };
-                    let image = &padded[j * layout.image_len..(j + 1) * layout.image_len];
                     let dx = dx
                         .as_mut()
                         .map(|dx| (&mut *padded_dx, dx.index_axis_mut(Axis(0), j)));
