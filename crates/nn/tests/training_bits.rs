@@ -150,7 +150,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx512",
         "two-conv",
-        "58ea0d01eb5a9da9fb3aa148262eb024eb91db060c9f6d8316e7d5e99caf47b0",
+        "ab51f4023c96b96165c63571ccf3c65c977ca252c62b6a7e49c4e8f480ccf6a1",
     ),
     (
         "avx512",
@@ -169,6 +169,16 @@ const RECORDED: [(&str, &str, &str); 24] = [
     ),
     (
         "avx512",
+        "bn-cnn",
+        "b22b3272f0c775f7c3c64c59d500cdfb82ecc3975b88d5d42e5d1fd7d5b2d922",
+    ),
+    (
+        "avx512",
+        "fast-cnn",
+        "db13ce8101db038aad297d50f58165ccdab997ae19a9e2fc94df311e85b728ae",
+    ),
+    (
+        "avx512",
         "im2col",
         "893126ba754bcbc5296b67e801a6fc6b316971753266bb839a3086ae6d8dfe67",
     ),
@@ -180,7 +190,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx2",
         "two-conv",
-        "ec7b16cc760d8354adfe6d3eadfc221278dc6daf49f6dd6fbdabdaa730faf5b4",
+        "b8bebe1ed81bd82a839efd9d1f7447ad5046e1ff7800d110e5107089bcdb8e28",
     ),
     (
         "avx2",
@@ -199,6 +209,16 @@ const RECORDED: [(&str, &str, &str); 24] = [
     ),
     (
         "avx2",
+        "bn-cnn",
+        "a8994f90047d8687b7607de0baa6aa7db45a6aae7c4e8c4755bf39ea75c859d5",
+    ),
+    (
+        "avx2",
+        "fast-cnn",
+        "c3b54fb7e99d72421a7bfde735dab39b87d7c289726eb0c14cac55d876c6867b",
+    ),
+    (
+        "avx2",
         "im2col",
         "bd4bab3030ba5d21fdd250ab9ef5592cc266a0f6387a37d314ae8875c776e9f0",
     ),
@@ -210,22 +230,32 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "baseline",
         "two-conv",
-        "05dcd1f6e752dad462a4b135348482305c8c7ad99374131db87125c57c0c56ed",
+        "5748b9c7ae5ac6980ebc24e92c9d00da06deba0ebed7805f05659affc597d7da",
     ),
     (
         "baseline",
         "one-conv",
-        "a41e5fd3ce4163482ce6e573b22bc89803f8b7517756232b6507c11db7780508",
+        "5efa2266a571368de42798b03a89d476249f18cb15e4744d8594eaa53527efd5",
     ),
     (
         "baseline",
         "one-conv-dropout",
-        "c5c923670caa8ce0f2afa085c7f094dcf54cf10b0bae6a53732c289f1ca6dc5f",
+        "bdc9520cdc37c75558f0c7d493f280e00692d105a5ee9ed1af5b827f7faa9773",
     ),
     (
         "baseline",
         "lenet5",
         "dc270f79e07ee4ca99ef2ef8241eda3a7fd0856beb6b397b1ff38006723a479f",
+    ),
+    (
+        "baseline",
+        "bn-cnn",
+        "e59284b75ee018af37922bcd3354d1889299cf4cf4d4b7507ff15a78f088e205",
+    ),
+    (
+        "baseline",
+        "fast-cnn",
+        "046947510ef43f8a63338b76871e80897628581a0cda335bf6ae099a3f1d5044",
     ),
     (
         "baseline",
@@ -235,36 +265,6 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "baseline",
         "bn-small",
-        "c76f4b46e07669f22450ed3110c87a4079237b694f8f8203e9d75eebe44711bf",
-    ),
-    (
-        "avx512",
-        "bn-cnn",
-        "7d417d5ed93b4ab38f812ba337ab8309c1299914e8d9b7f88f444064f61b3a44",
-    ),
-    (
-        "avx2",
-        "bn-cnn",
-        "633c22fd93ed491b57ee46c4c723ee2ea0545e937c61b8777499c37fc467cec4",
-    ),
-    (
-        "baseline",
-        "bn-cnn",
-        "6bcaca4ef7cafa713a119a226cc7a1b5bb8757fc70ef257bdddd17c239e11f4d",
-    ),
-    (
-        "avx512",
-        "fast-cnn",
-        "db13ce8101db038aad297d50f58165ccdab997ae19a9e2fc94df311e85b728ae",
-    ),
-    (
-        "avx2",
-        "fast-cnn",
-        "c3b54fb7e99d72421a7bfde735dab39b87d7c289726eb0c14cac55d876c6867b",
-    ),
-    (
-        "baseline",
-        "fast-cnn",
-        "046947510ef43f8a63338b76871e80897628581a0cda335bf6ae099a3f1d5044",
+        "f7a374ec3afdf55bce7575a8a1342e907705391afcfc3e815381ae78c60de01f",
     ),
 ];

@@ -132,40 +132,132 @@ proptest! {
     }
 }
 
-#[test]
-fn dense_layer_gemms_give_the_same_bits_on_one_thread_and_two() {
-    // one-conv's 5408 -> 100 layer at batch 32: forward x W^T, then dx = dy W, dW += dy^T x.
-    let mut values = Values::new(9);
-    let x = values.array2((32, 5408));
-    let w = values.array2((100, 5408));
-    let dy = values.array2((32, 100));
-    let products: [(ArrayView2<'_, f32>, ArrayView2<'_, f32>); 3] =
-        [(x.view(), w.t()), (dy.view(), w.view()), (dy.t(), x.view())];
-    for (a, b) in products {
-        let mut serial = Array2::from_elem((a.nrows(), b.ncols()), 0.25f32);
-        let mut parallel = serial.clone();
-        gemm(1.0, a, b, 1.0, serial.view_mut()).unwrap();
-        gemm_parallel(1.0, a, b, 1.0, parallel.view_mut()).unwrap();
-        assert_eq!(serial, parallel, "{:?} x {:?}", a.shape(), b.shape());
+/// `gemm_parallel` on a pool of `threads` threads.
+fn gemm_on_threads(
+    threads: usize,
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    c: &mut Array2<f32>,
+) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| gemm_parallel(1.0, a, b, 1.0, c.view_mut()).unwrap());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// A dense layer's shapes at training batch sizes, B large enough (half the time) to be
+    /// read in place instead of packed: whole tiles, partial ones and every tail.
+    #[test]
+    fn dense_layer_gemm_matches_the_reference(
+        m in 1usize..24, k in 100usize..900, n in 70usize..400,
+        layouts in (any_layout(), any_layout(), any_layout()),
+        beta in prop_oneof![Just(0.0f32), Just(1.0), Just(-1.5)],
+        seed in any::<u64>(),
+    ) {
+        check_against_reference((m, k, n), layouts, 1.0, beta, true, seed);
     }
 }
 
 #[test]
-fn large_parallel_gemm_matches_single_threaded_bit_for_bit() {
+fn dense_layer_gemms_give_the_same_bits_on_one_thread_and_two() {
+    // one-conv's 5408 -> 100 layer at batch 32: forward x W^T, then dx = dy W, dW += dy^T x;
+    // and two-conv's 1600 -> 128 at batch 64, and the same at an inference batch of 1000
+    // (matrixmultiply's case).
+    let mut values = Values::new(9);
+    for (batch, inputs, outputs) in [(32, 5408, 100), (64, 1600, 128), (1000, 1600, 128)] {
+        let x = values.array2((batch, inputs));
+        let w = values.array2((outputs, inputs));
+        let dy = values.array2((batch, outputs));
+        let products: [(ArrayView2<'_, f32>, ArrayView2<'_, f32>); 3] =
+            [(x.view(), w.t()), (dy.view(), w.view()), (dy.t(), x.view())];
+        for (a, b) in products {
+            let mut serial = Array2::from_elem((a.nrows(), b.ncols()), 0.25f32);
+            let mut parallel = serial.clone();
+            gemm_on_threads(1, a, b, &mut serial);
+            gemm_on_threads(2, a, b, &mut parallel);
+            let bits = |c: &Array2<f32>| c.mapv(f32::to_bits);
+            assert_eq!(
+                bits(&serial),
+                bits(&parallel),
+                "{:?} x {:?}",
+                a.shape(),
+                b.shape()
+            );
+        }
+    }
+}
+
+/// One output of the unpacked dot-product kernel as its documented order makes it: term k in
+/// lane k % lanes, each lane a chain of multiply-adds from 0, the lanes added in halves (lane i
+/// plus lane i + lanes / 2, and so on).
+fn dot_in_lane_order(x: &[f32], w: &[f32], lanes: usize, fused: bool) -> f32 {
+    let mul_add = |a: f32, b: f32, c: f32| if fused { a.mul_add(b, c) } else { a * b + c };
+    let mut sums = vec![0.0f32; lanes];
+    for (k, (&x, &w)) in x.iter().zip(w).enumerate() {
+        sums[k % lanes] = mul_add(x, w, sums[k % lanes]);
+    }
+    let mut n = lanes;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            sums[i] += sums[i + n];
+        }
+    }
+    sums[0]
+}
+
+#[test]
+fn a_dense_layers_products_are_each_one_sum_in_a_fixed_order() {
+    // So that no tile, tail or thread boundary changes an output's bits: the forward pass's
+    // dot products in lane order, the backward passes' sums over k in order (one chain of
+    // multiply-adds from 0), every output checked. Shapes with tails in every dimension, and
+    // operands large enough to be read in place rather than packed.
+    let isa = tensor::instruction_set();
+    let (lanes, fused) = (if isa == "avx512" { 16 } else { 8 }, isa != "baseline");
+    let mul_add = |a: f32, b: f32, c: f32| if fused { a.mul_add(b, c) } else { a * b + c };
+    let mut values = Values::new(21);
+    let (batch, inputs, outputs) = (13, 5043, 21);
+    let x = values.array2((batch, inputs));
+    let w = values.array2((outputs, inputs));
+    let dy = values.array2((batch, outputs));
+    let mut y = Array2::from_elem((batch, outputs), f32::NAN);
+    gemm_parallel(1.0, x.view(), w.t(), 0.0, y.view_mut()).unwrap();
+    for ((i, j), &v) in y.indexed_iter() {
+        let (row, column) = (x.row(i).to_vec(), w.row(j).to_vec());
+        let want = dot_in_lane_order(&row, &column, lanes, fused);
+        assert_eq!(v.to_bits(), want.to_bits(), "y ({i}, {j})");
+    }
+    let mut dx = Array2::from_elem((batch, inputs), f32::NAN);
+    gemm_parallel(1.0, dy.view(), w.view(), 0.0, dx.view_mut()).unwrap();
+    let mut dw = Array2::from_elem((outputs, inputs), f32::NAN);
+    gemm_parallel(1.0, dy.t(), x.view(), 0.0, dw.view_mut()).unwrap();
+    for ((i, j), &v) in dx.indexed_iter() {
+        let want = (0..outputs).fold(0.0, |sum, k| mul_add(dy[(i, k)], w[(k, j)], sum));
+        assert_eq!(v.to_bits(), want.to_bits(), "dx ({i}, {j})");
+    }
+    for ((i, j), &v) in dw.indexed_iter() {
+        let want = (0..batch).fold(0.0, |sum, k| mul_add(dy[(k, i)], x[(k, j)], sum));
+        assert_eq!(v.to_bits(), want.to_bits(), "dW ({i}, {j})");
+    }
+}
+
+#[test]
+fn large_parallel_gemm_gives_the_same_bits_on_one_thread_and_two() {
     // Big enough to split (over N and, transposed, over M); the split never divides K.
     let mut values = Values::new(5);
     let a = values.array2((150, 200));
     let b = values.array2((200, 300));
-    let mut serial = Array2::zeros((150, 300));
-    let mut parallel = Array2::from_elem((150, 300), f32::NAN);
-    gemm(1.0, a.view(), b.view(), 0.0, serial.view_mut()).unwrap();
-    gemm_parallel(1.0, a.view(), b.view(), 0.0, parallel.view_mut()).unwrap();
-    assert_eq!(serial, parallel);
-    let mut transposed = Array2::zeros((300, 150));
-    gemm_parallel(1.0, b.t(), a.t(), 0.0, transposed.view_mut()).unwrap();
-    let mut reference = Array2::zeros((300, 150));
-    gemm(1.0, b.t(), a.t(), 0.0, reference.view_mut()).unwrap();
-    assert_eq!(transposed, reference);
+    for (a, b) in [(a.view(), b.view()), (b.t(), a.t())] {
+        let mut serial = Array2::zeros((a.nrows(), b.ncols()));
+        let mut parallel = serial.clone();
+        gemm_on_threads(1, a, b, &mut serial);
+        gemm_on_threads(2, a, b, &mut parallel);
+        assert_eq!(serial, parallel);
+    }
 }
 
 #[test]

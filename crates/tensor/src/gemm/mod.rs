@@ -6,6 +6,8 @@
 
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
+mod unpacked;
+
 use crate::error::TensorError;
 use crate::simd::{MulAdd, dispatched, tree_sum};
 use crate::vector::Simd;
@@ -26,7 +28,9 @@ pub fn gemm(
     Ok(())
 }
 
-/// `C <- alpha * A * B + beta * C`, split in two halves over rayon when it is large enough.
+/// `C <- alpha * A * B + beta * C`, split in two halves over rayon when it is large enough: a
+/// dense layer's products, which at training batch sizes take kernels that read the operands
+/// in place (`unpacked`), else matrixmultiply.
 ///
 /// The split is over the output (rows or columns of `C`), never over `K`, so every element is
 /// the same sum in the same order: results are bit-identical whatever the number of threads.
@@ -39,7 +43,10 @@ pub fn gemm_parallel(
     c: ArrayViewMut2<'_, f32>,
 ) -> Result<(), TensorError> {
     check_gemm_shapes(&a, &b, &c)?;
-    split_gemm(alpha, a, b, beta, c);
+    match unpacked::choose(&a, &b, &c) {
+        Some(kernel) if a.ncols() > 0 && !c.is_empty() => kernel.run(alpha, &a, &b, beta, c),
+        _ => split_gemm(alpha, a, b, beta, c),
+    }
     Ok(())
 }
 
