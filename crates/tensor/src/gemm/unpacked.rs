@@ -127,8 +127,9 @@ fn store(c: &mut f32, alpha: f32, sum: f32, beta: f32) {
 
 dispatched! {
     /// `C <- alpha * A * B + beta * C`, C being B's columns from `first_column` on, for A with
-    /// contiguous rows and B with contiguous columns: each output the dot product of a row and a column, summed in LANES lanes (k
-    /// in lane k % LANES), the lanes added in a fixed tree, then the last K % LANES terms.
+    /// contiguous rows and B with contiguous columns: each output the dot product of a row
+    /// and a column, summed in LANES lanes (term k in lane k % LANES), the lanes added in a
+    /// fixed tree.
     fn dots(
         alpha: f32,
         a: &ArrayView2<'_, f32>,
@@ -242,10 +243,9 @@ fn padded_tail<S: Simd>(simd: S, values: &[f32]) -> S::V {
 
 dispatched! {
     /// `C <- alpha * A * B + beta * C`, C being B's columns from `first_column` on, for B in
-    /// standard layout and C with contiguous rows: a
-    /// tile of C (ROWS rows, VECTORS vectors of columns) in registers while each A[i, k] is
-    /// broadcast against row k of B, for k in order; the columns past the last whole block
-    /// one at a time, in the same order.
+    /// standard layout and C with contiguous rows: a tile of C (a few rows by a few vectors of
+    /// columns) in registers while each A[i, k] is broadcast against row k of B, for k in
+    /// order, so that each output is one chain of multiply-adds from 0.
     fn broadcast_rows(
         alpha: f32,
         a: &ArrayView2<'_, f32>,
