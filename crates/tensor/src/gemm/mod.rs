@@ -152,6 +152,16 @@ pub(crate) fn sgemm_unchecked(
     }
 }
 
+/// `c <- alpha * sum + beta * c`, without reading c when beta is 0 (it may be garbage).
+#[inline(always)]
+fn store(c: &mut f32, alpha: f32, sum: f32, beta: f32) {
+    *c = if beta == 0.0 {
+        alpha * sum
+    } else {
+        alpha * sum + beta * *c
+    };
+}
+
 dispatched! {
     /// `c [N] <- alpha * x [K] * b [K, N] + beta * c` for `b` with contiguous columns: one dot
     /// product per column.
@@ -178,13 +188,6 @@ fn row_times_columns_body<S: Simd, const LANES: usize>(
             .to_slice()
             .unwrap_or_else(|| unreachable!("columns were checked to be contiguous"))
     };
-    let store = |c: &mut f32, sum: f32| {
-        *c = if beta == 0.0 {
-            alpha * sum
-        } else {
-            alpha * sum + beta * *c
-        };
-    };
     // Four columns at a time, so that each vector of x is loaded once for four of them and four
     // chains of multiply-adds are in flight. (A plain dot product per column ran scalar: its
     // accumulators stayed in memory.)
@@ -194,13 +197,13 @@ fn row_times_columns_body<S: Simd, const LANES: usize>(
         let columns = [column(j), column(j + 1), column(j + 2), column(j + 3)];
         let sums = dots::<S::MulAdd, LANES, 4>(x, columns);
         for (k, sum) in sums.into_iter().enumerate() {
-            store(&mut c[j + k], sum);
+            store(&mut c[j + k], alpha, sum, beta);
         }
         j += 4;
     }
     while j < n {
         let [sum] = dots::<S::MulAdd, LANES, 1>(x, [column(j)]);
-        store(&mut c[j], sum);
+        store(&mut c[j], alpha, sum, beta);
         j += 1;
     }
 }

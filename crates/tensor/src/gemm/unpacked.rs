@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
-use super::PARALLEL_MIN_MACS;
+use super::{PARALLEL_MIN_MACS, store};
 use crate::simd::dispatched;
 use crate::vector::Simd;
 
@@ -87,42 +87,32 @@ impl Kernel {
             Kernel::BroadcastRows => 64,
         };
         if m * k * n < PARALLEL_MIN_MACS || n < 2 * align {
-            self.run_columns(alpha, a, b, 0..n, beta, c);
+            self.run_columns(alpha, a, b, 0, beta, c);
             return;
         }
         let mid = (n / 2).next_multiple_of(align).min(n);
         let (left, right) = c.split_at(Axis(1), mid);
         rayon::join(
-            || self.run_columns(alpha, a, b, 0..mid, beta, left),
-            || self.run_columns(alpha, a, b, mid..n, beta, right),
+            || self.run_columns(alpha, a, b, 0, beta, left),
+            || self.run_columns(alpha, a, b, mid, beta, right),
         );
     }
 
-    /// `C <- alpha * A * B[.., columns] + beta * C` for `c` those columns of C.
+    /// `C <- alpha * A * B[.., first_column..] + beta * C` for `c` as many columns of C.
     fn run_columns(
         self,
         alpha: f32,
         a: &ArrayView2<'_, f32>,
         b: &ArrayView2<'_, f32>,
-        columns: Range<usize>,
+        first_column: usize,
         beta: f32,
         c: ArrayViewMut2<'_, f32>,
     ) {
         match self {
-            Kernel::Dots => dots(alpha, a, b, columns.start, beta, c),
-            Kernel::BroadcastRows => broadcast_rows(alpha, a, b, columns.start, beta, c),
+            Kernel::Dots => dots(alpha, a, b, first_column, beta, c),
+            Kernel::BroadcastRows => broadcast_rows(alpha, a, b, first_column, beta, c),
         }
     }
-}
-
-/// `c <- alpha * sum + beta * c`, without reading c when beta is 0 (it may be garbage).
-#[inline(always)]
-fn store(c: &mut f32, alpha: f32, sum: f32, beta: f32) {
-    *c = if beta == 0.0 {
-        alpha * sum
-    } else {
-        alpha * sum + beta * *c
-    };
 }
 
 dispatched! {
@@ -342,22 +332,40 @@ fn tail_columns<S: Simd, const ROWS: usize>(
         row[..count].copy_from_slice(b.row(kk, columns.start, count));
     }
     for (t, tile) in a.tiles() {
-        let mut acc = [simd.splat(0.0); ROWS];
-        for (xs, row) in tile.chunks_exact(ROWS).zip(block.chunks_exact(lanes)) {
-            let row = simd.load(row);
-            for (acc, &x) in acc.iter_mut().zip(xs) {
-                *acc = simd.mul_add(simd.splat(x), row, *acc);
-            }
-        }
+        let acc = tile_sums::<S, ROWS, 1>(simd, tile, |kk| &block[kk * lanes..][..lanes]);
         let first = t * ROWS;
-        for (r, &acc) in acc.iter().enumerate().take(a.m - first) {
+        for (r, [acc]) in acc.iter().enumerate().take(a.m - first) {
             let mut sums = [0.0f32; 16];
-            simd.store(acc, &mut sums);
+            simd.store(*acc, &mut sums);
             for (j, &sum) in columns.clone().zip(&sums) {
                 store(&mut c[(first + r, j)], alpha, sum, beta);
             }
         }
     }
+}
+
+/// The ROWS x VECTORS registers of sums of one tile of A (`tile`, `[k][ROWS]`) against the
+/// rows of B, `row(kk)` being VECTORS registers of row kk: each A[i, k] broadcast, for k in
+/// order, so that each sum is one chain of multiply-adds from 0.
+#[inline(always)]
+fn tile_sums<'b, S: Simd, const ROWS: usize, const VECTORS: usize>(
+    simd: S,
+    tile: &[f32],
+    row: impl Fn(usize) -> &'b [f32],
+) -> [[S::V; VECTORS]; ROWS] {
+    let lanes = S::LANES;
+    let mut acc = [[simd.splat(0.0); VECTORS]; ROWS];
+    for (kk, xs) in tile.chunks_exact(ROWS).enumerate() {
+        let row = row(kk);
+        let bs: [S::V; VECTORS] = std::array::from_fn(|v| simd.load(&row[v * lanes..]));
+        for (acc, &x) in acc.iter_mut().zip(xs) {
+            let x = simd.splat(x);
+            for (acc, &b) in acc.iter_mut().zip(&bs) {
+                *acc = simd.mul_add(x, b, *acc);
+            }
+        }
+    }
+    acc
 }
 
 /// B for [`broadcast_tiles`]: `width` values to a row, C's column j being B's column
@@ -410,17 +418,7 @@ fn block_columns<S: Simd, const ROWS: usize, const VECTORS: usize>(
     let block = VECTORS * lanes;
     for j in columns.step_by(block) {
         for (t, tile) in a.tiles() {
-            let mut acc = [[simd.splat(0.0); VECTORS]; ROWS];
-            for (kk, xs) in tile.chunks_exact(ROWS).enumerate() {
-                let row = b.row(kk, j, block);
-                let bs: [S::V; VECTORS] = std::array::from_fn(|v| simd.load(&row[v * lanes..]));
-                for (acc, &x) in acc.iter_mut().zip(xs) {
-                    let x = simd.splat(x);
-                    for (acc, &b) in acc.iter_mut().zip(&bs) {
-                        *acc = simd.mul_add(x, b, *acc);
-                    }
-                }
-            }
+            let acc = tile_sums::<S, ROWS, VECTORS>(simd, tile, |kk| b.row(kk, j, block));
             let first = t * ROWS;
             for (r, acc) in acc.iter().enumerate().take(a.m - first) {
                 let mut out = c.row_mut(first + r);
