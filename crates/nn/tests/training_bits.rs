@@ -165,7 +165,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx512",
         "lenet5",
-        "8b7eb6ae1daf7711c7b37bc1b8d0b4ca3de1c951e4ae138262b95aaf35701d38",
+        "99ae31ed4317af7522d1315e396f5c8197e3f66d068988f36d8c0c0cc825dc9d",
     ),
     (
         "avx512",
@@ -180,7 +180,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx512",
         "im2col",
-        "893126ba754bcbc5296b67e801a6fc6b316971753266bb839a3086ae6d8dfe67",
+        "957d1ea8ee53067d9b3b930cd74307377782b0c1384dc452513eec145cc89611",
     ),
     (
         "avx512",
@@ -205,7 +205,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx2",
         "lenet5",
-        "dd6a5a0b90ee99db028bdeda18963ae8a640dbb65b319a1c440109aabe4646e0",
+        "1781cec2b23d5c37aa3cc38c0b5788ab3d584e88f0ac5d8402162eb463b83343",
     ),
     (
         "avx2",
@@ -220,7 +220,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "avx2",
         "im2col",
-        "bd4bab3030ba5d21fdd250ab9ef5592cc266a0f6387a37d314ae8875c776e9f0",
+        "ccde3400683fce421a56f70c23a7c05e6f2a1ae86700c2742247e5422903c4e5",
     ),
     (
         "avx2",
@@ -245,7 +245,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "baseline",
         "lenet5",
-        "dc270f79e07ee4ca99ef2ef8241eda3a7fd0856beb6b397b1ff38006723a479f",
+        "7e57cd7fc6ec511e47a311155162e78116d2382fa733bb5d154cd7c14ed47048",
     ),
     (
         "baseline",
@@ -260,7 +260,7 @@ const RECORDED: [(&str, &str, &str); 24] = [
     (
         "baseline",
         "im2col",
-        "033b360ae52b2f347e20faa0d0153b95332421896709ea2ab4d224f79d0e81f2",
+        "6e5bf8854059c6630533ea51384d79e6c215cd61cdf9268197e630c463643537",
     ),
     (
         "baseline",

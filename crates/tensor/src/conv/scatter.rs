@@ -161,7 +161,7 @@ fn scatter_image_body<S: Simd, const LANES: usize>(
 ) {
     let patch = dims.patch_len();
     let run = dims.kernel_w * dims.in_channels;
-    if run.is_multiple_of(LANES) {
+    if run >= LANES {
         let scratch = (corners, lists);
         scatter_by_lists::<S, LANES>(simd, dims, grad, x_cl, weight_cl, dw_cl, dx_cl, scratch);
         return;
@@ -204,10 +204,10 @@ fn scatter_image_body<S: Simd, const LANES: usize>(
     }
 }
 
-/// [`scatter_image_body`] for kernel rows of whole vectors (`KW*C` a multiple of LANES, as
-/// for C = 32), summing in registers instead of scattering each product onto memory (which
-/// loads two operands and stores one per multiply-add, and measured 140 cycles a nonzero on
-/// conv 32->64):
+/// [`scatter_image_body`] for kernel rows of at least one vector (`KW*C` at least LANES: C =
+/// 32's 96 values, or LeNet-5's 5 x 6 = 30), summing in registers instead of scattering each
+/// product onto memory (which loads two operands and stores one per multiply-add, and
+/// measured 140 cycles a nonzero on conv 32->64):
 /// - `dW[o] += g * x` over the nonzeros of channel o, strip by strip of the kernel rows, each
 ///   strip's sums in registers across all of them;
 /// - the input gradient by output pixel: the `g * W[o]` of all the channels with a nonzero
@@ -339,8 +339,8 @@ struct KernelRows {
 }
 
 /// For each kernel row r: `out[r * out_stride..][..run] += sum_i g_i *
-/// source[at_i + r * source_stride..][..run]` over `(g_i, at_i)`, `run` a whole number of
-/// vectors. The three rows of a 3x3 kernel are summed in one pass over the terms (a pass per
+/// source[at_i + r * source_stride..][..run]` over `(g_i, at_i)`, `run` at least one vector
+/// long. The three rows of a 3x3 kernel are summed in one pass over the terms (a pass per
 /// row walked the list three times, and C = 16's three-vector rows took two passes each:
 /// the list's index arithmetic outweighed the multiply-adds).
 #[inline(always)]
@@ -376,6 +376,11 @@ fn add_kernel_rows<M: MulAdd, const LANES: usize>(
 /// `from_out` (the weight gradient, summed over many nonzeros), else from zero and are then
 /// added onto `out` (a pixel's share of the input gradient). Each value's sum runs in the
 /// same order whatever R and the strip widths are.
+///
+/// A run that is not whole vectors (`KW*C` = 30 for LeNet-5's 5x5 kernel over 6 channels)
+/// ends with a strip of its last whole vector and the vector that ends the run, which
+/// overlap: their common lanes are the same sums in the same order, so either store writes
+/// the same values. The run must be at least one vector long.
 #[inline(always)]
 fn add_in_strips<M: MulAdd, const LANES: usize, const R: usize>(
     terms: impl Iterator<Item = (f32, usize)> + Clone,
@@ -384,22 +389,31 @@ fn add_in_strips<M: MulAdd, const LANES: usize, const R: usize>(
     rows: KernelRows,
     from_out: bool,
 ) {
+    debug_assert!(rows.run >= LANES);
+    let whole = if rows.run.is_multiple_of(LANES) {
+        rows.run
+    } else {
+        (rows.run / LANES - 1) * LANES
+    };
     let done = if R == 1 {
-        let done = strips::<M, LANES, 6, R>(terms.clone(), source, out, rows, 0, from_out);
-        strips::<M, LANES, 4, R>(terms.clone(), source, out, rows, done, from_out)
+        let done = strips::<M, LANES, 6, R>(terms.clone(), source, out, rows, 0, whole, from_out);
+        strips::<M, LANES, 4, R>(terms.clone(), source, out, rows, done, whole, from_out)
     } else if LANES >= 16 {
-        let done = strips::<M, LANES, 4, R>(terms.clone(), source, out, rows, 0, from_out);
-        strips::<M, LANES, 3, R>(terms.clone(), source, out, rows, done, from_out)
+        let done = strips::<M, LANES, 4, R>(terms.clone(), source, out, rows, 0, whole, from_out);
+        strips::<M, LANES, 3, R>(terms.clone(), source, out, rows, done, whole, from_out)
     } else {
         0
     };
-    let done = strips::<M, LANES, 2, R>(terms.clone(), source, out, rows, done, from_out);
-    let done = strips::<M, LANES, 1, R>(terms, source, out, rows, done, from_out);
-    debug_assert_eq!(done, rows.run);
+    let done = strips::<M, LANES, 2, R>(terms.clone(), source, out, rows, done, whole, from_out);
+    let done = strips::<M, LANES, 1, R>(terms.clone(), source, out, rows, done, whole, from_out);
+    debug_assert_eq!(done, whole);
+    if whole < rows.run {
+        overlapping_tail::<M, LANES, R>(terms, source, out, rows, whole, from_out);
+    }
 }
 
-/// The whole strips of `V` vectors of each of R rows from `start` for [`add_in_strips`];
-/// returns where they end.
+/// The whole strips of `V` vectors of each of R rows from `start` to at most `end` for
+/// [`add_in_strips`]; returns where they end.
 #[inline(always)]
 fn strips<M: MulAdd, const LANES: usize, const V: usize, const R: usize>(
     terms: impl Iterator<Item = (f32, usize)> + Clone,
@@ -407,10 +421,11 @@ fn strips<M: MulAdd, const LANES: usize, const V: usize, const R: usize>(
     out: &mut [f32],
     rows: KernelRows,
     start: usize,
+    end: usize,
     from_out: bool,
 ) -> usize {
     let mut start = start;
-    while start + V * LANES <= rows.run {
+    while start + V * LANES <= end {
         let mut even = [[[0.0f32; LANES]; V]; R];
         let mut odd = [[[0.0f32; LANES]; V]; R];
         if from_out {
@@ -455,6 +470,72 @@ fn add_term<M: MulAdd, const LANES: usize, const V: usize, const R: usize>(
     for (r, sums) in sums.iter_mut().enumerate() {
         let x = &x[r * rows.source_stride..][..V * LANES];
         for (acc, x) in sums.iter_mut().zip(x.chunks_exact(LANES)) {
+            for (a, &x) in acc.iter_mut().zip(x) {
+                *a = M::mul_add(g, x, *a);
+            }
+        }
+    }
+}
+
+/// The end of a run that is not whole vectors, for [`add_in_strips`]: in each of R rows,
+/// the last whole vector (at `whole`) and the vector that ends the run, which overlap. Both
+/// are summed before either is stored, so their common lanes, the same sums in the same
+/// order, are stored twice with the same values.
+#[inline(always)]
+fn overlapping_tail<M: MulAdd, const LANES: usize, const R: usize>(
+    mut terms: impl Iterator<Item = (f32, usize)>,
+    source: &[f32],
+    out: &mut [f32],
+    rows: KernelRows,
+    whole: usize,
+    from_out: bool,
+) {
+    let offsets = [whole, rows.run - LANES];
+    let vector = |r: usize, v: usize| &out[r * rows.out_stride + offsets[v]..][..LANES];
+    let mut even = [[[0.0f32; LANES]; 2]; R];
+    let mut odd = [[[0.0f32; LANES]; 2]; R];
+    if from_out {
+        for (r, even) in even.iter_mut().enumerate() {
+            for (v, acc) in even.iter_mut().enumerate() {
+                acc.copy_from_slice(vector(r, v));
+            }
+        }
+    }
+    while let Some((g, at)) = terms.next() {
+        add_tail_term::<M, LANES, R>(&mut even, g, &source[at..], rows, offsets);
+        let Some((g, at)) = terms.next() else {
+            break;
+        };
+        add_tail_term::<M, LANES, R>(&mut odd, g, &source[at..], rows, offsets);
+    }
+    let mut sums = [[[0.0f32; LANES]; 2]; R];
+    for (r, ((sums, even), odd)) in sums.iter_mut().zip(&even).zip(&odd).enumerate() {
+        for (v, ((sums, even), odd)) in sums.iter_mut().zip(even).zip(odd).enumerate() {
+            let before = vector(r, v);
+            for (((s, &e), &o), &b) in sums.iter_mut().zip(even).zip(odd).zip(before) {
+                *s = if from_out { e + o } else { b + (e + o) };
+            }
+        }
+    }
+    for (r, sums) in sums.iter().enumerate() {
+        for (v, sums) in sums.iter().enumerate() {
+            out[r * rows.out_stride + offsets[v]..][..LANES].copy_from_slice(sums);
+        }
+    }
+}
+
+/// [`add_term`] for [`overlapping_tail`]'s two vectors of each row, at `offsets`.
+#[inline(always)]
+fn add_tail_term<M: MulAdd, const LANES: usize, const R: usize>(
+    sums: &mut [[[f32; LANES]; 2]; R],
+    g: f32,
+    x: &[f32],
+    rows: KernelRows,
+    offsets: [usize; 2],
+) {
+    for (r, sums) in sums.iter_mut().enumerate() {
+        for (acc, &offset) in sums.iter_mut().zip(&offsets) {
+            let x = &x[r * rows.source_stride + offset..][..LANES];
             for (a, &x) in acc.iter_mut().zip(x) {
                 *a = M::mul_add(g, x, *a);
             }
