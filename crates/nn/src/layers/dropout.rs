@@ -3,9 +3,9 @@
 
 use ndarray::{ArrayD, Zip};
 use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::Rng;
 
 use crate::error::NnError;
-use crate::init::unit;
 use crate::layer::{Layer, Mode};
 use crate::spec::LayerSpec;
 
@@ -59,12 +59,9 @@ impl Layer for Dropout {
         }
         let keep = 1.0 - f64::from(self.rate);
         let scale = 1.0 / keep as f32;
-        let rng = &mut self.rng;
-        let mask =
-            ArrayD::from_shape_simple_fn(
-                x.raw_dim(),
-                || if unit(rng) < keep { scale } else { 0.0 },
-            );
+        let mask = draw_mask(&mut self.rng, x.len(), keep, scale);
+        let mask = ArrayD::from_shape_vec(x.raw_dim(), mask)
+            .unwrap_or_else(|e| unreachable!("one mask value per activation: {e}"));
         Zip::from(&mut x).and(&mask).for_each(|x, &m| *x *= m);
         self.mask = Some(mask);
         Ok(x)
@@ -92,5 +89,68 @@ impl Layer for Dropout {
 
     fn reseed(&mut self, rng: ChaCha8Rng) {
         self.rng = rng;
+    }
+}
+
+/// `len` values, each `scale` with probability `keep` and 0 otherwise, in the order of
+/// `crate::init::unit(rng) < keep` drawn once per value.
+///
+/// Why not that loop: a 64 x 1600 activation (Keras' mnist_convnet) took 0.86 ms in it, a
+/// quarter of that network's step. Here the generator fills a block of bytes at a time, which
+/// are the same words as its `next_u64` calls, and the comparison is on integers: `unit` is
+/// `(u >> 11) / 2^53`, exact in f64, so `unit < keep` exactly when `(u >> 11) <
+/// ceil(keep * 2^53)`. The masks, and so the bits of training, are those of the loop.
+fn draw_mask(rng: &mut ChaCha8Rng, len: usize, keep: f64, scale: f32) -> Vec<f32> {
+    const WORDS_AT_ONCE: usize = 512;
+    let threshold = (keep * (1u64 << 53) as f64).ceil() as u64;
+    let mut mask = vec![0.0f32; len];
+    let mut bytes = [0u8; 8 * WORDS_AT_ONCE];
+    for values in mask.chunks_mut(WORDS_AT_ONCE) {
+        let bytes = &mut bytes[..8 * values.len()];
+        rng.fill_bytes(bytes);
+        let (words, _) = bytes.as_chunks::<8>();
+        for (value, word) in values.iter_mut().zip(words) {
+            let drawn = u64::from_le_bytes(*word) >> 11;
+            *value = if drawn < threshold { scale } else { 0.0 };
+        }
+    }
+    mask
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_chacha::rand_core::SeedableRng;
+
+    use super::*;
+    use crate::init::unit;
+
+    #[test]
+    fn masks_are_those_of_one_unit_draw_per_value() {
+        // Lengths across the block of draws, and rates whose thresholds are and are not whole
+        // multiples of 2^-53; the generator is then where the loop would leave it.
+        for (len, rate) in [
+            (1, 0.5f32),
+            (511, 0.25),
+            (512, 0.4),
+            (1601, 0.5),
+            (3000, 0.0),
+        ] {
+            let mut fast = ChaCha8Rng::seed_from_u64(len as u64);
+            let mut slow = fast.clone();
+            let keep = 1.0 - f64::from(rate);
+            let scale = 1.0 / keep as f32;
+            let mask = draw_mask(&mut fast, len, keep, scale);
+            let expected: Vec<f32> = (0..len)
+                .map(|_| if unit(&mut slow) < keep { scale } else { 0.0 })
+                .collect();
+            assert_eq!(mask, expected, "{len} values at rate {rate}");
+            assert_eq!(
+                fast.next_u64(),
+                slow.next_u64(),
+                "{len} values at rate {rate}"
+            );
+            let kept = mask.iter().filter(|&&m| m > 0.0).count();
+            assert!(rate > 0.0 || kept == len, "rate 0 dropped {}", len - kept);
+        }
     }
 }
