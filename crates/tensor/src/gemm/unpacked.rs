@@ -10,7 +10,7 @@
 //! - [`dots`]: `x W^T` (the forward pass): rows of A and columns of B are contiguous, so each
 //!   output is a dot product, summed in vector lanes, ROWS x COLS outputs at a time.
 //! - [`broadcast_rows`]: `dy W` and `dy^T x` (the backward pass): rows of B and C are
-//!   contiguous and K, the batch or the layer's outputs, is short: each value of A is
+//!   contiguous and K, the batch or the layer's outputs, is at most 1024: each value of A is
 //!   broadcast against a few vectors of a row of B, a tile of C in registers across all of K.
 //!
 //! Every output is one sum in a fixed order whatever the tile or thread that computes it, so
@@ -29,8 +29,11 @@ use crate::vector::Simd;
 pub(super) const DOTS_MAX_A: usize = 1 << 18;
 
 /// The longest K [`broadcast_rows`] takes: it reads a K x (a few vectors) block of B for each
-/// tile, which should stay in L1.
-pub(super) const BROADCAST_MAX_K: usize = 256;
+/// tile of A, which should stay in L2 (256 KB at K = 1024). Up to there it beat
+/// matrixmultiply's packing (`dy W` of a 3136 -> 1024 layer at batch 64: 1.00 against
+/// 1.27 ms; 1024 -> 1024, 0.38 against 0.48 ms; even at K = 512, 784 outputs); at K = 2048
+/// it lost (1.03 against 0.97 ms).
+pub(super) const BROADCAST_MAX_K: usize = 1024;
 
 /// The fewest values of B for which reading it in place pays: packing a smaller B is cheap
 /// and matrixmultiply's kernel then wins (lenet5's 400 -> 120 layer, B of 48k values: its
@@ -285,7 +288,8 @@ fn broadcast_tiles<S: Simd, const ROWS: usize>(
         first_column,
     };
     // A in tiles of ROWS rows, k by k: [tile][k][ROWS], a last partial tile repeating its last
-    // row (computed, not stored). A is small (K is short), B is not packed at all.
+    // row (computed, not stored). A is small (a batch of rows, K at most 1024), B is not
+    // packed at all.
     let tiles = m.div_ceil(ROWS);
     let mut packed = vec![0.0f32; tiles * k * ROWS];
     // Row by row of A, each walked by its own stride (indexing each value cost more than the

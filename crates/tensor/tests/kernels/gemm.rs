@@ -165,10 +165,16 @@ proptest! {
 #[test]
 fn dense_layer_gemms_give_the_same_bits_on_one_thread_and_two() {
     // one-conv's 5408 -> 100 layer at batch 32: forward x W^T, then dx = dy W, dW += dy^T x;
-    // and two-conv's 1600 -> 128 at batch 64, and the same at an inference batch of 1000
-    // (matrixmultiply's case).
+    // two-conv's 1600 -> 128 at batch 64, and the same at an inference batch of 1000
+    // (matrixmultiply's case); and a 784 -> 512 layer, whose dx = dy W has K = 512.
     let mut values = Values::new(9);
-    for (batch, inputs, outputs) in [(32, 5408, 100), (64, 1600, 128), (1000, 1600, 128)] {
+    let shapes = [
+        (32, 5408, 100),
+        (64, 1600, 128),
+        (1000, 1600, 128),
+        (32, 784, 512),
+    ];
+    for (batch, inputs, outputs) in shapes {
         let x = values.array2((batch, inputs));
         let w = values.array2((outputs, inputs));
         let dy = values.array2((batch, outputs));
