@@ -4,12 +4,16 @@
 //! Large arrays are split across threads; elementwise work gives the same bits either way.
 
 use ndarray::{ArrayView, ArrayViewMut, Dimension, Zip};
+use rayon::prelude::*;
 
 use crate::error::{TensorError, expect_shape};
+use crate::simd::dispatched;
+use crate::vector::Simd;
 
 /// `x = max(x, 0)`.
 pub fn relu<D: Dimension>(x: ArrayViewMut<'_, f32, D>) {
-    map_inplace(x, |v| *v = v.max(0.0));
+    // Spelled out, as in `relu_keeping_signs`: `max(0.0)` may return either zero for -0.0.
+    map_inplace(x, |v| *v = if *v > 0.0 { *v } else { 0.0 });
 }
 
 /// `grad`: `dy` in, `dx` out, with `dx = dy` where `y > 0`, else 0 (the subgradient at 0 is 0,
@@ -24,6 +28,97 @@ pub fn relu_backward<D: Dimension>(
         grad,
         |y, g| if y > 0.0 { g } else { 0.0 },
     )
+}
+
+/// Values of a ReLU's output each [`relu_keeping_signs`] word holds the signs of.
+const VALUES_PER_SIGN_WORD: usize = 64;
+
+/// The words of a [`relu_keeping_signs`] mask for `len` values.
+pub fn sign_words(len: usize) -> usize {
+    len.div_ceil(VALUES_PER_SIGN_WORD)
+}
+
+/// [`relu`] of `x`, writing into `signs` ([`sign_words`] of them) bit `i % 64` of word
+/// `i / 64` set where output `i` is above 0: all [`relu_backward_from_signs`] needs.
+///
+/// Why: a ReLU layer kept a copy of its output for its backward pass, a second pass over the
+/// activation and a copy as large; the signs are a 32nd of it. (A ReLU not fused into a
+/// convolution, as after the first layer of PyTorch's MNIST example: on 64 x 32 x 28 x 28,
+/// forward 0.38 ms and backward 0.25 ms with the copy.)
+pub fn relu_keeping_signs(x: &mut [f32], signs: &mut [u64]) -> Result<(), TensorError> {
+    expect_shape(
+        "relu_keeping_signs",
+        "signs",
+        &[signs.len()],
+        &[sign_words(x.len())],
+    )?;
+    let words_at_once = PARALLEL_MIN_LEN / VALUES_PER_SIGN_WORD;
+    let chunk = words_at_once * VALUES_PER_SIGN_WORD;
+    if x.len() >= PARALLEL_MIN_LEN {
+        x.par_chunks_mut(chunk)
+            .zip(signs.par_chunks_mut(words_at_once))
+            .for_each(|(x, signs)| relu_signs(x, signs));
+    } else {
+        relu_signs(x, signs);
+    }
+    Ok(())
+}
+
+/// `grad`: `dy` in, `dx` out, with `dx = dy` where `signs` (of [`relu_keeping_signs`]) has the
+/// bit set, else 0: the same values as [`relu_backward`] from the output.
+pub fn relu_backward_from_signs(signs: &[u64], grad: &mut [f32]) -> Result<(), TensorError> {
+    expect_shape(
+        "relu_backward_from_signs",
+        "signs",
+        &[signs.len()],
+        &[sign_words(grad.len())],
+    )?;
+    let words_at_once = PARALLEL_MIN_LEN / VALUES_PER_SIGN_WORD;
+    let chunk = words_at_once * VALUES_PER_SIGN_WORD;
+    if grad.len() >= PARALLEL_MIN_LEN {
+        grad.par_chunks_mut(chunk)
+            .zip(signs.par_chunks(words_at_once))
+            .for_each(|(grad, signs)| mask_by_signs(signs, grad));
+    } else {
+        mask_by_signs(signs, grad);
+    }
+    Ok(())
+}
+
+dispatched! {
+    /// [`relu_keeping_signs`] on one thread.
+    fn relu_signs(x: &mut [f32], signs: &mut [u64]) => relu_signs_body;
+}
+
+#[inline(always)]
+fn relu_signs_body<S: Simd, const LANES: usize>(_: S, x: &mut [f32], signs: &mut [u64]) {
+    for (x, word) in x.chunks_mut(VALUES_PER_SIGN_WORD).zip(signs) {
+        let mut bits = 0u64;
+        for (i, v) in x.iter_mut().enumerate() {
+            // Spelled out, as in `relu`: `max(0.0)` may return either zero for -0.0 (compiled
+            // here for SSE2 it kept the sign, where `relu`'s loop dropped it).
+            let above = *v > 0.0;
+            *v = if above { *v } else { 0.0 };
+            bits |= u64::from(above) << i;
+        }
+        *word = bits;
+    }
+}
+
+dispatched! {
+    /// [`relu_backward_from_signs`] on one thread.
+    fn mask_by_signs(signs: &[u64], grad: &mut [f32]) => mask_by_signs_body;
+}
+
+#[inline(always)]
+fn mask_by_signs_body<S: Simd, const LANES: usize>(_: S, signs: &[u64], grad: &mut [f32]) {
+    for (grad, &word) in grad.chunks_mut(VALUES_PER_SIGN_WORD).zip(signs) {
+        for (i, g) in grad.iter_mut().enumerate() {
+            if word >> i & 1 == 0 {
+                *g = 0.0;
+            }
+        }
+    }
 }
 
 /// `x = x` where `x > 0`, else `slope * x`.

@@ -25,8 +25,8 @@ mod softmax;
 mod vector;
 
 pub use activation::{
-    leaky_relu, leaky_relu_backward, relu, relu_backward, sigmoid, sigmoid_backward, tanh,
-    tanh_backward,
+    leaky_relu, leaky_relu_backward, relu, relu_backward, relu_backward_from_signs,
+    relu_keeping_signs, sigmoid, sigmoid_backward, sign_words, tanh, tanh_backward,
 };
 pub use batch_norm::{
     ChannelNormalization, batch_norm_backward, batch_norm_forward,

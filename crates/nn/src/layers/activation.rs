@@ -24,13 +24,40 @@ pub enum ActivationKind {
 #[derive(Debug)]
 pub struct Activation {
     kind: ActivationKind,
-    output: Option<ArrayD<f32>>,
+    kept: Option<Kept>,
+}
+
+/// What a training forward pass keeps for the backward pass.
+#[derive(Debug)]
+enum Kept {
+    /// A ReLU's: where its output was above 0 (`tensor::relu_keeping_signs`), for an output
+    /// of `shape`.
+    Signs { signs: Vec<u64>, shape: Vec<usize> },
+    /// Another activation's (or a ReLU's output not in standard layout): the output.
+    Output(ArrayD<f32>),
 }
 
 impl Activation {
     /// A layer applying `kind`.
     pub fn new(kind: ActivationKind) -> Activation {
-        Activation { kind, output: None }
+        Activation { kind, kept: None }
+    }
+
+    /// A ReLU's training forward pass on values in standard layout: only their signs kept.
+    fn relu_keeping_signs(&mut self, x: &mut ArrayD<f32>) -> Result<bool, NnError> {
+        let shape = x.shape().to_vec();
+        let Some(values) = x.as_slice_mut() else {
+            return Ok(false);
+        };
+        // The words of the previous batch's signs, when there are any, rather than new ones.
+        let mut signs = match self.kept.take() {
+            Some(Kept::Signs { signs, .. }) => signs,
+            _ => Vec::new(),
+        };
+        signs.resize(tensor::sign_words(values.len()), 0);
+        tensor::relu_keeping_signs(values, &mut signs)?;
+        self.kept = Some(Kept::Signs { signs, shape });
+        Ok(true)
     }
 }
 
@@ -49,16 +76,22 @@ impl Layer for Activation {
     }
 
     fn forward(&mut self, mut x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>, NnError> {
+        if mode == Mode::Train
+            && self.kind == ActivationKind::Relu
+            && self.relu_keeping_signs(&mut x)?
+        {
+            return Ok(x);
+        }
         match self.kind {
             ActivationKind::Relu => tensor::relu(x.view_mut()),
             ActivationKind::LeakyRelu(slope) => tensor::leaky_relu(x.view_mut(), slope),
             ActivationKind::Sigmoid => tensor::sigmoid(x.view_mut()),
             ActivationKind::Tanh => tensor::tanh(x.view_mut()),
         }
-        match (mode, &mut self.output) {
+        match (mode, &mut self.kept) {
             // Copy into the buffer of the previous batch rather than allocate a new one.
-            (Mode::Train, Some(kept)) if kept.shape() == x.shape() => kept.assign(&x),
-            (Mode::Train, kept) => *kept = Some(x.clone()),
+            (Mode::Train, Some(Kept::Output(kept))) if kept.shape() == x.shape() => kept.assign(&x),
+            (Mode::Train, kept) => *kept = Some(Kept::Output(x.clone())),
             (Mode::Eval, kept) => *kept = None,
         }
         Ok(x)
@@ -69,15 +102,37 @@ impl Layer for Activation {
         mut grad: ArrayD<f32>,
         input_grad: bool,
     ) -> Result<Option<ArrayD<f32>>, NnError> {
-        let y = self
-            .output
+        let kept = self
+            .kept
             .as_ref()
             .ok_or(NnError::NoForwardCache(self.kind()))?;
         if !input_grad {
             return Ok(None);
         }
         // The output gradient becomes the input gradient in place.
-        let (y, g) = (y.view(), grad.view_mut());
+        let y = match kept {
+            Kept::Signs { signs, shape } => {
+                if grad.shape() != shape.as_slice() {
+                    return Err(NnError::Input {
+                        kind: self.kind(),
+                        detail: format!(
+                            "gradient of shape {:?} for an output of shape {shape:?}",
+                            grad.shape()
+                        ),
+                    });
+                }
+                if !grad.is_standard_layout() {
+                    grad = grad.as_standard_layout().into_owned();
+                }
+                let values = grad
+                    .as_slice_mut()
+                    .unwrap_or_else(|| unreachable!("the gradient is in standard layout"));
+                tensor::relu_backward_from_signs(signs, values)?;
+                return Ok(Some(grad));
+            }
+            Kept::Output(y) => y.view(),
+        };
+        let g = grad.view_mut();
         match self.kind {
             ActivationKind::Relu => tensor::relu_backward(y, g)?,
             ActivationKind::LeakyRelu(slope) => tensor::leaky_relu_backward(y, g, slope)?,
@@ -94,5 +149,65 @@ impl Layer for Activation {
             ActivationKind::Sigmoid => LayerSpec::Sigmoid,
             ActivationKind::Tanh => LayerSpec::Tanh,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{Array2, ArrayD};
+
+    use super::*;
+
+    /// A training forward and backward pass of a ReLU layer.
+    fn relu_pass(x: ArrayD<f32>, dy: ArrayD<f32>) -> (ArrayD<f32>, ArrayD<f32>) {
+        let mut layer = Activation::new(ActivationKind::Relu);
+        let y = layer.forward(x, Mode::Train).unwrap();
+        let dx = layer.backward(dy, true).unwrap().unwrap();
+        (y, dx)
+    }
+
+    #[test]
+    fn a_relu_keeps_signs_or_its_output_to_the_same_values() {
+        // Standard layout keeps signs; a transposed input (not in standard layout) and a
+        // transposed gradient take the other paths.
+        let x = Array2::from_shape_fn((9, 70), |(i, j)| ((i * 31 + j * 7) % 13) as f32 - 6.0);
+        let dy = Array2::from_shape_fn((9, 70), |(i, j)| (i * 70 + j) as f32);
+        let (y, dx) = relu_pass(x.clone().into_dyn(), dy.clone().into_dyn());
+        let x_t = x
+            .t()
+            .as_standard_layout()
+            .into_owned()
+            .reversed_axes()
+            .into_dyn();
+        let dy_t = dy
+            .t()
+            .as_standard_layout()
+            .into_owned()
+            .reversed_axes()
+            .into_dyn();
+        assert!(!x_t.is_standard_layout());
+        let (y_t, dx_t) = relu_pass(x_t, dy_t.clone());
+        let (_, dx_mixed) = relu_pass(x.clone().into_dyn(), dy_t);
+        assert_eq!(y, y_t);
+        assert_eq!(dx, dx_t);
+        assert_eq!(dx, dx_mixed);
+        let expected =
+            Array2::from_shape_fn(
+                (9, 70),
+                |(i, j)| {
+                    if x[(i, j)] > 0.0 { dy[(i, j)] } else { 0.0 }
+                },
+            );
+        assert_eq!(dx, expected.into_dyn());
+    }
+
+    #[test]
+    fn a_relu_refuses_a_gradient_of_another_shape() {
+        let mut layer = Activation::new(ActivationKind::Relu);
+        layer
+            .forward(ArrayD::zeros(vec![4, 5]), Mode::Train)
+            .unwrap();
+        let error = layer.backward(ArrayD::zeros(vec![5, 4]), true).unwrap_err();
+        assert!(error.to_string().contains("[5, 4]"), "{error}");
     }
 }

@@ -4,8 +4,9 @@ use ndarray::{Array1, Array2, Array4, Axis, array};
 use proptest::prelude::*;
 use tensor::{
     add_channel_bias, add_row_bias, channel_bias_grad, leaky_relu, leaky_relu_backward,
-    log_softmax, log_softmax_backward, relu, relu_backward, row_bias_grad, sigmoid,
-    sigmoid_backward, softmax, softmax_backward, tanh, tanh_backward,
+    log_softmax, log_softmax_backward, relu, relu_backward, relu_backward_from_signs,
+    relu_keeping_signs, row_bias_grad, sigmoid, sigmoid_backward, sign_words, softmax,
+    softmax_backward, tanh, tanh_backward,
 };
 
 use crate::reference::Values;
@@ -58,6 +59,39 @@ proptest! {
             let t = (x as f64).tanh();
             prop_assert!(close(y, t, 1e-6));
             prop_assert!(close(d, g as f64 * (1.0 - t * t), 1e-5));
+        }
+    }
+
+    #[test]
+    fn a_relu_keeping_signs_gives_the_values_of_one_keeping_its_output(
+        // Lengths around a word of signs and around the size that splits over threads, with
+        // zeros, negative zeros and NaNs among the values.
+        len in prop_oneof![0usize..200, 32_700usize..33_000, 70_000usize..70_100],
+        seed in any::<u64>(),
+    ) {
+        let mut values = Values::new(seed);
+        let special = [0.0f32, -0.0, f32::NAN];
+        let x: Vec<f32> = (0..len)
+            .map(|i| if i % 7 == 3 { special[i % 3] } else { values.next() * 8.0 })
+            .collect();
+        let dy: Vec<f32> = (0..len).map(|_| values.next()).collect();
+        let mut y = ndarray::Array1::from(x.clone());
+        relu(y.view_mut());
+        let mut dx = ndarray::Array1::from(dy.clone());
+        relu_backward(y.view(), dx.view_mut()).unwrap();
+
+        let mut fast = x;
+        let mut signs = vec![u64::MAX; sign_words(len)];
+        relu_keeping_signs(&mut fast, &mut signs).unwrap();
+        let mut fast_dx = dy;
+        relu_backward_from_signs(&signs, &mut fast_dx).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&fast), bits(y.as_slice().unwrap()));
+        prop_assert_eq!(bits(&fast_dx), bits(dx.as_slice().unwrap()));
+        let mut short = vec![0u64; sign_words(len + 64) - 1 + usize::from(len == 0)];
+        if short.len() != sign_words(len) {
+            prop_assert!(relu_keeping_signs(&mut fast, &mut short).is_err());
+            prop_assert!(relu_backward_from_signs(&short, &mut fast_dx).is_err());
         }
     }
 
