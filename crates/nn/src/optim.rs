@@ -408,8 +408,28 @@ fn update(
             };
             let bias1 = 1.0 - f64::from(beta1).powi(t as i32);
             let bias2 = 1.0 - f64::from(beta2).powi(t as i32);
-            let step_size = (f64::from(lr) / bias1) as f32;
-            let bias2_sqrt = bias2.sqrt() as f32;
+            let step = tensor::AdamStep {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled,
+                step_size: (f64::from(lr) / bias1) as f32,
+                bias2_sqrt: bias2.sqrt() as f32,
+            };
+            let slices = (
+                p.as_slice_mut(),
+                grad.as_slice(),
+                m.as_slice_mut(),
+                v.as_slice_mut(),
+            );
+            if let (Some(p), Some(g), Some(m), Some(v)) = slices {
+                tensor::adam_update(&step, p, g, m, v)?;
+                return Ok(());
+            }
+            // Not in standard layout (never for this crate's own parameters): the same update
+            // value by value.
             let parallel = p.len() >= PARALLEL_MIN_ELEMENTS;
             let zip = Zip::from(p).and(grad).and(m).and(v);
             let update = |p: &mut f32, &g: &f32, m: &mut f32, v: &mut f32| {
@@ -421,7 +441,7 @@ fn update(
                 };
                 *m = beta1 * *m + (1.0 - beta1) * g;
                 *v = beta2 * *v + (1.0 - beta2) * g * g;
-                *p -= step_size * *m / (v.sqrt() / bias2_sqrt + eps);
+                *p -= step.step_size * *m / (v.sqrt() / step.bias2_sqrt + eps);
             };
             if parallel {
                 zip.par_for_each(update);

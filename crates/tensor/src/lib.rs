@@ -13,6 +13,7 @@
 //! O (output channels), KH, KW (kernel), OH, OW (output height, width).
 
 mod activation;
+mod adam;
 mod batch_norm;
 mod bias;
 mod conv;
@@ -28,6 +29,7 @@ pub use activation::{
     leaky_relu, leaky_relu_backward, relu, relu_backward, relu_backward_from_signs,
     relu_keeping_signs, sigmoid, sigmoid_backward, sign_words, tanh, tanh_backward,
 };
+pub use adam::{AdamStep, adam_update};
 pub use batch_norm::{
     ChannelNormalization, batch_norm_backward, batch_norm_forward,
     batch_norm_relu_max_pool_backward, batch_norm_relu_max_pool_forward, channel_mean_var,

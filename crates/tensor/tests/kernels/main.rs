@@ -3,6 +3,7 @@
 // Everything in this crate is test code: an unwrap that fails is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod adam;
 mod batch_norm;
 mod conv;
 mod determinism;
