@@ -428,21 +428,10 @@ fn update(
                 tensor::adam_update(&step, p, g, m, v)?;
                 return Ok(());
             }
-            // Not in standard layout (never for this crate's own parameters): the same update
-            // value by value.
+            // Not in standard layout (never for this crate's own parameters): value by value.
             let parallel = p.len() >= PARALLEL_MIN_ELEMENTS;
             let zip = Zip::from(p).and(grad).and(m).and(v);
-            let update = |p: &mut f32, &g: &f32, m: &mut f32, v: &mut f32| {
-                let g = if decoupled {
-                    *p *= 1.0 - lr * weight_decay;
-                    g
-                } else {
-                    g + weight_decay * *p
-                };
-                *m = beta1 * *m + (1.0 - beta1) * g;
-                *v = beta2 * *v + (1.0 - beta2) * g * g;
-                *p -= step.step_size * *m / (v.sqrt() / step.bias2_sqrt + eps);
-            };
+            let update = |p: &mut f32, &g: &f32, m: &mut f32, v: &mut f32| step.apply(p, g, m, v);
             if parallel {
                 zip.par_for_each(update);
             } else {

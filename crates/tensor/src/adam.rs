@@ -34,9 +34,10 @@ pub struct AdamStep {
 }
 
 impl AdamStep {
-    /// The update of one value `p` with gradient `g` and moments `m`, `v`.
+    /// The update of one value `p` with gradient `g` and moments `m`, `v` (what
+    /// [`adam_update`] does to each, for values that are not in one slice).
     #[inline(always)]
-    fn apply(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+    pub fn apply(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
         let g = if self.decoupled {
             *p *= 1.0 - self.lr * self.weight_decay;
             g
