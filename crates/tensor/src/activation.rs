@@ -150,14 +150,7 @@ pub fn leaky_relu_backward<D: Dimension>(
 
 /// `x = 1 / (1 + exp(-x))`, computed without overflow for large `|x|`.
 pub fn sigmoid<D: Dimension>(x: ArrayViewMut<'_, f32, D>) {
-    map_inplace(x, |v| {
-        *v = if *v >= 0.0 {
-            1.0 / (1.0 + (-*v).exp())
-        } else {
-            let e = v.exp();
-            e / (1.0 + e)
-        }
-    });
+    map_curve(x, Curve::Sigmoid);
 }
 
 /// `grad`: `dy` in, `dx = dy * y * (1 - y)` out.
@@ -170,7 +163,114 @@ pub fn sigmoid_backward<D: Dimension>(
 
 /// `x = tanh(x)`.
 pub fn tanh<D: Dimension>(x: ArrayViewMut<'_, f32, D>) {
-    map_inplace(x, |v| *v = v.tanh());
+    map_curve(x, Curve::Tanh);
+}
+
+/// Which of the exponential curves [`map_curve`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Curve {
+    Sigmoid,
+    Tanh,
+}
+
+/// [`sigmoid`] or [`tanh`] of every value of `x`: contiguous values through [`curve_values`],
+/// compiled for the CPU's vectors, others one by one with the same function (the same bits).
+///
+/// Why not `f32::tanh` and `f32::exp`: they are calls into libm, one value at a time. The
+/// classic LeNet-5 (tanh after every layer) spent 1.4 ms of its 3.6 ms step in the tanh of
+/// its first layer's 64 x 6 x 28 x 28 outputs.
+fn map_curve<D: Dimension>(mut x: ArrayViewMut<'_, f32, D>, curve: Curve) {
+    let Some(values) = x.as_slice_memory_order_mut() else {
+        let f = match curve {
+            Curve::Sigmoid => sigmoid_value,
+            Curve::Tanh => tanh_value,
+        };
+        map_inplace(x, |v| *v = f(*v));
+        return;
+    };
+    if values.len() >= PARALLEL_MIN_LEN {
+        values
+            .par_chunks_mut(PARALLEL_MIN_LEN / 2)
+            .for_each(|values| curve_values(values, curve));
+    } else {
+        curve_values(values, curve);
+    }
+}
+
+dispatched! {
+    /// [`map_curve`] of some values on one thread.
+    fn curve_values(values: &mut [f32], curve: Curve) => curve_values_body;
+}
+
+#[inline(always)]
+fn curve_values_body<S: Simd, const LANES: usize>(_: S, values: &mut [f32], curve: Curve) {
+    match curve {
+        Curve::Sigmoid => values.iter_mut().for_each(|v| *v = sigmoid_value(*v)),
+        Curve::Tanh => values.iter_mut().for_each(|v| *v = tanh_value(*v)),
+    }
+}
+
+/// e^x for x <= 0, within about 1 ulp, by Cephes' `expf`: x = n ln 2 + r with |r| <= ln 2 / 2,
+/// a degree-6 polynomial for e^r, and 2^n put in the exponent bits. Below -87, where e^x is
+/// under 2^-125, it returns 0. Only additions, multiplications and bit moves, so the
+/// compiler vectorizes it and every instruction set gives the same bits.
+#[inline(always)]
+fn exp_non_positive(x: f32) -> f32 {
+    const LOWEST: f32 = -87.0;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (for |v| < 2^22).
+    const ROUND: f32 = 12_582_912.0;
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts, the first exact in few bits (Cody and Waite).
+    const LN2_HIGH: f32 = 0.693_359_4;
+    const LN2_LOW: f32 = -2.121_944_4e-4;
+    let clamped = if x > LOWEST { x } else { LOWEST };
+    let n = (clamped * LOG2_E + ROUND) - ROUND;
+    let r = clamped - n * LN2_HIGH - n * LN2_LOW;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5e-1;
+    let e_r = p * (r * r) + r + 1.0;
+    // n is in [-126, 0]: 2^n is a normal number.
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x > LOWEST { e_r * two_n } else { 0.0 }
+}
+
+/// The logistic function, from e^-|x| so that nothing overflows; NaN stays NaN.
+#[inline(always)]
+fn sigmoid_value(x: f32) -> f32 {
+    let e = exp_non_positive(-x.abs());
+    let s = if x >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    };
+    if x.is_nan() { x } else { s }
+}
+
+/// tanh, as Cephes' `tanhf`: an odd polynomial below |x| = 0.625, else (1 - e) / (1 + e) with
+/// e = e^(-2|x|), and the sign of x; NaN stays NaN.
+#[inline(always)]
+fn tanh_value(x: f32) -> f32 {
+    let a = x.abs();
+    let z = x * x;
+    let small =
+        ((((-5.704_988_7e-3 * z + 2.063_909e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z
+            - 3.333_328e-1)
+            * z
+            * x
+            + x;
+    // (The polynomial's sum loses the sign of -0.0; tanh keeps the sign of x everywhere.)
+    let small = small.copysign(x);
+    let e = exp_non_positive(-2.0 * a);
+    let large = ((1.0 - e) / (1.0 + e)).copysign(x);
+    if x.is_nan() {
+        x
+    } else if a < 0.625 {
+        small
+    } else {
+        large
+    }
 }
 
 /// `grad`: `dy` in, `dx = dy * (1 - y^2)` out.
