@@ -37,6 +37,9 @@ pub(crate) struct MaximaOut<'a> {
 /// The lane of [`Simd::block_3x3`] that holds 1.
 pub(crate) const BLOCK_3X3_ONE: usize = 11;
 
+/// The lane of [`Simd::block_5x5`]'s two registers, counted across both, that holds 1.
+pub(crate) const BLOCK_5X5_ONE: usize = 25;
+
 /// Vector arithmetic on one instruction set; `self` is the proof that the CPU has it.
 pub(crate) trait Simd: Copy {
     /// Its scalar multiply-add: fused where the instruction set has FMA. (For kernels written
@@ -70,6 +73,15 @@ pub(crate) trait Simd: Copy {
     /// has fewer than 12 lanes.
     #[inline(always)]
     fn block_3x3(self, rows: &[f32], stride: usize) -> Option<Self::V> {
+        let _ = (rows, stride);
+        None
+    }
+    /// The 5x5 block of a plane whose rows are `stride` (at least 5) apart, starting at
+    /// `rows[0]`, and a 1, in two registers: lane `5 * r + c` counted across both holds
+    /// `rows[r * stride + c]` (r, c < 5), lane [`BLOCK_5X5_ONE`] holds 1, the six after it 0.
+    /// None where a register has fewer than 16 lanes.
+    #[inline(always)]
+    fn block_5x5(self, rows: &[f32], stride: usize) -> Option<[Self::V; 2]> {
         let _ = (rows, stride);
         None
     }
@@ -448,6 +460,32 @@ mod x86 {
         }
 
         #[inline(always)]
+        fn block_5x5(self, rows: &[f32], stride: usize) -> Option<[__m512; 2]> {
+            if stride < 5 {
+                return None;
+            }
+            let rows = &rows[..4 * stride + 5];
+            // SAFETY: the token proves AVX-512F. Each masked load reads only the lanes its
+            // mask sets: the values of row r, `rows[r * stride..][..5]` (or part of them),
+            // within `rows`. Its lane 0 may lie before them (row r into lanes from 5r on), but
+            // not before `rows`, as the stride is at least 5, and unset lanes are not read.
+            unsafe {
+                let start = rows.as_ptr();
+                let row = |r: usize, from_lane: usize| start.add(r * stride).sub(from_lane);
+                let low = _mm512_maskz_loadu_ps(0x001F, start);
+                let low = _mm512_mask_loadu_ps(low, 0x03E0, row(1, 5));
+                let low = _mm512_mask_loadu_ps(low, 0x7C00, row(2, 10));
+                // Row 3 straddles the registers: its first value is lane 15 of the first.
+                let low = _mm512_mask_loadu_ps(low, 0x8000, row(3, 15));
+                let one =
+                    _mm512_maskz_mov_ps(1 << (super::BLOCK_5X5_ONE - 16), _mm512_set1_ps(1.0));
+                let high = _mm512_mask_loadu_ps(one, 0x000F, row(3, 0).add(1));
+                let high = _mm512_mask_loadu_ps(high, 0x01F0, row(4, 4));
+                Some([low, high])
+            }
+        }
+
+        #[inline(always)]
         fn maxima_in_pixel_order(
             self,
             dy: &[f32],
@@ -674,6 +712,33 @@ mod tests {
         }
     }
 
+    /// [`Simd::block_5x5`], where `simd` has it, against the rows it reads, for the narrowest
+    /// stride and a wider one.
+    fn check_block_5x5<S: Simd>(simd: S) {
+        for stride in [5, 9] {
+            let rows = values(4 * stride + 5 + 8, 11);
+            assert!(simd.block_5x5(&rows[3..], 4).is_none(), "stride 4");
+            let Some(block) = simd.block_5x5(&rows[3..], stride) else {
+                return;
+            };
+            let mut lanes = vec![f32::NAN; 2 * S::LANES];
+            simd.store(block[0], &mut lanes);
+            simd.store(block[1], &mut lanes[S::LANES..]);
+            for (lane, &v) in lanes.iter().enumerate() {
+                let want = match lane {
+                    BLOCK_5X5_ONE => 1.0,
+                    _ if lane < 25 => rows[3 + lane / 5 * stride + lane % 5],
+                    _ => 0.0,
+                };
+                assert_eq!(
+                    v.to_bits(),
+                    want.to_bits(),
+                    "stride {stride}, block lane {lane}"
+                );
+            }
+        }
+    }
+
     /// [`Simd::maxima_in_pixel_order`] against sorting: planes of 2x2 windows up to three
     /// registers of windows wide, odd and even widths, padded or not, some windows passing no
     /// gradient, and in some planes a maximum outside its window (None).
@@ -764,6 +829,7 @@ mod tests {
         if let Some(simd) = Avx512::detected() {
             check(simd, true);
             check_block_3x3(simd);
+            check_block_5x5(simd);
             check_maxima_in_pixel_order(simd);
         }
         if let Some(simd) = Avx2::detected() {

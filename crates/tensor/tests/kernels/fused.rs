@@ -250,10 +250,11 @@ proptest! {
 
     #[test]
     fn fused_first_layer_under_2x2_pooling_gives_the_bits_of_the_three_kernels(
-        // A first layer (one input channel, 3x3, no input gradient) under 2x2 pooling, whose
-        // weight gradient is read at the maxima alone: with fewer output channels than taps
-        // (planes in the padded width) and more (the image unfolded), odd and even sizes.
+        // A first layer (one input channel, 3x3 or 5x5, no input gradient) under 2x2 pooling,
+        // whose weight gradient is read at the maxima alone: with fewer output channels than
+        // taps (planes in the padded width) and more (the image unfolded), odd and even sizes.
         input in (1usize..20, Just(1usize), 3usize..32, 3usize..32),
+        kernel in prop_oneof![Just(3usize), Just(5usize)],
         out_channels in prop_oneof![1usize..9, 9usize..40],
         padding in prop_oneof![Just(Padding::Valid), Just(Padding::Same)],
         before in prop_oneof![Just(BeforePool::Relu), Just(BeforePool::Nothing)],
@@ -263,7 +264,7 @@ proptest! {
         bias_shift in prop_oneof![Just(None), Just(Some(0.0)), (-2.0f32..-0.5).prop_map(Some)],
         seed in any::<u64>(),
     ) {
-        check_fused_matches_unfused(input, out_channels, 3, padding, (2, 2), before, bias_shift, false, seed)?;
+        check_fused_matches_unfused(input, out_channels, kernel, padding, (2, 2), before, bias_shift, false, seed)?;
     }
 }
 
@@ -273,16 +274,18 @@ fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
     // caller's) is still followed, as max_pool2d_backward follows it, and two windows with
     // one argmax add up there. (A faster unpooling, or a weight gradient read at the maxima
     // in their pixel order, that assumed windows own their argmax must keep this.) With 4
-    // output channels the first layer's planes are in the padded width, with 16 unfolded.
-    for out_channels in [4, 16] {
+    // output channels the first layer's planes are in the padded width, with 16 (3x3) or 32
+    // (5x5) unfolded.
+    for (kernel, out_channels) in [(3, 4), (3, 16), (5, 4), (5, 32)] {
         // Window (0, 0) of channel 1 points at pixel (0, 5) of the 6x6 output, in window
         // (0, 2); at (4, 1), two pooled rows down; or at window (1, 1)'s own maximum.
         for (moved_to, expected) in [(5, (0, 5)), (4 * 6 + 1, (4, 1)), (3 * 6 + 3, (3, 3))] {
-            let (fused_dw, dw, dconv, dy) = fused_and_unfused_weight_grads(out_channels, moved_to);
+            let (fused_dw, dw, dconv, dy) =
+                fused_and_unfused_weight_grads(kernel, out_channels, moved_to);
             assert_eq!(
                 bits(&fused_dw),
                 bits(&dw),
-                "{out_channels} channels, to {moved_to}"
+                "{kernel}x{kernel}, {out_channels} channels, to {moved_to}"
             );
             // The moved gradient is where the comparison looked (the input rises to the right
             // and down, so each window's own argmax is its bottom right pixel).
@@ -297,16 +300,21 @@ fn an_argmax_outside_its_window_is_followed_as_pooling_follows_it() {
     }
 }
 
-/// The weight gradients of the fused and unfused first layer (an 8x8 image, 3x3 kernel, 2x2
-/// pooling) when window (0, 0) of channel 1 has its argmax moved to pixel `moved_to`; and the
-/// unpooled gradient and `dy` the unfused one used.
+/// The weight gradients of the fused and unfused first layer (a `kernel` x `kernel` kernel
+/// over an image that makes a 6x6 output, 2x2 pooling) when window (0, 0) of channel 1 has its
+/// argmax moved to pixel `moved_to`; and the unpooled gradient and `dy` the unfused one used.
 fn fused_and_unfused_weight_grads(
+    kernel: usize,
     out_channels: usize,
     moved_to: u32,
 ) -> (Array4<f32>, Array4<f32>, Array4<f32>, Array4<f32>) {
-    let dims = Conv2dDims::new([1, 1, 8, 8], out_channels, [3, 3], [1, 1], Padding::Valid).unwrap();
+    let side = 5 + kernel;
+    let input = [1, 1, side, side];
+    let dims = Conv2dDims::new(input, out_channels, [kernel; 2], [1, 1], Padding::Valid).unwrap();
     let pool = Pool2dDims::new(dims.output_shape(), [2, 2], [2, 2]).unwrap();
-    let x = Array4::from_shape_fn(dims.input_shape(), |(_, _, h, w)| (h * 8 + w) as f32 / 64.0);
+    let x = Array4::from_shape_fn(dims.input_shape(), |(_, _, h, w)| {
+        (h * side + w) as f32 / (side * side) as f32
+    });
     let w = Array4::from_elem(dims.weight_shape(), 0.5f32);
     let mut buffers = Conv2dBuffers::default();
     let mut y = Array4::zeros(pool.output_shape());

@@ -9,7 +9,7 @@ use crate::conv::fused::unpool_plane;
 use crate::conv::unfold::copy_short;
 use crate::conv::{Conv2dDims, NO_GRADIENT};
 use crate::pool::Pool2dDims;
-use crate::vector::{BLOCK_3X3_ONE, MaximaGrid, MaximaOut, Simd};
+use crate::vector::{BLOCK_3X3_ONE, BLOCK_5X5_ONE, MaximaGrid, MaximaOut, Simd};
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -124,11 +124,11 @@ pub(super) fn backward_image_body<S: Simd, const LANES: usize>(
 }
 
 /// The lanes of the registers [`weight_grads_from_maxima`] runs on: the nine taps of a 3x3
-/// kernel and a bias fit in 16.
+/// kernel and a bias fit in one register of 16, the 25 of a 5x5 kernel and a bias in two.
 const MAXIMA_LANES: usize = 16;
 
 /// The largest fraction (numerator, denominator) of an image's pooling windows passing
-/// gradient for which [`weight_grads_from_maxima_body`] beats the dense kernels (measured
+/// gradient for which [`maxima_body`] beats the dense kernels (measured
 /// break-even near 0.8).
 const MAXIMA_MOST_PASSING: (usize, usize) = (3, 4);
 
@@ -137,40 +137,116 @@ pub(super) fn maxima_scratch_len(windows: usize) -> usize {
     3 * (windows + MAXIMA_LANES)
 }
 
-/// One output channel's plane of 2x2-pooled gradient (stride 2, `pool_w` windows to a row).
+/// A 2x2-pooled gradient (stride 2) of one output plane, or of an image's planes one after
+/// another.
 #[derive(Clone, Copy)]
-struct PooledPlane<'a> {
-    dy: &'a [f32],
-    /// Each window's maximum, a pixel of the convolution output, or NO_GRADIENT.
-    argmax: &'a [u32],
-    pool_w: usize,
+pub(crate) struct PooledGrad<'a> {
+    /// The gradient of each window.
+    pub(crate) dy: &'a [f32],
+    /// Each window's maximum, a pixel of its convolution output plane, or NO_GRADIENT.
+    pub(crate) argmax: &'a [u32],
+    /// Windows to a pooled row.
+    pub(crate) pool_w: usize,
 }
 
-/// Whether [`weight_grads_from_maxima_body`] takes a layer: a first layer (one input channel,
-/// a 3x3 kernel, no input gradient) under 2x2 pooling with stride 2.
+/// Whether [`maxima_body`] takes a layer: a first layer (one input channel,
+/// a 3x3 or 5x5 kernel, no input gradient) under 2x2 pooling with stride 2.
 pub(super) fn takes_maxima(dims: &Conv2dDims, pool: &Pool2dDims, input_grad: bool) -> bool {
     !input_grad
         && dims.in_channels == 1
-        && (dims.kernel_h, dims.kernel_w) == (3, 3)
+        && block_registers(dims).is_some()
         && pool.is_2x2_stride_2()
+}
+
+/// The registers a block of the kernel and a 1 fill in [`weight_grads_from_maxima`]: one for
+/// a 3x3 kernel, two for a 5x5 one.
+pub(super) fn block_registers(dims: &Conv2dDims) -> Option<usize> {
+    match (dims.kernel_h, dims.kernel_w) {
+        (3, 3) => Some(1),
+        (5, 5) => Some(2),
+        _ => None,
+    }
+}
+
+/// The block of the padded image under a kernel of REGS registers ([`block_registers`]) whose
+/// rows are `width` apart, from `rows[0]`, with a 1 ([`Simd::block_3x3`], [`Simd::block_5x5`]).
+#[inline(always)]
+fn block<S: Simd, const REGS: usize>(simd: S, rows: &[f32], width: usize) -> Option<[S::V; REGS]> {
+    match REGS {
+        1 => simd.block_3x3(rows, width).map(|b| [b; REGS]),
+        2 => simd.block_5x5(rows, width).map(|[low, high]| {
+            let mut both = [low; REGS];
+            both[1] = high;
+            both
+        }),
+        _ => None,
+    }
+}
+
+/// The lane, counted across the REGS registers of [`block`], of tap (r, c) of the kernel, or
+/// of its 1 for `None`.
+fn block_lane<const REGS: usize>(tap: Option<(usize, usize)>) -> usize {
+    match (REGS, tap) {
+        (1, Some((r, c))) => 4 * r + c,
+        (1, None) => BLOCK_3X3_ONE,
+        (_, Some((r, c))) => 5 * r + c,
+        (_, None) => BLOCK_5X5_ONE,
+    }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn weight_grads_from_maxima_body<S: Simd, const LANES: usize>(
+pub(super) fn maxima_3x3_body<S: Simd, const LANES: usize>(
     simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     padded: &[f32],
-    dy: &[f32],
-    argmax: &[u32],
-    pool_w: usize,
+    pooled: PooledGrad<'_>,
     maxima: &mut [u32],
     wide: &mut [f32],
     dw: &mut [f32],
     db: &mut [f32],
 ) -> bool {
-    if S::LANES != MAXIMA_LANES || simd.block_3x3(padded, layout.width).is_none() {
+    maxima_body::<S, 1>(simd, dims, layout, padded, pooled, maxima, wide, dw, db)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn maxima_5x5_body<S: Simd, const LANES: usize>(
+    simd: S,
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    padded: &[f32],
+    pooled: PooledGrad<'_>,
+    maxima: &mut [u32],
+    wide: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> bool {
+    maxima_body::<S, 2>(simd, dims, layout, padded, pooled, maxima, wide, dw, db)
+}
+
+/// What [`maxima_3x3_body`] (REGS = 1) and [`maxima_5x5_body`] (REGS = 2) run, each compiled
+/// on its own: in one function together, the 3x3 loop kept more of its values on the stack
+/// (one-conv's first layer backward 0.22 -> 0.25 ms).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn maxima_body<S: Simd, const REGS: usize>(
+    simd: S,
+    dims: &Conv2dDims,
+    layout: &PaddedLayout,
+    padded: &[f32],
+    PooledGrad { dy, argmax, pool_w }: PooledGrad<'_>,
+    maxima: &mut [u32],
+    wide: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> bool {
+    let side = 2 * REGS + 1;
+    if S::LANES != MAXIMA_LANES
+        || (dims.kernel_h, dims.kernel_w) != (side, side)
+        || block::<S, REGS>(simd, padded, layout.width).is_none()
+    {
         return false;
     }
     // Each maximum costs a chain of loads and a multiply-add into memory, where the dense
@@ -185,16 +261,18 @@ pub(super) fn weight_grads_from_maxima_body<S: Simd, const LANES: usize>(
     let planes = dy.chunks_exact(windows).zip(argmax.chunks_exact(windows));
     let (_, scratch) = layout.split_scratch(wide);
     let unpooled = &mut scratch[layout.planes_len()..][..dims.out_pixels()];
-    for ((dw, db), (dy, argmax)) in dw.chunks_exact_mut(9).zip(db).zip(planes) {
-        let pooled = PooledPlane { dy, argmax, pool_w };
-        weight_grads_from_maxima(simd, dims, layout, padded, pooled, maxima, unpooled, dw, db);
+    for ((dw, db), (dy, argmax)) in dw.chunks_exact_mut(dims.patch_len()).zip(db).zip(planes) {
+        let pooled = PooledGrad { dy, argmax, pool_w };
+        let scratch = (&mut *maxima, &mut *unpooled);
+        weight_grads_from_maxima::<S, REGS>(simd, dims, layout, padded, pooled, scratch, dw, db);
     }
     true
 }
 
 /// The weight and bias gradients of one output channel of a first layer (one input channel,
-/// a 3x3 kernel) from its 2x2-pooled gradient, without unpooling it: each window's gradient
-/// times the 3x3 block of the padded image at its maximum ([`Simd::block_3x3`]), the windows
+/// a 3x3 or 5x5 kernel, its block in REGS registers) from its 2x2-pooled gradient, without
+/// unpooling it: each window's gradient times the block of the padded image at its maximum
+/// ([`Simd::block_3x3`], [`Simd::block_5x5`]), the windows
 /// taken in their maxima's pixel order ([`Simd::maxima_in_pixel_order`], with `maxima` as
 /// scratch). Unpooling wrote a whole plane, three quarters zeros, and the weight
 /// gradient then read it all back with the unfolded image: two thirds of the first layer's
@@ -202,24 +280,23 @@ pub(super) fn weight_grads_from_maxima_body<S: Simd, const LANES: usize>(
 ///
 /// The same bits as unpooling and [`weight_grads_unfolded`] (or [`weight_grads`]): those sum
 /// the pixels p of lane `p % 16` in pixel order and add the 16 lanes up as [`Simd::sum`] does.
-/// Here each lane class is a register of its own, whose lanes hold its nine taps' sums and
-/// its bias's; the maxima come in pixel order, the zeros between them add nothing, and the 16
-/// registers are added up in the same tree. A plane with a maximum outside its window (a
+/// Here each lane class has registers of its own, whose lanes hold its taps' sums and its
+/// bias's; the maxima come in pixel order, the zeros between them add nothing, and the 16
+/// classes are added up in the same tree. A plane with a maximum outside its window (a
 /// caller's argmax) is unpooled into `unpooled` and read whole, in order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn weight_grads_from_maxima<S: Simd>(
+fn weight_grads_from_maxima<S: Simd, const REGS: usize>(
     simd: S,
     dims: &Conv2dDims,
     layout: &PaddedLayout,
     padded: &[f32],
-    pooled: PooledPlane<'_>,
-    maxima: &mut [u32],
-    unpooled: &mut [f32],
+    pooled: PooledGrad<'_>,
+    (maxima, unpooled): (&mut [u32], &mut [f32]),
     dw: &mut [f32],
     db: &mut f32,
 ) {
-    let mut classes = [simd.splat(0.0); MAXIMA_LANES];
+    let mut classes = [[simd.splat(0.0); REGS]; MAXIMA_LANES];
     let (ow, width) = (dims.out_w(), layout.width);
     let (pixels, rest) = maxima.split_at_mut(maxima.len() / 3);
     let (starts, grads) = rest.split_at_mut(rest.len() / 2);
@@ -242,9 +319,9 @@ fn weight_grads_from_maxima<S: Simd>(
             let maxima = maxima.map(|((&at, &start), &g)| (f32::from_bits(g), at, start));
             // The branch outside the loop.
             if layout.unfolds {
-                add_blocks::<S, true>(simd, &mut classes, width, padded, maxima);
+                add_blocks::<S, REGS, true>(simd, &mut classes, width, padded, maxima);
             } else {
-                add_blocks::<S, false>(simd, &mut classes, width, padded, maxima);
+                add_blocks::<S, REGS, false>(simd, &mut classes, width, padded, maxima);
             }
         }
         None => {
@@ -254,9 +331,9 @@ fn weight_grads_from_maxima<S: Simd>(
                 (g, at as u32, start as u32)
             });
             if layout.unfolds {
-                add_blocks::<S, true>(simd, &mut classes, width, padded, pixels);
+                add_blocks::<S, REGS, true>(simd, &mut classes, width, padded, pixels);
             } else {
-                add_blocks::<S, false>(simd, &mut classes, width, padded, pixels);
+                add_blocks::<S, REGS, false>(simd, &mut classes, width, padded, pixels);
             }
         }
     }
@@ -264,38 +341,49 @@ fn weight_grads_from_maxima<S: Simd>(
     let mut half = MAXIMA_LANES / 2;
     while half > 0 {
         for i in 0..half {
-            classes[i] = simd.add(classes[i], classes[i + half]);
+            let upper = classes[i + half];
+            for (sums, upper) in classes[i].iter_mut().zip(upper) {
+                *sums = simd.add(*sums, upper);
+            }
         }
         half /= 2;
     }
-    let mut lanes = [0.0f32; MAXIMA_LANES];
-    simd.store(classes[0], &mut lanes);
-    for (r, dw) in dw.chunks_exact_mut(3).enumerate() {
+    let mut lanes = [0.0f32; 2 * MAXIMA_LANES];
+    for (k, &sums) in classes[0].iter().enumerate() {
+        simd.store(sums, &mut lanes[k * MAXIMA_LANES..]);
+    }
+    for (r, dw) in dw.chunks_exact_mut(dims.kernel_w).enumerate() {
         for (c, dw) in dw.iter_mut().enumerate() {
-            *dw += lanes[4 * r + c];
+            *dw += lanes[block_lane::<REGS>(Some((r, c)))];
         }
     }
-    *db += lanes[BLOCK_3X3_ONE];
+    *db += lanes[block_lane::<REGS>(None)];
 }
 
 /// Pixels of [`weight_grads_from_maxima`], each `(g, at, start)`: its lane class += `g` times
-/// the 3x3 block at `start` in the padded image (`width` wide), and g. The class is the
+/// the block at `start` in the padded image (`width` wide), and g. The class is the
 /// pixel's index `at` in the output's own width where the dense kernels unfold the image
 /// (`OWN_WIDTH`), else its index `start` in the padded width.
 #[inline(always)]
-fn add_blocks<S: Simd, const OWN_WIDTH: bool>(
+fn add_blocks<S: Simd, const REGS: usize, const OWN_WIDTH: bool>(
     simd: S,
-    classes: &mut [S::V; MAXIMA_LANES],
+    classes: &mut [[S::V; REGS]; MAXIMA_LANES],
     width: usize,
     padded: &[f32],
     pixels: impl Iterator<Item = (f32, u32, u32)>,
 ) {
+    // A block's rows: 3 of 3 values, or 5 of 5.
+    let side = 2 * REGS + 1;
     for (g, at, start) in pixels {
         let pixel = if OWN_WIDTH { at } else { start };
         let class = &mut classes[pixel as usize % MAXIMA_LANES];
         let start = start as usize;
-        if let Some(block) = simd.block_3x3(&padded[start..start + 2 * width + 3], width) {
-            *class = simd.mul_add(simd.splat(g), block, *class);
+        let rows = &padded[start..start + (side - 1) * width + side];
+        if let Some(block) = block::<S, REGS>(simd, rows, width) {
+            let g = simd.splat(g);
+            for (class, block) in class.iter_mut().zip(block) {
+                *class = simd.mul_add(g, block, *class);
+            }
         }
     }
 }

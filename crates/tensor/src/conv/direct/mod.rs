@@ -28,7 +28,8 @@ mod backward;
 mod forward;
 
 use backward::{
-    backward_image_body, maxima_scratch_len, takes_maxima, weight_grads_from_maxima_body,
+    PooledGrad, backward_image_body, block_registers, maxima_3x3_body, maxima_5x5_body,
+    maxima_scratch_len, takes_maxima,
 };
 use forward::{forward_image_body, max_pool_2x2_body};
 
@@ -223,23 +224,35 @@ dispatched! {
 }
 
 dispatched! {
-    /// The weight and bias gradients of one image of a first layer under 2x2 pooling (see
-    /// `takes_maxima`), `dW [O, 9] += dy (*) padded` and `db [O] += sums of dy`, read at the
-    /// pooling maxima alone, with `maxima` ([`maxima_scratch_len`]) and `wide` as scratch; the
-    /// same bits as [`backward_image`]. False, having done nothing, where registers are too
-    /// narrow.
-    fn weight_grads_from_maxima(
+    /// The weight and bias gradients of one image of a first layer with a 3x3 kernel under
+    /// 2x2 pooling (see `takes_maxima`), `dW [O, 9] += dy (*) padded` and `db [O] += sums of
+    /// dy`, read at the pooling maxima alone, with `maxima` ([`maxima_scratch_len`]) and `wide`
+    /// as scratch; the same bits as [`backward_image`]. False, having done nothing, where
+    /// registers are too narrow.
+    fn weight_grads_from_maxima_3x3(
         dims: &Conv2dDims,
         layout: &PaddedLayout,
         padded: &[f32],
-        dy: &[f32],
-        argmax: &[u32],
-        pool_w: usize,
+        pooled: PooledGrad<'_>,
         maxima: &mut [u32],
         wide: &mut [f32],
         dw: &mut [f32],
         db: &mut [f32],
-    ) -> bool => weight_grads_from_maxima_body;
+    ) -> bool => maxima_3x3_body;
+}
+
+dispatched! {
+    /// [`weight_grads_from_maxima_3x3`] for a 5x5 kernel, `dW [O, 25]`.
+    fn weight_grads_from_maxima_5x5(
+        dims: &Conv2dDims,
+        layout: &PaddedLayout,
+        padded: &[f32],
+        pooled: PooledGrad<'_>,
+        maxima: &mut [u32],
+        wide: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) -> bool => maxima_5x5_body;
 }
 
 dispatched! {
@@ -257,6 +270,18 @@ dispatched! {
         argmax: Option<&mut [u32]>,
     ) => max_pool_2x2_body;
 }
+
+/// [`weight_grads_from_maxima_3x3`] or [`weight_grads_from_maxima_5x5`].
+type WeightGradsFromMaxima = fn(
+    &Conv2dDims,
+    &PaddedLayout,
+    &[f32],
+    PooledGrad<'_>,
+    &mut [u32],
+    &mut [f32],
+    &mut [f32],
+    &mut [f32],
+) -> bool;
 
 /// The forward pass: each image is zero-padded (and kept, for backward, when `pass.keep`) and
 /// convolved directly, into one `outputs` entry per chunk of the batch.
@@ -355,10 +380,18 @@ pub(in crate::conv) fn backward(
     // Scratch for a 2x2 pooling's maxima in pixel order, where a first layer's weight
     // gradient is read there.
     let maxima_pool = match chunk_grads.first() {
-        Some(ChunkGrad::Pooled(.., pool)) if takes_maxima(dims, pool, wants_dx) => Some(*pool),
+        Some(ChunkGrad::Pooled(.., pool)) if takes_maxima(dims, pool, wants_dx) => {
+            let from_maxima: WeightGradsFromMaxima = match block_registers(dims) {
+                Some(1) => weight_grads_from_maxima_3x3,
+                _ => weight_grads_from_maxima_5x5,
+            };
+            Some((*pool, from_maxima))
+        }
         _ => None,
     };
-    let maxima_len = maxima_pool.map_or(0, |pool| maxima_scratch_len(pool.out_h() * pool.out_w()));
+    let maxima_len = maxima_pool.map_or(0, |(pool, _)| {
+        maxima_scratch_len(pool.out_h() * pool.out_w())
+    });
     resize(&mut own.maxima, (chunks, maxima_len));
     let weight = weight.as_standard_layout();
     let weight = contiguous(&weight);
@@ -398,21 +431,14 @@ pub(in crate::conv) fn backward(
                         ChunkGrad::Conv(dy) => ImageGrad::Conv(image_slice(dy, j)),
                         ChunkGrad::Pooled(dy, argmax, _) => {
                             let (dy, argmax) = (image_slice(dy, j), image_slice(argmax, j));
-                            if let Some(pool) = maxima_pool
-                                && weight_grads_from_maxima(
-                                    dims,
-                                    &layout,
-                                    image,
-                                    dy,
-                                    argmax,
-                                    pool.out_w(),
-                                    maxima,
-                                    plane,
-                                    pdw,
-                                    pdb,
-                                )
-                            {
-                                continue;
+                            if let Some((pool, from_maxima)) = maxima_pool {
+                                let pool_w = pool.out_w();
+                                let pooled = PooledGrad { dy, argmax, pool_w };
+                                let (image, layout) = (image, &layout);
+                                if from_maxima(dims, layout, image, pooled, maxima, plane, pdw, pdb)
+                                {
+                                    continue;
+                                }
                             }
                             ImageGrad::Pooled(dy, argmax)
                         }
